@@ -1,0 +1,1 @@
+"""Llumnix Backend core: repository, configuration, Llumnix scheduling policies, plugin API."""

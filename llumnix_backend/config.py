@@ -1,0 +1,124 @@
+"""A model's configuration: the schema of `<repository>/<model>/config.yaml`.
+
+    backend: vllm                    # backend plugin (entry point in `llumnix_backend.backends`)
+    instances: 2                     # engine instances of this model
+    engine:                          # engine arguments, checked by the backend (vLLM: EngineArgs)
+      model: weights                 # a folder (relative to the model folder) or a hub id
+    resources:                       # what each instance gets
+      cpu_kv_cache_gib: 0.5          # CPU engines: KV-cache space
+      gpu_memory_utilization: 0.4    # GPU engines: share of the GPU's memory
+    scheduler:
+      dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
+      priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
+
+Every error names the file and the field (`ConfigError`); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_FILE = "config.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located: `file: field: why`."""
+
+    def __init__(self, file: Path | str, field: str | None, reason: str) -> None:
+        self.file = str(file)
+        self.field = field
+        self.reason = reason
+        where = f"{self.file}: {field}" if field else self.file
+        super().__init__(f"{where}: {reason}")
+
+
+class DispatchPolicyName(str, Enum):
+    ROUND_ROBIN = "round_robin"
+    QUEUE = "queue"
+    KV_USAGE = "kv_usage"
+    LLUMNIX = "llumnix"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrioritySettings(_Strict):
+    """Request priorities follow vLLM's convention: a lower value is more urgent."""
+
+    default: int = 0
+    min: int = -10
+    max: int = 10
+    # Requests with priority below this value are high-priority: they get KV headroom in the
+    # dispatcher's accounting, so they land where there is room to grow and are left room.
+    high_below: int = 0
+    headroom_tokens: int = Field(default=1024, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PrioritySettings:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"need min <= default <= max, got {self.min}, {self.default}, {self.max}")
+        return self
+
+
+class SchedulerSettings(_Strict):
+    dispatch_policy: DispatchPolicyName = DispatchPolicyName.LLUMNIX
+    priority: PrioritySettings = PrioritySettings()
+
+
+class ResourceSettings(_Strict):
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+
+
+class ModelConfig(_Strict):
+    backend: str = "vllm"
+    instances: int = Field(default=1, ge=1, le=64)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourceSettings = ResourceSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_model_config(data: Any, source: Path | str) -> ModelConfig:
+    """Validate already-parsed YAML/JSON data; errors name `source` and the first bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, None, f"expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        reason = first["msg"]
+        if first["type"] == "extra_forbidden":
+            reason = "unknown key"
+        more = len(exc.errors()) - 1
+        if more:
+            reason += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(source, _field_path(first["loc"]), reason) from None
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read and validate `model_dir/config.yaml`."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(path, None, "no config.yaml in the model folder")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, None, f"invalid YAML: {where}{problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, f"cannot read: {exc}") from None
+    return parse_model_config(data, path)

@@ -1,0 +1,85 @@
+"""Load snapshots: what an engine instance reports about itself, every step.
+
+Snapshots are immutable values. Backends build them inside the engine process and ship them to
+the front end; policies (dispatch, and later migration and scaling) read nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    """One request as its instance sees it."""
+
+    request_id: str
+    priority: int
+    num_tokens: int  # prompt + generated so far
+    num_blocks: int  # KV blocks the request holds now
+    demand_blocks: int = 0  # blocks it still needs before it can run (waiting requests)
+
+
+@dataclass(frozen=True)
+class InstanceSnapshot:
+    """An instance's KV-cache and queue state at one moment.
+
+    `used_blocks` counts blocks referenced by requests; evictable prefix-cache blocks count as
+    free, as they are for the engine's own allocator.
+    """
+
+    total_blocks: int
+    used_blocks: int
+    block_size: int
+    running: tuple[RequestLoad, ...] = ()
+    waiting: tuple[RequestLoad, ...] = ()  # in the order the engine will admit them
+    num_preemptions: int = 0  # cumulative since the instance started
+    timestamp: float = 0.0  # time.monotonic() in the engine process (one clock per host)
+    sequence: int = 0  # increases with every snapshot an instance sends
+
+    @property
+    def free_blocks(self) -> int:
+        return self.total_blocks - self.used_blocks
+
+    @property
+    def head_of_line_demand(self) -> int:
+        """Blocks the first waiting request needs before the engine can admit it."""
+        return self.waiting[0].demand_blocks if self.waiting else 0
+
+    @property
+    def request_ids(self) -> frozenset[str]:
+        return frozenset(r.request_id for r in self.running + self.waiting)
+
+    def with_pending(self, pending: tuple[RequestLoad, ...]) -> InstanceSnapshot:
+        """The snapshot as it will look once requests already sent to it arrive (queued last)."""
+        if not pending:
+            return self
+        return InstanceSnapshot(
+            total_blocks=self.total_blocks,
+            used_blocks=self.used_blocks,
+            block_size=self.block_size,
+            running=self.running,
+            waiting=self.waiting + pending,
+            num_preemptions=self.num_preemptions,
+            timestamp=self.timestamp,
+            sequence=self.sequence,
+        )
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """What a policy sees of one instance: its id, its load, and whether it takes new work.
+
+    `draining` instances take no new requests and count as infinitely loaded, so migration
+    empties them.
+    """
+
+    instance_id: str
+    snapshot: InstanceSnapshot
+    accepting: bool = True
+    draining: bool = False
