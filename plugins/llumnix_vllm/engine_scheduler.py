@@ -1,0 +1,158 @@
+"""The scheduler vLLM runs inside each engine process (`SchedulerConfig.scheduler_cls`).
+
+It is vLLM's own scheduler plus a load reporter: after every change of state (a request added,
+an engine step, an abort) it publishes an `InstanceSnapshot` to the front end, and a heartbeat
+re-sends the latest one while the engine idles, so the front end always holds a fresh view
+without ever asking the engine (and waiting on it).
+
+It also ends the engine process if the server that started it disappears without shutting it
+down (killed with SIGKILL, say), so no engine outlives its server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
+from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.05
+# vLLM appends "-" and 8 random characters to the id the front end gave a request.
+_INTERNAL_ID_SUFFIX_LEN = 9
+
+
+def external_request_id(internal_id: str) -> str:
+    if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
+        return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
+    return internal_id
+
+
+class LlumnixScheduler(Scheduler):
+    def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
+        self._sequence = 0
+        self._num_preemptions = 0
+        self._block_pool = self.kv_cache_manager.block_pool
+        # The null block is never handed out, so it counts neither as capacity nor as usage.
+        self._total_blocks = self._block_pool.num_gpu_blocks - 1
+        self._heartbeat = _Heartbeat(self._publisher, server_pid(vllm_config.instance_id))
+        self._publish()
+
+    # --- vLLM scheduler hooks: publish after each change of state -----------------------------
+
+    def add_request(self, request, *args: Any, **kwargs: Any):
+        result = super().add_request(request, *args, **kwargs)
+        self._publish()
+        return result
+
+    def finish_requests(self, *args: Any, **kwargs: Any):
+        result = super().finish_requests(*args, **kwargs)
+        self._publish()
+        return result
+
+    def update_from_output(self, *args: Any, **kwargs: Any):
+        result = super().update_from_output(*args, **kwargs)
+        self._publish()
+        return result
+
+    def _preempt_request(self, *args: Any, **kwargs: Any):
+        self._num_preemptions += 1
+        return super()._preempt_request(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._heartbeat.stop()
+        self._publisher.close()
+        super().shutdown()
+
+    # --- snapshot -----------------------------------------------------------------------------
+
+    def _request_load(self, request, blocks_held: int) -> RequestLoad:
+        needed = blocks_for(request.num_tokens, self.block_size)
+        return RequestLoad(
+            request_id=external_request_id(request.request_id),
+            priority=request.priority,
+            num_tokens=request.num_tokens,
+            num_blocks=blocks_held,
+            demand_blocks=max(0, needed - blocks_held),
+        )
+
+    def _blocks_held(self, request_id: str) -> int:
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        return len(managers[0].req_to_blocks.get(request_id, ())) if managers else 0
+
+    def _snapshot(self) -> InstanceSnapshot:
+        running = tuple(
+            dataclasses.replace(
+                self._request_load(r, self._blocks_held(r.request_id)), demand_blocks=0
+            )
+            for r in self.running
+        )
+        queues = [self.waiting, getattr(self, "kv_holding_waiting", ())]
+        waiting = tuple(
+            self._request_load(r, self._blocks_held(r.request_id)) for q in queues for r in q
+        )
+        self._sequence += 1
+        return InstanceSnapshot(
+            total_blocks=self._total_blocks,
+            used_blocks=self._total_blocks - self._block_pool.get_num_free_blocks(),
+            block_size=self.block_size,
+            running=running,
+            waiting=waiting,
+            num_preemptions=self._num_preemptions,
+            timestamp=time.monotonic(),
+            sequence=self._sequence,
+        )
+
+    def _publish(self) -> None:
+        # A reporting failure must never take the engine down; the front end sees a stale
+        # snapshot and treats the instance accordingly.
+        try:
+            self._heartbeat.publish(self._snapshot())
+        except Exception:  # noqa: BLE001
+            logger.exception("llumnix: could not publish a load snapshot")
+
+
+class _Heartbeat:
+    """Re-sends the latest snapshot while the engine is idle; ends the engine if orphaned."""
+
+    def __init__(self, publisher: SnapshotPublisher, owner_pid: int) -> None:
+        self._publisher = publisher
+        self._lock = threading.Lock()  # zmq sockets are not thread-safe
+        self._latest: InstanceSnapshot | None = None
+        self._last_sent = 0.0
+        self._owner_pid = owner_pid
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="llumnix-heartbeat", daemon=True).start()
+
+    def publish(self, snapshot: InstanceSnapshot) -> None:
+        with self._lock:
+            self._latest = snapshot
+            self._last_sent = snapshot.timestamp
+            self._publisher.send(snapshot)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_INTERVAL_S):
+            if os.getppid() != self._owner_pid:
+                logger.warning("llumnix: the server that started this engine is gone; exiting")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            with self._lock:
+                now = time.monotonic()
+                if self._latest is not None and now - self._last_sent >= HEARTBEAT_INTERVAL_S:
+                    self._latest = dataclasses.replace(self._latest, timestamp=now)
+                    self._last_sent = now
+                    self._publisher.send(self._latest)

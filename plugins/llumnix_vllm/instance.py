@@ -1,0 +1,151 @@
+"""One vLLM engine instance: an `AsyncLLM` whose EngineCore runs in its own process.
+
+The front-end half of `AsyncLLM` (input processing, detokenisation) lives in the server
+process; the engine itself (scheduler, model, KV cache) lives in the EngineCore process vLLM
+starts, so every instance has its own engine process and its own process-global state. Load
+snapshots arrive from `LlumnixScheduler` in that process over `snapshot_channel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.executor.abstract import Executor
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from llumnix_backend.plugin import EngineDead, EngineInstance
+from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.snapshot import InstanceSnapshot
+from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
+
+logger = logging.getLogger(__name__)
+
+FIRST_SNAPSHOT_TIMEOUT_S = 30.0
+ENGINE_SHUTDOWN_GRACE_S = 5.0
+
+
+class _RequestTimingOnly(StatLoggerBase):
+    """A stat logger that logs nothing.
+
+    Installing any stat logger makes vLLM keep per-request timings (queue time) in its outputs
+    without its default loggers, whose Prometheus metrics are process-global and would clash
+    between the instances sharing this process. The server keeps its own metrics.
+    """
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmInstance(EngineInstance):
+    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs) -> None:
+        self.instance_id = instance_id
+        self._engine_args = engine_args
+        self._engine: AsyncLLM | None = None
+        self._subscriber: SnapshotSubscriber | None = None
+        self._snapshot: InstanceSnapshot | None = None
+        self._first_snapshot = asyncio.Event()
+        self._follow_task: asyncio.Task | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # The token names this engine's snapshot socket; it travels to the engine process in
+        # VllmConfig.instance_id, which vLLM keeps out of its compile-cache hash.
+        token = new_instance_token()
+        self._subscriber = SnapshotSubscriber(snapshot_address(token))
+        self._follow_task = asyncio.create_task(self._follow_snapshots(), name=f"snapshots-{self.instance_id}")
+        building = asyncio.ensure_future(asyncio.to_thread(self._build_engine, token))
+        try:
+            self._engine = await asyncio.shield(building)
+            await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
+        except BaseException:
+            # A start cannot be interrupted inside vLLM: if cancelled, let it finish, then stop
+            # the engine, so that no engine process outlives a cancelled start.
+            with contextlib.suppress(Exception):
+                self._engine = self._engine or await building
+            await self.shutdown()
+            raise
+
+    def _build_engine(self, token: str) -> AsyncLLM:
+        vllm_config = self._engine_args.create_engine_config()
+        vllm_config.instance_id = token
+        return AsyncLLM(
+            vllm_config=vllm_config,
+            executor_class=Executor.get_class(vllm_config),
+            log_stats=False,
+            log_requests=False,
+            stat_loggers=[_RequestTimingOnly],
+        )
+
+    async def shutdown(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # A grace period lets the engine stop its workers itself before it is killed.
+            await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_GRACE_S)
+        if self._subscriber is not None:
+            self._subscriber.close()
+            self._subscriber = None
+
+    async def _follow_snapshots(self) -> None:
+        assert self._subscriber is not None
+        while True:
+            self._snapshot = await self._subscriber.receive()
+            self._first_snapshot.set()
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def latest_snapshot(self) -> InstanceSnapshot | None:
+        return self._snapshot
+
+    @property
+    def alive(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        engine = self._engine
+        if engine is None or engine.errored:
+            raise EngineDead(f"instance {self.instance_id} is not running")
+        params = SamplingParams(**request.sampling, output_kind=RequestOutputKind.DELTA)
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        outputs = engine.generate(prompt, params, request.request_id, priority=request.priority)
+        try:
+            async for output in outputs:
+                completion = output.outputs[0]
+                queue_time = None
+                if output.finished and output.metrics is not None:
+                    stats = output.metrics
+                    queue_time = max(0.0, stats.scheduled_ts - stats.queued_ts)
+                yield GenerationDelta(
+                    token_ids=tuple(completion.token_ids),
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                    queue_time=queue_time,
+                    num_cached_tokens=output.num_cached_tokens,
+                )
+        except Exception as exc:
+            if engine.errored:
+                raise EngineDead(f"instance {self.instance_id} failed: {exc}") from exc
+            raise
+        finally:
+            # Closing vLLM's generator aborts the request in the engine if it is unfinished.
+            await outputs.aclose()
