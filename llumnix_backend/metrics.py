@@ -1,0 +1,110 @@
+"""Prometheus metrics for every model and instance, in a registry owned by the server.
+
+Request metrics are observed as requests finish. Instance gauges (running and waiting
+requests, KV usage, freeness, state) are read from the latest snapshots when Prometheus
+scrapes, so they are never stale and cost nothing between scrapes. Names follow vLLM's where
+the meaning is the same (`vllm:time_to_first_token_seconds`, ...), with an `instance` label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from llumnix_backend.snapshot import InstanceSnapshot
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+MODEL_INSTANCE = ("model_name", "instance")
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """One instance as the metrics see it at scrape time."""
+
+    model: str
+    instance_id: str
+    state: str
+    snapshot: InstanceSnapshot | None
+    freeness: float | None
+
+
+InstanceStates = tuple[str, ...]
+
+
+class ServerMetrics:
+    def __init__(self, instance_reports: Callable[[], Iterable[InstanceReport]], states: InstanceStates) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "llumnix:requests", "Requests by outcome (success, aborted, error, rejected).",
+            (*MODEL_INSTANCE, "outcome"), registry=r,
+        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", MODEL_INSTANCE, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", MODEL_INSTANCE, registry=r)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time from arrival to the first output token.",
+            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds", "Mean time per output token after the first, per request.",
+            MODEL_INSTANCE, buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Time from arrival to the last output token.",
+            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds", "Time a request waited in its engine's queue.",
+            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.dispatch = Counter(
+            "llumnix:dispatch_decisions", "Requests dispatched to an instance, by policy.",
+            (*MODEL_INSTANCE, "policy"), registry=r,
+        )
+        r.register(_InstanceCollector(instance_reports, states))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _InstanceCollector:
+    def __init__(self, reports: Callable[[], Iterable[InstanceReport]], states: InstanceStates) -> None:
+        self._reports = reports
+        self._states = states
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = list(MODEL_INSTANCE)
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine's running batch.", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued in the engine.", labels=labels)
+        kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels=labels)
+        kv_total = GaugeMetricFamily("llumnix:kv_blocks_total", "KV blocks of the instance.", labels=labels)
+        freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual blocks per request).", labels=labels)
+        preemptions = GaugeMetricFamily("vllm:num_preemptions", "Preemptions since the instance started.", labels=labels)
+        state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
+        count: dict[str, int] = {}
+        for report in self._reports():
+            key = [report.model, report.instance_id]
+            count[report.model] = count.get(report.model, 0) + (report.state == "ready")
+            for name in self._states:
+                state.add_metric([*key, name], 1.0 if report.state == name else 0.0)
+            snap = report.snapshot
+            if snap is None:
+                continue
+            running.add_metric(key, len(snap.running))
+            waiting.add_metric(key, len(snap.waiting))
+            kv_usage.add_metric(key, snap.used_blocks / max(1, snap.total_blocks))
+            kv_total.add_metric(key, snap.total_blocks)
+            preemptions.add_metric(key, snap.num_preemptions)
+            if report.freeness is not None:
+                freeness.add_metric(key, report.freeness)
+        ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
+        for model, n in sorted(count.items()):
+            ready.add_metric([model], n)
+        yield from (running, waiting, kv_usage, kv_total, freeness, preemptions, state, ready)

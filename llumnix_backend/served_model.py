@@ -1,0 +1,250 @@
+"""A served model: its engine instances and the Llumnix dispatcher in front of them.
+
+The dispatcher decides from the latest snapshot of each instance plus the requests it has sent
+there that the snapshot does not show yet, so a burst of requests spreads out before the
+engines report back; it never waits on an instance to decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from llumnix_backend.config import ModelConfig
+from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
+from llumnix_backend.metrics import InstanceReport, ServerMetrics
+from llumnix_backend.plugin import EngineDead, EngineInstance, InstanceState, ModelRuntime
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
+
+logger = logging.getLogger(__name__)
+
+# Before an engine reports its block size, pending demand is estimated with this one.
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class InstanceEvent:
+    """Start-up progress of one instance, for the terminal."""
+
+    model: str
+    instance_id: str
+    state: InstanceState
+    seconds: float
+    error: str | None = None
+
+
+ProgressCallback = Callable[[InstanceEvent], None]
+
+
+@dataclass
+class _Instance:
+    engine: EngineInstance
+    state: InstanceState = InstanceState.STARTING
+    error: str | None = None
+    # Requests dispatched here and not finished, with their demand at dispatch time.
+    in_flight: dict[str, RequestLoad] = field(default_factory=dict)
+
+    def view(self, instance_id: str) -> InstanceView | None:
+        snapshot = self.engine.latest_snapshot
+        if snapshot is None:
+            return None
+        known = snapshot.request_ids
+        pending = tuple(load for rid, load in self.in_flight.items() if rid not in known)
+        return InstanceView(
+            instance_id=instance_id,
+            snapshot=snapshot.with_pending(pending),
+            accepting=self.state is InstanceState.READY and self.engine.alive,
+            draining=self.state is InstanceState.DRAINING,
+        )
+
+
+class ServedModel:
+    def __init__(self, name: str, config: ModelConfig, runtime: ModelRuntime, metrics: ServerMetrics) -> None:
+        self.name = name
+        self.config = config
+        self.runtime = runtime
+        self._metrics = metrics
+        self._instances: dict[str, _Instance] = {}
+        self._next_index = 0
+        self._last_choice: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+        """Start the configured number of instances; failures are recorded, not raised."""
+        ids = [self._add_instance() for _ in range(self.config.instances)]
+        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
+
+    def _add_instance(self) -> str:
+        instance_id = str(self._next_index)
+        self._next_index += 1
+        self._instances[instance_id] = _Instance(self.runtime.create_instance(instance_id))
+        return instance_id
+
+    async def _start_instance(self, instance_id: str, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+        slot = self._instances[instance_id]
+        async with start_slots:
+            began = time.monotonic()
+            progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, 0.0))
+            try:
+                await slot.engine.start()
+            except Exception as exc:  # noqa: BLE001 - any start failure marks only this instance
+                slot.state, slot.error = InstanceState.FAILED, f"{type(exc).__name__}: {exc}"
+                logger.error("model %s instance %s failed to start: %s", self.name, instance_id, slot.error)
+            else:
+                slot.state = InstanceState.READY
+            progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error))
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self._stop_instance(s) for s in self._instances.values()))
+
+    @staticmethod
+    async def _stop_instance(slot: _Instance) -> None:
+        try:
+            await slot.engine.shutdown()
+        except Exception:  # noqa: BLE001 - shutting down the rest matters more
+            logger.exception("error while stopping an instance")
+        if slot.state is not InstanceState.FAILED:
+            slot.state = InstanceState.STOPPED
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return any(s.state is InstanceState.READY and s.engine.alive for s in self._instances.values())
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {i: s.error for i, s in self._instances.items() if s.error}
+
+    def instance_state(self, slot: _Instance) -> InstanceState:
+        if slot.state is InstanceState.READY and not slot.engine.alive:
+            return InstanceState.FAILED
+        return slot.state
+
+    def views(self) -> list[InstanceView]:
+        return [v for i, s in self._instances.items() if (v := s.view(i)) is not None]
+
+    def reports(self) -> list[InstanceReport]:
+        views = {v.instance_id: v for v in self.views()}
+        priority = self.config.scheduler.priority
+        return [
+            InstanceReport(
+                model=self.name,
+                instance_id=i,
+                state=self.instance_state(s).value,
+                snapshot=s.engine.latest_snapshot,
+                freeness=freeness(views[i], priority) if i in views else None,
+            )
+            for i, s in self._instances.items()
+        ]
+
+    def instance_errors(self) -> dict[str, str | None]:
+        return {i: s.error for i, s in self._instances.items()}
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise `RequestError` naming the field if the request cannot be served as asked."""
+        prio = self.config.scheduler.priority
+        if not prio.min <= request.priority <= prio.max:
+            raise RequestError(f"priority must be between {prio.min} and {prio.max}, got {request.priority}", "priority")
+        n_prompt = len(request.prompt_token_ids)
+        limit = self.runtime.max_model_len
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty", "prompt")
+        if n_prompt >= limit:
+            raise RequestError(
+                f"the prompt has {n_prompt} tokens; this model's maximum context length is {limit} tokens", "prompt"
+            )
+        max_tokens = request.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise RequestError(
+                f"max_tokens={max_tokens} plus the prompt's {n_prompt} tokens exceeds this model's "
+                f"maximum context length of {limit} tokens",
+                "max_tokens",
+            )
+        self.runtime.check_sampling(request.sampling)
+
+    def _dispatch(self, request: GenerationRequest) -> str:
+        policy = self.config.scheduler.dispatch_policy
+        choice = choose_instance(policy, self.views(), self.config.scheduler.priority, self._last_choice)
+        self._last_choice = choice
+        self._metrics.dispatch.labels(self.name, choice, policy.value).inc()
+        return choice
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Dispatch the request and stream its output. Closing the stream aborts it.
+
+        Raises `RequestError` for a bad request and `NoInstanceAvailable` when no instance
+        accepts work, both before anything is streamed.
+        """
+        try:
+            self.check(request)
+            instance_id = self._dispatch(request)
+        except (RequestError, NoInstanceAvailable):
+            self._metrics.requests.labels(self.name, "none", "rejected").inc()
+            raise
+        slot = self._instances[instance_id]
+        block_size = (slot.engine.latest_snapshot or InstanceSnapshot(0, 0, DEFAULT_BLOCK_SIZE)).block_size
+        n_prompt = len(request.prompt_token_ids)
+        slot.in_flight[request.request_id] = RequestLoad(
+            request.request_id, request.priority, n_prompt, 0, blocks_for(n_prompt, block_size)
+        )
+        tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
+        try:
+            async for delta in slot.engine.generate(request):
+                tracker.observe(delta)
+                yield delta
+        except EngineDead:
+            tracker.outcome = "error"
+            raise
+        except BaseException:
+            tracker.outcome = "aborted" if tracker.outcome is None else tracker.outcome
+            raise
+        finally:
+            slot.in_flight.pop(request.request_id, None)
+            tracker.finish()
+
+
+class _RequestTracker:
+    """Per-request latency and token accounting, recorded once when the request ends."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, instance_id: str, arrival: float, n_prompt: int) -> None:
+        self._metrics = metrics
+        self._labels = (model, instance_id)
+        self._arrival = arrival or time.monotonic()
+        self._n_prompt = n_prompt
+        self._first_token_at: float | None = None
+        self._n_generated = 0
+        self._queue_time: float | None = None
+        self.outcome: str | None = None
+
+    def observe(self, delta: GenerationDelta) -> None:
+        if delta.token_ids and self._first_token_at is None:
+            self._first_token_at = time.monotonic()
+        self._n_generated += len(delta.token_ids)
+        if delta.queue_time is not None:
+            self._queue_time = delta.queue_time
+        if delta.finished:
+            self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
+
+    def finish(self) -> None:
+        m, labels = self._metrics, self._labels
+        now = time.monotonic()
+        m.requests.labels(*labels, self.outcome or "aborted").inc()
+        m.prompt_tokens.labels(*labels).inc(self._n_prompt)
+        m.generation_tokens.labels(*labels).inc(self._n_generated)
+        if self._queue_time is not None:
+            m.queue_time.labels(*labels).observe(self._queue_time)
+        if self._first_token_at is None:
+            return
+        m.ttft.labels(*labels).observe(self._first_token_at - self._arrival)
+        if self.outcome == "success":
+            m.e2e.labels(*labels).observe(now - self._arrival)
+            if self._n_generated > 1:
+                m.tpot.labels(*labels).observe((now - self._first_token_at) / (self._n_generated - 1))

@@ -1,0 +1,1 @@
+"""Llumnix Backend: the HTTP front end and the `llumnix-serve` command."""

@@ -1,0 +1,58 @@
+"""`llumnix-serve`: serve a model repository on one HTTP endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llumnix-serve",
+        description="Serve every model of a model repository through Llumnix-scheduled vLLM instances.",
+    )
+    parser.add_argument("--model-repository", type=Path, required=True, help="folder with one sub-folder per model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LLUMNIX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $LLUMNIX_API_KEY)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--max-parallel-starts", type=int, default=4,
+                        help="engines started at the same time (they compete for CPU and memory)")
+    args = parser.parse_args(argv)
+    if not args.model_repository.is_dir():
+        parser.error(f"--model-repository {args.model_repository} is not a folder")
+    if args.max_parallel_starts < 1:
+        parser.error("--max-parallel-starts must be at least 1")
+    return args
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # vLLM reads its level when first imported: keep its start-up chatter out of the terminal
+    # unless asked for, but always show its warnings and errors.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if level == "debug" else "WARNING")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+
+    import uvicorn
+
+    from llumnix_backend.model_registry import ModelRegistry
+    from llumnix_server.app import create_app
+    from llumnix_server.startup_report import StartupReport
+
+    report = StartupReport(f"http://{args.host}:{args.port}")
+    registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event)
+    app = create_app(registry, api_key=args.api_key, on_loaded=report.summary)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
+
+
+if __name__ == "__main__":
+    main()

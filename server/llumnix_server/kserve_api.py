@@ -1,0 +1,219 @@
+"""KServe v2 / Triton API: health, metadata, readiness, config, the repository index, and
+Triton's generate extension as its vLLM backend serves it (`text_input` in, `text_output` out;
+`parameters` carry the sampling fields and `priority`; `exclude_input_in_output`, default
+false, drops the prompt from a non-streaming `text_output`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llumnix_backend.model_registry import ModelRegistry, ModelState
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.served_model import ServedModel
+from llumnix_server.errors import as_api_error, first_validation_problem
+from llumnix_server.streams import new_request_id, started, unless_disconnected
+
+MODEL_VERSION = "1"
+SERVER_NAME = "llumnix-backend"
+EXTENSIONS = ["model_repository", "generate", "llumnix"]
+
+
+class GenerateParameters(BaseModel):
+    """Triton vLLM backend's request parameters, plus vLLM's sampling extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    priority: int | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    def sampling(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        fields = dict(defaults)
+        fields.update(self.model_dump(exclude_none=True, exclude={"stream", "exclude_input_in_output", "priority"}))
+        return fields
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_input: str
+    id: str | None = None
+    parameters: GenerateParameters = GenerateParameters()
+    # Triton's vLLM backend also takes these as inputs rather than parameters.
+    stream: bool | None = None
+    exclude_input_in_output: bool | None = None
+    sampling_parameters: str | None = None
+
+    def merged_parameters(self) -> GenerateParameters:
+        params = self.parameters.model_dump(exclude_unset=True)
+        if self.sampling_parameters:
+            try:
+                extra = json.loads(self.sampling_parameters)
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"sampling_parameters is not valid JSON: {exc}", "sampling_parameters") from None
+            if not isinstance(extra, dict):
+                raise RequestError("sampling_parameters must be a JSON object", "sampling_parameters")
+            params = {**extra, **params}
+        for name in ("stream", "exclude_input_in_output"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        try:
+            return GenerateParameters.model_validate(params)
+        except ValidationError as exc:
+            raise RequestError(*first_validation_problem(exc.errors(), "parameters")) from None
+
+
+def _model_metadata(model: ServedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "versions": [MODEL_VERSION],
+        "platform": model.config.backend,
+        "inputs": [
+            {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+            {"name": "stream", "datatype": "BOOL", "shape": [1]},
+            {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1]},
+            {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1]},
+        ],
+        "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+def _model_config(model: ServedModel) -> dict[str, Any]:
+    config = model.config
+    metadata = _model_metadata(model)
+    scheduler = config.scheduler
+    return {
+        "name": model.name,
+        "backend": config.backend,
+        "max_batch_size": 0,
+        "model_transaction_policy": {"decoupled": True},
+        "instance_group": [{"name": model.name, "count": config.instances, "kind": "KIND_MODEL"}],
+        "input": [{"name": i["name"], "data_type": f"TYPE_{i['datatype'].replace('BYTES', 'STRING')}", "dims": i["shape"]}
+                  for i in metadata["inputs"]],
+        "output": [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "parameters": {
+            "dispatch_policy": {"string_value": scheduler.dispatch_policy.value},
+            "priority": {"string_value": scheduler.priority.model_dump_json()},
+        },
+        "engine": model.runtime.describe(),
+    }
+
+
+def create_kserve_router(registry: ModelRegistry) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": version("llumnix-backend"), "extensions": EXTENSIONS}
+
+    @router.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/v2/health/ready")
+    async def ready() -> Response:
+        is_ready = registry.initial_load_done.is_set() and bool(registry.ready_models())
+        return Response(status_code=200 if is_ready else 503)
+
+    @router.get("/v2/models/{model_name}")
+    async def model_metadata(model_name: str) -> dict[str, Any]:
+        return _model_metadata(registry.get(model_name))
+
+    @router.get("/v2/models/{model_name}/ready")
+    async def model_ready(model_name: str) -> Response:
+        entry = registry.entry(model_name)
+        ok = entry.state is ModelState.READY and entry.model is not None and entry.model.ready
+        return Response(status_code=200 if ok else 503)
+
+    @router.get("/v2/models/{model_name}/config")
+    async def model_config(model_name: str) -> dict[str, Any]:
+        return _model_config(registry.get(model_name))
+
+    @router.post("/v2/repository/index")
+    async def repository_index() -> list[dict[str, Any]]:
+        return [
+            {"name": e.name, "version": MODEL_VERSION, "state": e.state.value, "reason": e.reason}
+            for e in registry.entries()
+        ]
+
+    @router.post("/v2/models/{model_name}/generate")
+    async def generate(model_name: str, request: Request):
+        return await _generate(registry, model_name, await _parse(request), request, stream_route=False)
+
+    @router.post("/v2/models/{model_name}/generate_stream")
+    async def generate_stream(model_name: str, request: Request):
+        return await _generate(registry, model_name, await _parse(request), request, stream_route=True)
+
+    return router
+
+
+async def _parse(request: Request) -> GenerateRequest:
+    """The body is JSON whatever its content type says, as Triton reads it."""
+    try:
+        return GenerateRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestError(*first_validation_problem(exc.errors())) from None
+
+
+async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request,
+                    stream_route: bool):
+    arrival = time.monotonic()
+    model = registry.get(model_name)
+    params = body.merged_parameters()
+    if not body.text_input:
+        raise RequestError("text_input is empty", "text_input")
+    request_id = body.id or new_request_id("gen")
+    priority = model.config.scheduler.priority.default if params.priority is None else params.priority
+    gen_request = GenerationRequest(
+        request_id, tuple(model.runtime.encode(body.text_input)), params.sampling(model.runtime.default_sampling()),
+        priority, arrival,
+    )
+    stream = await started(request, model.generate(gen_request))
+    envelope = {"id": request_id, "model_name": model.name, "model_version": MODEL_VERSION}
+    if stream_route or params.stream:
+        return StreamingResponse(_generate_events(envelope, stream), media_type="text/event-stream")
+    texts = []
+
+    async def collect() -> None:
+        async for delta in stream:
+            texts.append(delta.text)
+
+    await unless_disconnected(request, collect())
+    prefix = "" if params.exclude_input_in_output else body.text_input
+    return JSONResponse(dict(envelope, text_output=prefix + "".join(texts)))
+
+
+async def _generate_events(envelope: dict[str, Any], stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[str]:
+    try:
+        async for delta in stream:
+            event = dict(envelope, text_output=delta.text)
+            if delta.finished:
+                event["finish_reason"] = delta.finish_reason
+            yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+    except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
+        yield f"data: {json.dumps({'error': as_api_error(exc).message})}\n\n"
+

@@ -1,0 +1,117 @@
+"""Start `llumnix-serve` (or any OpenAI-compatible server) as a child process and wait for it.
+
+Used by the end-to-end tests and the benchmarks: they talk to a real server over HTTP on
+127.0.0.1, exactly as users do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ServerProcess:
+    """A server started with `command`, logging to `log_path`."""
+
+    command: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def start(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            start_new_session=True,  # its own process group: a test's Ctrl-C does not reach it twice
+        )
+        return self
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_until(self, path: str, ok: Callable[[httpx.Response], bool], timeout: float) -> httpx.Response:
+        """Poll GET `path` until `ok(response)` holds; fail early if the process exits."""
+        deadline = time.monotonic() + timeout
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                response = httpx.get(self.url + path, headers=self.headers, timeout=5)
+                if ok(response):
+                    return response
+                last_error = f"{response.status_code} {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last_error = repr(exc)
+            time.sleep(0.5)
+        raise ServerFailed(f"{path} not ready after {timeout:.0f} s ({last_error}):\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the server and wait for it to exit; kill it if it does not."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+
+def llumnix_server(repository: Path, log_path: Path, api_key: str | None = None, port: int | None = None,
+                   extra_args: tuple[str, ...] = ()) -> ServerProcess:
+    port = port or free_port()
+    command = [sys.executable, "-m", "llumnix_server.cli", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    if api_key:
+        command += ["--api-key", api_key]
+    return ServerProcess(command, port, log_path, api_key=api_key)
+
+
+def wait_for_repository(server: ServerProcess, timeout: float) -> list[dict]:
+    """Wait until no model of the repository is LOADING; returns the repository index."""
+    server.wait_until("/v2/health/live", lambda r: r.status_code == 200, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(server.url + "/v2/repository/index", headers=server.headers, timeout=5)
+        index = response.json()
+        if index and all(m["state"] != "LOADING" for m in index):
+            return index
+        if time.monotonic() > deadline:
+            raise ServerFailed(f"models still loading after {timeout:.0f} s: {index}\n{server.log_tail()}")
+        if server.process is not None and server.process.poll() is not None:
+            raise ServerFailed(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        time.sleep(0.5)

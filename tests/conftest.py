@@ -1,0 +1,76 @@
+"""Shared fixtures: a locally generated model, and a real server over a test repository.
+
+Engines take tens of seconds to start, so one server (three vLLM instances) is shared by every
+end-to-end test of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+ENGINE_START_TIMEOUT_S = 300
+API_KEY = "test-secret"
+
+# Engines must never look for anything online during tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def write_model(repository: Path, name: str, config: dict[str, Any] | str) -> Path:
+    folder = repository / name
+    folder.mkdir(parents=True, exist_ok=True)
+    text = config if isinstance(config, str) else yaml.safe_dump(config)
+    (folder / "config.yaml").write_text(text)
+    return folder
+
+
+def tiny_config(model: str, instances: int = 1, dispatch: str = "llumnix", max_model_len: int = 1024) -> dict:
+    return {
+        "backend": "vllm",
+        "instances": instances,
+        "engine": {"model": model, "max_model_len": max_model_len, "enforce_eager": True},
+        "resources": {"cpu_kv_cache_gib": 0.125},
+        "scheduler": {"dispatch_policy": dispatch},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_model(tmp_path_factory.mktemp("models") / "tiny-llama", TinyLlamaRecipe(seed=0))
+
+
+# The broken folders of the shared repository: (name, config text, what its reason must say).
+BROKEN_MODELS = {
+    "bad-yaml": ("engine: {model: [unclosed\n", "invalid YAML: line"),
+    "bad-key": ("instances: 1\ncolour: red\n", "colour: unknown key"),
+    "bad-type": ("instances: two\n", "instances: Input should be a valid integer"),
+    "bad-backend": ("backend: tensorrt\nengine: {model: x}\n", "backend: unknown backend 'tensorrt'"),
+    "no-weights": ("engine: {model: ./weights}\n", "engine.model:"),
+    "bad-engine-arg": ("engine: {model: MODEL, not_an_arg: 1}\n", "engine.not_an_arg: not a vLLM engine argument"),
+}
+
+
+@pytest.fixture(scope="session")
+def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+    """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config);
+    `beta`: 1 instance (queue dispatch); and one folder per way a config can be broken."""
+    repository = tmp_path_factory.mktemp("repository")
+    alpha = write_model(repository, "alpha", tiny_config("weights", instances=2))
+    (alpha / "weights").symlink_to(tiny_model)
+    write_model(repository, "beta", tiny_config(str(tiny_model), dispatch="queue", max_model_len=2048))
+    for name, (text, _) in BROKEN_MODELS.items():
+        write_model(repository, name, text.replace("MODEL", str(tiny_model)))
+
+    server = llumnix_server(repository, repository.parent / "server.log", api_key=API_KEY).start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,48 @@
+"""Start-up and shutdown of a real server: no engine process outlives it."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
+from llumnix_server.launcher import llumnix_server, wait_for_repository
+
+pytestmark = pytest.mark.engine
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["sigterm", "sigint", "sigkill"])
+def test_no_engine_process_survives_the_server(tmp_path: Path, tiny_model: Path, sig: int) -> None:
+    write_model(tmp_path / "repo", "solo", tiny_config(str(tiny_model)))
+    server = llumnix_server(tmp_path / "repo", tmp_path / "server.log").start()
+    try:
+        index = wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        assert index[0]["state"] == "READY", index
+        # No --api-key: requests need no Authorization header.
+        response = httpx.post(server.url + "/v1/completions", json={"model": "solo", "prompt": "hi", "max_tokens": 3},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        engines = _descendants(server.process.pid)
+        assert engines, "the engine runs in child processes of the server"
+        began = time.monotonic()
+        server.stop(sig, timeout=60)
+        # After SIGKILL nobody shuts the engines down: they notice they are orphaned and exit.
+        alive = _wait_gone(engines, timeout=30)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}\n{server.log_tail()}"
+        assert time.monotonic() - began < 60
+    finally:
+        server.stop(signal.SIGKILL)

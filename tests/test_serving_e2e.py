@@ -1,0 +1,351 @@
+"""End to end: a real `llumnix-serve` process with real vLLM CPU engines, over HTTP on 127.0.0.1,
+through the `openai` client, `httpx` and `tritonclient`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import openai
+import pytest
+import tritonclient.http as triton
+
+from conftest import API_KEY, BROKEN_MODELS
+from llumnix_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+
+def post(server: ServerProcess, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + path, headers={**server.headers, **(headers or {})}, timeout=60, **kwargs)
+
+
+def get(server: ServerProcess, path: str) -> httpx.Response:
+    return httpx.get(server.url + path, headers=server.headers, timeout=30)
+
+
+def instances(server: ServerProcess, model: str) -> list[dict]:
+    return get(server, f"/v2/llumnix/models/{model}/instances").json()["instances"]
+
+
+def openai_client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+# --- repository -------------------------------------------------------------------------------
+
+def test_repository_serves_good_models_and_explains_broken_ones(serving: ServerProcess) -> None:
+    index = {m["name"]: m for m in post(serving, "/v2/repository/index").json()}
+    assert index["alpha"]["state"] == "READY"
+    assert index["beta"]["state"] == "READY"
+    for name, (_, expected) in BROKEN_MODELS.items():
+        assert index[name]["state"] == "UNAVAILABLE", name
+        reason = index[name]["reason"]
+        assert f"{name}/config.yaml" in reason, reason
+        assert expected in reason, reason
+    assert {m.id for m in openai_client(serving).models.list()} == {"alpha", "beta"}
+    assert [i["state"] for i in instances(serving, "alpha")] == ["ready", "ready"]
+
+
+def test_broken_model_answers_not_ready(serving: ServerProcess) -> None:
+    response = post(serving, "/v1/completions", json={"model": "bad-key", "prompt": "hi"})
+    assert response.status_code == 503
+    assert "colour: unknown key" in response.json()["error"]["message"]
+    response = post(serving, "/v2/models/bad-yaml/generate", json={"text_input": "hi"})
+    assert response.status_code == 503
+    assert get(serving, "/v2/models/bad-yaml/ready").status_code == 503
+
+
+# --- OpenAI API -------------------------------------------------------------------------------
+
+def test_openai_completion(serving: ServerProcess) -> None:
+    result = openai_client(serving).completions.create(
+        model="alpha", prompt="The quick brown fox", max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert result.id.startswith("cmpl-")
+    assert result.model == "alpha"
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.prompt_tokens == len("The quick brown fox".encode())
+    assert result.usage.completion_tokens == 12
+
+
+def test_openai_chat_streaming_and_not(serving: ServerProcess) -> None:
+    client = openai_client(serving)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    full = client.chat.completions.create(
+        model="beta", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True},
+    )
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 10
+
+    chunks = list(client.chat.completions.create(
+        model="beta", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    ))
+    assert {c.id for c in chunks} == {chunks[0].id}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content  # greedy: the same tokens either way
+    assert chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_sampling_fields_mean_what_they_mean_in_vllm(serving: ServerProcess) -> None:
+    client = openai_client(serving)
+
+    def complete(max_tokens=16, **kw):
+        return client.completions.create(model="alpha", prompt="Once upon a time", max_tokens=max_tokens, **kw)
+
+    seeded = [complete(temperature=1.0, seed=7, extra_body={"ignore_eos": True}) for _ in range(2)]
+    assert seeded[0].choices[0].text == seeded[1].choices[0].text
+    assert complete(temperature=0).choices[0].text == complete(temperature=0).choices[0].text
+    short = complete(temperature=0, max_tokens=3, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3
+    two = complete(temperature=1.0, seed=3, n=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    assert two.usage.completion_tokens == 32
+    # min_tokens + ignore_eos: exactly max_tokens however likely EOS is.
+    fixed = complete(temperature=1.0, max_tokens=8, extra_body={"min_tokens": 8, "ignore_eos": True})
+    assert fixed.usage.completion_tokens == 8
+
+
+def test_priority_is_accepted_per_request(serving: ServerProcess) -> None:
+    for priority in (-5, 0, 5):
+        response = post(serving, "/v1/completions", json={
+            "model": "alpha", "prompt": "urgent", "max_tokens": 4, "priority": priority,
+        })
+        assert response.status_code == 200, response.text
+    response = post(serving, "/v2/models/alpha/generate", json={
+        "text_input": "urgent", "parameters": {"max_tokens": 4, "priority": -3},
+    })
+    assert response.status_code == 200, response.text
+
+
+async def _stream_completion(client: httpx.AsyncClient, model: str, max_tokens: int) -> dict:
+    body = {
+        "model": model, "prompt": f"request for {model} " * random.randint(1, 4), "max_tokens": max_tokens,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.8,
+    }
+    usage, done, ids = None, False, set()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                done = True
+                continue
+            event = json.loads(data)
+            ids.add(event["id"])
+            if event.get("usage"):
+                usage = event["usage"]
+    return {"done": done, "usage": usage, "ids": ids, "max_tokens": max_tokens}
+
+
+def test_32_concurrent_streams_over_two_models(serving: ServerProcess) -> None:
+    random.seed(1)
+    plan = [("alpha" if i % 2 else "beta", random.randint(8, 40)) for i in range(32)]
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=serving.url, headers=serving.headers, timeout=120) as client:
+            return await asyncio.gather(*(_stream_completion(client, m, n) for m, n in plan))
+
+    dispatched_before = _dispatch_counts(serving, "alpha")
+    results = asyncio.run(run_all())
+    assert all(r["done"] for r in results)
+    assert [r["usage"]["completion_tokens"] for r in results] == [n for _, n in plan]
+    assert len({next(iter(r["ids"])) for r in results}) == 32
+    dispatched = _dispatch_counts(serving, "alpha")
+    # The Llumnix dispatcher spread alpha's 16 requests over both of its instances.
+    assert all(dispatched[i] - dispatched_before.get(i, 0) >= 4 for i in ("0", "1")), dispatched
+
+
+def _dispatch_counts(server: ServerProcess, model: str) -> dict[str, float]:
+    counts = {}
+    for line in get(server, "/metrics").text.splitlines():
+        if line.startswith("llumnix:dispatch_decisions_total{") and f'model_name="{model}"' in line:
+            instance = line.split('instance="')[1].split('"')[0]
+            counts[instance] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_disconnected_stream_frees_its_kv_blocks(serving: ServerProcess) -> None:
+    # Long enough that it cannot finish on its own while the test looks (1500 engine steps).
+    body = {"model": "beta", "prompt": "x" * 300, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=serving.url, headers=serving.headers, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            events = (line for line in response.iter_lines() if line.startswith("data: "))
+            request_id = json.loads(next(events)[6:])["id"]
+            (inst,) = instances(serving, "beta")
+            running = inst["snapshot"]["running"]
+            assert [r["request_id"] for r in running] == [request_id], json.dumps(inst)
+            assert running[0]["num_blocks"] >= 3 and inst["snapshot"]["used_blocks"] >= 3, json.dumps(inst)
+            steps_at_disconnect = inst["snapshot"]["sequence"]
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        (inst,) = instances(serving, "beta")
+        if not inst["snapshot"]["running"] and inst["snapshot"]["used_blocks"] == 0:
+            break
+        time.sleep(0.05)
+    assert inst["snapshot"]["running"] == [] and inst["snapshot"]["used_blocks"] == 0, inst
+    # The engine stopped the request: it took far fewer steps than generating 1500 tokens would.
+    assert inst["snapshot"]["sequence"] - steps_at_disconnect < 750, inst
+
+
+# --- KServe v2 / Triton -----------------------------------------------------------------------
+
+def test_kserve_generate(serving: ServerProcess) -> None:
+    response = post(serving, "/v2/models/alpha/generate", json={
+        "text_input": "Hello", "parameters": {"max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    })
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == "alpha" and body["model_version"] == "1"
+    assert body["text_output"].startswith("Hello")
+    excluded = post(serving, "/v2/models/alpha/generate", json={
+        "text_input": "Hello", "parameters": {"max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                                              "exclude_input_in_output": True},
+    }).json()
+    assert body["text_output"] == "Hello" + excluded["text_output"]
+
+
+def test_kserve_generate_stream(serving: ServerProcess) -> None:
+    body = {"text_input": "Hello", "parameters": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    with httpx.Client(base_url=serving.url, headers=serving.headers, timeout=60) as client:
+        with client.stream("POST", "/v2/models/alpha/generate_stream", json=body) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events and all(e["model_name"] == "alpha" for e in events)
+    assert events[-1]["finish_reason"] == "length"
+    full = post(serving, "/v2/models/alpha/generate", json={
+        "text_input": "Hello", "parameters": {**body["parameters"], "exclude_input_in_output": True},
+    }).json()
+    assert "".join(e["text_output"] for e in events) == full["text_output"]
+
+
+def test_tritonclient_health_metadata_readiness_config(serving: ServerProcess) -> None:
+    client = triton.InferenceServerClient(url=serving.url.removeprefix("http://"))
+    headers = serving.headers
+    assert client.is_server_live(headers=headers)
+    assert client.is_server_ready(headers=headers)
+    assert client.get_server_metadata(headers=headers)["name"] == "llumnix-backend"
+    assert client.is_model_ready("alpha", headers=headers)
+    assert not client.is_model_ready("bad-key", headers=headers)
+    metadata = client.get_model_metadata("alpha", headers=headers)
+    assert metadata["name"] == "alpha"
+    assert {i["name"] for i in metadata["inputs"]} >= {"text_input"}
+    config = client.get_model_config("alpha", headers=headers)
+    assert config["backend"] == "vllm"
+    assert config["instance_group"][0]["count"] == 2
+    index = {m["name"]: m["state"] for m in client.get_model_repository_index(headers=headers)}
+    assert index["alpha"] == "READY" and index["bad-yaml"] == "UNAVAILABLE"
+    with pytest.raises(triton.InferenceServerException):
+        client.get_model_metadata("no-such-model", headers=headers)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field", "words"),
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model", "unknown model"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "maximum context"),
+        ("/v1/completions", {"model": "alpha", "prompt": ""}, 400, "prompt", "empty"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x" * 1100}, 400, "prompt", "maximum context length"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "priority": 99}, 400, "priority", "between"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "priority": "high"}, 400, "priority", "integer"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature", "non-negative"),
+        ("/v1/completions", {"prompt": "hi"}, 400, "model", "required"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": []}, 400, "messages", "at least 1"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ],
+)
+def test_openai_bad_requests_name_the_field(serving, path, body, status, field, words) -> None:
+    response = post(serving, path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and words in error["message"], error
+    assert error["code"] == status
+
+
+def test_malformed_json_is_a_400(serving: ServerProcess) -> None:
+    for path in ("/v1/completions", "/v2/models/alpha/generate"):
+        response = post(serving, path, content=b'{"model": "alpha", "prompt": ',
+                        headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert "malformed JSON" in response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [
+        ("/v2/models/nope/generate", {"text_input": "hi"}, 404, "unknown model"),
+        ("/v2/models/alpha/generate", {"text_input": ""}, 400, "text_input"),
+        ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"colour": 1}}, 400, "parameters.colour"),
+        ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"priority": -99}}, 400, "priority"),
+        ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"max_tokens": 4000}}, 400, "max_tokens"),
+        ("/v2/models/alpha/generate", {"parameters": {}}, 400, "text_input"),
+    ],
+)
+def test_kserve_bad_requests(serving, path, body, status, words) -> None:
+    response = post(serving, path, json=body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_api_key_guards_everything_but_health_and_metrics(serving: ServerProcess) -> None:
+    for path in ("/v1/models", "/v2/models/alpha", "/v2/llumnix/models/alpha/instances"):
+        response = httpx.get(serving.url + path, timeout=10)
+        assert response.status_code == 401, path
+        wrong = httpx.get(serving.url + path, headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert wrong.status_code == 401, path
+    assert httpx.get(serving.url + "/v1/models", timeout=10).json()["error"]["type"] == "AuthenticationError"
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert httpx.get(serving.url + path, timeout=10).status_code == 200, path
+
+
+# --- observability ----------------------------------------------------------------------------
+
+def test_instances_endpoint_shows_snapshots(serving: ServerProcess) -> None:
+    listed = instances(serving, "alpha")
+    assert [i["id"] for i in listed] == ["0", "1"]
+    for inst in listed:
+        snap = inst["snapshot"]
+        assert snap["total_blocks"] > 0 and snap["block_size"] % 32 == 0
+        assert inst["freeness"] > 0
+    # Snapshots keep coming while the engine idles (heartbeat at least every 100 ms).
+    first = instances(serving, "alpha")[0]["snapshot"]["timestamp"]
+    time.sleep(0.3)
+    assert instances(serving, "alpha")[0]["snapshot"]["timestamp"] > first
+    assert get(serving, "/v2/llumnix/models/nope/instances").status_code == 404
+
+
+def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) -> None:
+    post(serving, "/v1/completions", json={"model": "alpha", "prompt": "metrics", "max_tokens": 4})
+    post(serving, "/v1/completions", json={"model": "alpha", "prompt": "metrics", "priority": 99})
+    text = get(serving, "/metrics").text
+    for needle in (
+        'llumnix:requests_total{instance="',
+        'outcome="success"',
+        'vllm:time_to_first_token_seconds_bucket{instance="',
+        "vllm:request_time_per_output_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_queue_time_seconds_count",
+        'vllm:num_requests_running{instance="1",model_name="alpha"}',
+        'vllm:num_requests_waiting{instance="0",model_name="beta"}',
+        'vllm:kv_cache_usage_perc{instance="0",model_name="alpha"}',
+        'llumnix:instance_freeness{instance="0",model_name="alpha"}',
+        'llumnix:instance_state{instance="0",model_name="alpha",state="ready"} 1.0',
+        'llumnix:dispatch_decisions_total{instance="0",model_name="alpha",policy="llumnix"}',
+        'llumnix:ready_instances{model_name="alpha"} 2.0',
+        'outcome="rejected"',
+    ):
+        assert needle in text, needle
