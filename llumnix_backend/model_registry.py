@@ -15,7 +15,7 @@ from pathlib import Path
 from llumnix_backend.config import ConfigError, load_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, load_backend
-from llumnix_backend.repository import model_folders
+from llumnix_backend.repository import is_valid_model_name, model_folders
 from llumnix_backend.served_model import InstanceEvent, ProgressCallback, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ class ModelRegistry:
         self.initial_load_done.set()
 
     async def _load(self, entry: ModelEntry) -> None:
+        if not is_valid_model_name(entry.name):
+            self._mark_unavailable(entry, f"{entry.path}: the folder name is not a valid model name "
+                                          "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
+            return
         try:
             config = load_model_config(entry.path)
             backend = await self._backend(config.backend, entry.path / "config.yaml")
@@ -87,7 +91,7 @@ class ModelRegistry:
         if model.ready:
             entry.state, entry.reason = ModelState.READY, ""
         else:
-            reasons = "; ".join(f"instance {i}: {e}" for i, e in model.errors.items())
+            reasons = "; ".join(f"instance {i}: {e}" for i, e in model.instance_errors().items())
             self._mark_unavailable(entry, f"no instance started ({reasons})")
 
     def _mark_unavailable(self, entry: ModelEntry, reason: str) -> None:

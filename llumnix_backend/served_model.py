@@ -117,10 +117,6 @@ class ServedModel:
     def ready(self) -> bool:
         return any(s.state is InstanceState.READY and s.engine.alive for s in self._instances.values())
 
-    @property
-    def errors(self) -> dict[str, str]:
-        return {i: s.error for i, s in self._instances.items() if s.error}
-
     def instance_state(self, slot: _Instance) -> InstanceState:
         if slot.state is InstanceState.READY and not slot.engine.alive:
             return InstanceState.FAILED
@@ -143,8 +139,9 @@ class ServedModel:
             for i, s in self._instances.items()
         ]
 
-    def instance_errors(self) -> dict[str, str | None]:
-        return {i: s.error for i, s in self._instances.items()}
+    def instance_errors(self) -> dict[str, str]:
+        """Why each failed instance failed, by instance id."""
+        return {i: s.error for i, s in self._instances.items() if s.error}
 
     # --- requests -----------------------------------------------------------------------------
 

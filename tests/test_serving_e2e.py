@@ -13,7 +13,7 @@ import openai
 import pytest
 import tritonclient.http as triton
 
-from conftest import API_KEY, BROKEN_MODELS
+from conftest import API_KEY, BADLY_NAMED, BROKEN_MODELS
 from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
@@ -46,7 +46,9 @@ def test_repository_serves_good_models_and_explains_broken_ones(serving: ServerP
         reason = index[name]["reason"]
         assert f"{name}/config.yaml" in reason, reason
         assert expected in reason, reason
-    assert {m.id for m in openai_client(serving).models.list()} == {"alpha", "beta"}
+    assert index[BADLY_NAMED]["state"] == "UNAVAILABLE"
+    assert "not a valid model name" in index[BADLY_NAMED]["reason"]
+    assert {m.id for m in openai_client(serving).models.list()} == {"alpha", "beta", "gamma"}
     assert [i["state"] for i in instances(serving, "alpha")] == ["ready", "ready"]
 
 
@@ -123,6 +125,44 @@ def test_priority_is_accepted_per_request(serving: ServerProcess) -> None:
         "text_input": "urgent", "parameters": {"max_tokens": 4, "priority": -3},
     })
     assert response.status_code == 200, response.text
+
+
+def test_high_priority_requests_are_scheduled_first_inside_the_engine(serving: ServerProcess) -> None:
+    """gamma runs 2 requests at a time. With both slots busy, queue two ordinary requests, then
+    an urgent one: vLLM's priority scheduling admits the urgent one first."""
+
+    async def scenario() -> list[str]:
+        finished: list[str] = []
+        async with httpx.AsyncClient(base_url=serving.url, headers=serving.headers, timeout=120) as client:
+
+            async def complete(name: str, priority: int, max_tokens: int) -> None:
+                response = await client.post("/v1/completions", json={
+                    "model": "gamma", "prompt": name, "max_tokens": max_tokens, "ignore_eos": True,
+                    "priority": priority})
+                assert response.status_code == 200, response.text
+                finished.append(name)
+
+            async def until(predicate) -> dict:
+                for _ in range(400):
+                    snap = (await client.get("/v2/llumnix/models/gamma/instances")).json()["instances"][0]["snapshot"]
+                    if predicate(snap):
+                        return snap
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"gamma never reached the expected state: {snap}")
+
+            tasks = [asyncio.create_task(complete(n, 5, 400)) for n in ("busy-1", "busy-2")]
+            await until(lambda s: len(s["running"]) == 2)
+            tasks += [asyncio.create_task(complete(n, 5, 8)) for n in ("normal-1", "normal-2")]
+            await until(lambda s: len(s["waiting"]) == 2)
+            tasks.append(asyncio.create_task(complete("urgent", -5, 8)))
+            snap = await until(lambda s: len(s["waiting"]) == 3)
+            assert [r["priority"] for r in snap["waiting"]] == [-5, 5, 5]  # the engine's own order
+            await asyncio.gather(*tasks)
+        return finished
+
+    finished = asyncio.run(scenario())
+    assert finished.index("urgent") < finished.index("normal-1")
+    assert finished.index("urgent") < finished.index("normal-2")
 
 
 async def _stream_completion(client: httpx.AsyncClient, model: str, max_tokens: int) -> dict:

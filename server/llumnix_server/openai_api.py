@@ -263,6 +263,8 @@ async def _completion_events(envelope: dict[str, Any], stream: AsyncIterator[tup
     n_tokens = 0
     try:
         async for index, delta in stream:
+            if not delta.token_ids and not delta.finished:
+                continue  # a prefill chunk: nothing to tell the client yet
             n_tokens += len(delta.token_ids)
             choice = {"index": index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
             if delta.finished:
@@ -284,6 +286,8 @@ async def _chat_events(envelope: dict[str, Any], stream: AsyncIterator[tuple[int
     n_tokens = 0
     try:
         async for index, delta in stream:
+            if not delta.token_ids and not delta.finished:
+                continue  # a prefill chunk: nothing to tell the client yet
             n_tokens += len(delta.token_ids)
             choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
                       "logprobs": None, "finish_reason": delta.finish_reason}
