@@ -41,9 +41,8 @@ class GenerationDelta:
     text: str
     finish_reason: str | None = None  # "stop", "length", "abort"; None while generating
     stop_reason: int | str | None = None
-    # Engine-side timing, when the backend knows it (seconds; None if unknown).
+    # Seconds the request waited in the engine's queue, on its last delta if the backend knows.
     queue_time: float | None = None
-    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

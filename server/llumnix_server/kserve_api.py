@@ -20,6 +20,7 @@ from llumnix_backend.model_registry import ModelRegistry, ModelState
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
+from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 
 MODEL_VERSION = "1"
@@ -27,34 +28,14 @@ SERVER_NAME = "llumnix-backend"
 EXTENSIONS = ["model_repository", "generate", "llumnix"]
 
 
-class GenerateParameters(BaseModel):
+class GenerateParameters(SamplingFields):
     """Triton vLLM backend's request parameters, plus vLLM's sampling extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
     stream: bool = False
     exclude_input_in_output: bool = False
-    priority: int | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-
-    def sampling(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        fields = dict(defaults)
-        fields.update(self.model_dump(exclude_none=True, exclude={"stream", "exclude_input_in_output", "priority"}))
-        return fields
 
 
 class GenerateRequest(BaseModel):
@@ -187,10 +168,10 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     if not body.text_input:
         raise RequestError("text_input is empty", "text_input")
     request_id = body.id or new_request_id("gen")
-    priority = model.config.scheduler.priority.default if params.priority is None else params.priority
     gen_request = GenerationRequest(
-        request_id, tuple(model.runtime.encode(body.text_input)), params.sampling(model.runtime.default_sampling()),
-        priority, arrival,
+        request_id, tuple(model.runtime.encode(body.text_input)),
+        params.sampling(model.runtime.default_sampling(), params.max_tokens),
+        params.priority_or_default(model.config.scheduler.priority), arrival,
     )
     stream = await started(request, model.generate(gen_request))
     envelope = {"id": request_id, "model_name": model.name, "model_version": MODEL_VERSION}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -21,15 +22,9 @@ from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
+from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
 
-# Request fields passed to the engine under the same name (vLLM SamplingParams).
-SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens",
-    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-    "logit_bias", "allowed_token_ids", "bad_words",
-)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -37,29 +32,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    priority: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -68,21 +48,17 @@ class _SamplingRequest(BaseModel):
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         if self.logprobs not in (None, False):
             raise RequestError("logprobs are not supported by this server", "logprobs")
-        fields = dict(defaults)
-        for name in SAMPLING_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                fields[name] = value
+        fields = super().sampling(defaults, max_tokens)
         if "logit_bias" in fields:
             try:
                 fields["logit_bias"] = {int(k): v for k, v in fields["logit_bias"].items()}
             except ValueError:
                 raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
-        if max_tokens is not None:
-            fields["max_tokens"] = max_tokens
-        else:
-            fields.setdefault("max_tokens", None)  # vLLM then allows the rest of the context
         return fields
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -115,10 +91,6 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _priority(model: ServedModel, body: _SamplingRequest) -> int:
-    return model.config.scheduler.priority.default if body.priority is None else body.priority
-
-
 def _chat_content(message: ChatMessage, index: int) -> dict[str, Any]:
     content = message.content
     if isinstance(content, list):
@@ -140,6 +112,7 @@ class _Choices:
                  max_tokens: int | None, arrival: float) -> None:
         sampling = body.sampling(model.runtime.default_sampling(), max_tokens)
         seed = sampling.get("seed")
+        priority = body.priority_or_default(model.config.scheduler.priority)
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.requests = []
         for p_index, prompt in enumerate(prompts):
@@ -148,7 +121,7 @@ class _Choices:
                 choice_sampling = dict(sampling, seed=seed + i) if seed is not None and body.n > 1 else sampling
                 request_id = response_id if len(prompts) * body.n == 1 else f"{response_id}-{index}"
                 self.requests.append(
-                    GenerationRequest(request_id, tuple(prompt), choice_sampling, _priority(model, body), arrival)
+                    GenerationRequest(request_id, tuple(prompt), choice_sampling, priority, arrival)
                 )
         self.model = model
 
@@ -195,19 +168,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         response_id = new_request_id("cmpl")
         choices = _Choices(model, response_id, _completion_prompts(model, body.prompt), body, body.max_tokens, arrival)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
-        stream = await started(request, choices.stream())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _completion_events(envelope, stream, choices.prompt_tokens, include_usage),
-                media_type="text/event-stream", headers=SSE_HEADERS,
-            )
-        texts, finish, n_completion = await unless_disconnected(request, _collect(stream, len(choices.requests)))
-        result = dict(envelope, choices=[
-            {"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i][0], "stop_reason": finish[i][1]}
-            for i in range(len(texts))
-        ], usage=_usage(choices.prompt_tokens, n_completion))
-        return JSONResponse(result)
+        return await _respond(request, body, choices, envelope, _COMPLETION)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -223,22 +184,46 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival)
         envelope = {"id": response_id, "created": int(time.time()), "model": model.name}
-        stream = await started(request, choices.stream())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _chat_events(envelope, stream, body.n, choices.prompt_tokens, include_usage),
-                media_type="text/event-stream", headers=SSE_HEADERS,
-            )
-        texts, finish, n_completion = await unless_disconnected(request, _collect(stream, body.n))
-        result = dict(envelope, object="chat.completion", choices=[
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-             "finish_reason": finish[i][0], "stop_reason": finish[i][1]}
-            for i in range(body.n)
-        ], usage=_usage(choices.prompt_tokens, n_completion))
-        return JSONResponse(result)
+        return await _respond(request, body, choices, envelope, _CHAT)
 
     return router
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint lays out a choice's text: completions and chat differ only here."""
+
+    response_object: str
+    chunk_object: str
+    full: Callable[[str], dict[str, Any]]  # the whole text of a finished choice
+    delta: Callable[[str], dict[str, Any]]  # one streamed piece
+    stream_preamble: dict[str, Any] | None = None  # sent once per choice before any token
+
+
+_COMPLETION = _Shape("text_completion", "text_completion", lambda t: {"text": t}, lambda t: {"text": t})
+_CHAT = _Shape(
+    "chat.completion", "chat.completion.chunk",
+    full=lambda t: {"message": {"role": "assistant", "content": t}},
+    delta=lambda t: {"delta": {"content": t} if t else {}},
+    stream_preamble={"delta": {"role": "assistant", "content": ""}},
+)
+
+
+async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, envelope: dict[str, Any],
+                   shape: _Shape):
+    stream = await started(request, choices.stream())
+    n_choices = len(choices.requests)
+    if body.stream:
+        events = _events(dict(envelope, object=shape.chunk_object), stream, shape, n_choices,
+                         choices.prompt_tokens, body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    texts, finish, n_completion = await unless_disconnected(request, _collect(stream, n_choices))
+    result = dict(envelope, object=shape.response_object, choices=[
+        {"index": i, **shape.full(texts[i]), "logprobs": None, "finish_reason": finish[i][0],
+         "stop_reason": finish[i][1]}
+        for i in range(n_choices)
+    ], usage=_usage(choices.prompt_tokens, n_completion))
+    return JSONResponse(result)
 
 
 async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -> tuple[list[str], list[tuple], int]:
@@ -253,49 +238,25 @@ async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -
     return ["".join(p) for p in parts], finish, n_tokens
 
 
-def _error_event(exc: Exception) -> str:
-    err = as_api_error(exc)
-    return _sse({"error": {"message": err.message, "type": "InternalServerError", "code": err.status}})
-
-
-async def _completion_events(envelope: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]],
-                             n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]], shape: _Shape,
+                  n_choices: int, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+    if shape.stream_preamble is not None:
+        for index in range(n_choices):
+            choice = {"index": index, **shape.stream_preamble, "logprobs": None, "finish_reason": None}
+            yield _sse(dict(chunk, choices=[choice]))
     n_tokens = 0
     try:
         async for index, delta in stream:
             if not delta.token_ids and not delta.finished:
                 continue  # a prefill chunk: nothing to tell the client yet
             n_tokens += len(delta.token_ids)
-            choice = {"index": index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
-            if delta.finished:
-                choice["stop_reason"] = delta.stop_reason
-            yield _sse(dict(envelope, choices=[choice]))
-    except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
-        yield _error_event(exc)
-    if include_usage:
-        yield _sse(dict(envelope, choices=[], usage=_usage(n_prompt, n_tokens)))
-    yield "data: [DONE]\n\n"
-
-
-async def _chat_events(envelope: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]], n: int,
-                       n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
-    chunk = dict(envelope, object="chat.completion.chunk")
-    for index in range(n):
-        yield _sse(dict(chunk, choices=[{"index": index, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]))
-    n_tokens = 0
-    try:
-        async for index, delta in stream:
-            if not delta.token_ids and not delta.finished:
-                continue  # a prefill chunk: nothing to tell the client yet
-            n_tokens += len(delta.token_ids)
-            choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
-                      "logprobs": None, "finish_reason": delta.finish_reason}
+            choice = {"index": index, **shape.delta(delta.text), "logprobs": None, "finish_reason": delta.finish_reason}
             if delta.finished:
                 choice["stop_reason"] = delta.stop_reason
             yield _sse(dict(chunk, choices=[choice]))
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
-        yield _error_event(exc)
+        err = as_api_error(exc)
+        yield _sse({"error": {"message": err.message, "type": "InternalServerError", "code": err.status}})
     if include_usage:
         yield _sse(dict(chunk, choices=[], usage=_usage(n_prompt, n_tokens)))
     yield "data: [DONE]\n\n"
