@@ -6,6 +6,7 @@
       model: weights                 # a folder (relative to the model folder) or a hub id
     resources:                       # what each instance gets
       cpu_kv_cache_gib: 0.5          # CPU engines: KV-cache space
+      cpu_threads: 1                 # CPU engines: compute threads (default: cores - 1)
       gpu_memory_utilization: 0.4    # GPU engines: share of the GPU's memory
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
@@ -73,6 +74,9 @@ class SchedulerSettings(_Strict):
 
 class ResourceSettings(_Strict):
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    # CPU engines: compute threads per instance; default: all usable cores but one, left to the
+    # engine's scheduler and the HTTP server. Set it when several instances share a host.
+    cpu_threads: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
 
 

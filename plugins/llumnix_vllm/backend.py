@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 SCHEDULER_CLS = "llumnix_vllm.engine_scheduler.LlumnixScheduler"
+WORKER_EXTENSION_CLS = "llumnix_vllm.worker_extension.LlumnixWorkerExtension"
 ENGINE_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
 # Engine arguments the backend owns; each maps to where the config sets it instead.
 RESERVED_ENGINE_ARGS = {
     "scheduler_cls": "it is always Llumnix's scheduler",
+    "worker_extension_cls": "it is always Llumnix's worker extension",
     "kv_cache_memory_bytes": "set resources.cpu_kv_cache_gib instead",
     "gpu_memory_utilization": "set resources.gpu_memory_utilization instead",
     "disable_log_stats": "the server collects its own metrics",
@@ -89,6 +91,7 @@ class VllmBackend(Backend):
             raise ConfigError(config_file, "engine.model", "missing: a model folder or hub id")
         args.setdefault("scheduling_policy", "priority")
         args["scheduler_cls"] = SCHEDULER_CLS
+        args["worker_extension_cls"] = WORKER_EXTENSION_CLS
         resources = config.resources
         if current_platform.is_cpu():
             args["kv_cache_memory_bytes"] = int(resources.cpu_kv_cache_gib * GIB)
@@ -111,12 +114,17 @@ class VllmBackend(Backend):
             tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(config_file, "engine.tokenizer", f"cannot load the tokenizer: {exc}") from None
-        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer)
+        cpu_threads = None
+        if current_platform.is_cpu():
+            cpu_threads = config.resources.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads)
 
 
 class VllmModelRuntime(ModelRuntime):
-    def __init__(self, name: str, engine_args: AsyncEngineArgs, vllm_config: Any, tokenizer: Any) -> None:
+    def __init__(self, name: str, engine_args: AsyncEngineArgs, vllm_config: Any, tokenizer: Any,
+                 cpu_threads: int | None) -> None:
         self._name = name
+        self._cpu_threads = cpu_threads
         self._engine_args = engine_args
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
@@ -155,7 +163,7 @@ class VllmModelRuntime(ModelRuntime):
         return dict(self._default_sampling)
 
     def create_instance(self, instance_id: str) -> EngineInstance:
-        return VllmInstance(instance_id, self._engine_args)
+        return VllmInstance(instance_id, self._engine_args, self._cpu_threads)
 
     def describe(self) -> dict[str, Any]:
         model_config = self._vllm_config.model_config
@@ -168,4 +176,5 @@ class VllmModelRuntime(ModelRuntime):
             "enable_prefix_caching": cache_config.enable_prefix_caching,
             "scheduling_policy": self._vllm_config.scheduler_config.policy,
             "device": "cpu" if current_platform.is_cpu() else current_platform.device_name,
+            "cpu_threads": self._cpu_threads,
         }

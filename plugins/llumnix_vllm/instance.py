@@ -50,9 +50,10 @@ class _RequestTimingOnly(StatLoggerBase):
 
 
 class VllmInstance(EngineInstance):
-    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs) -> None:
+    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs, cpu_threads: int | None = None) -> None:
         self.instance_id = instance_id
         self._engine_args = engine_args
+        self._cpu_threads = cpu_threads
         self._engine: AsyncLLM | None = None
         self._subscriber: SnapshotSubscriber | None = None
         self._snapshot: InstanceSnapshot | None = None
@@ -71,6 +72,8 @@ class VllmInstance(EngineInstance):
         try:
             self._engine = await asyncio.shield(building)
             await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
+            if self._cpu_threads is not None:
+                await self._engine.collective_rpc("llumnix_set_cpu_threads", args=(self._cpu_threads,))
         except BaseException:
             # A start cannot be interrupted inside vLLM: if cancelled, let it finish, then stop
             # the engine, so that no engine process outlives a cancelled start.
@@ -140,7 +143,6 @@ class VllmInstance(EngineInstance):
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                     queue_time=queue_time,
-                    num_cached_tokens=output.num_cached_tokens,
                 )
         except Exception as exc:
             if engine.errored:
