@@ -1,9 +1,10 @@
 """The scheduler vLLM runs inside each engine process (`SchedulerConfig.scheduler_cls`).
 
 It is vLLM's own scheduler plus a load reporter: after every change of state (a request added,
-an engine step, an abort) it publishes an `InstanceSnapshot` to the front end, and a heartbeat
-re-sends the latest one while the engine idles, so the front end always holds a fresh view
-without ever asking the engine (and waiting on it).
+finished, aborted or preempted; decode progress at most every 10 ms) it publishes an
+`InstanceSnapshot` to the front end, and a heartbeat re-sends the latest one while the engine
+idles, so the front end always holds a fresh view without ever asking the engine (and waiting
+on it).
 
 It also ends the engine process if the server that started it disappears without shutting it
 down (killed with SIGKILL, say), so no engine outlives its server.
@@ -27,6 +28,7 @@ from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapsho
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.05
+STEP_REPORT_INTERVAL_S = 0.01
 # vLLM appends "-" and 8 random characters to the id the front end gave a request.
 _INTERNAL_ID_SUFFIX_LEN = 9
 
@@ -43,6 +45,8 @@ class LlumnixScheduler(Scheduler):
         self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
         self._sequence = 0
         self._num_preemptions = 0
+        self._reported_shape: tuple[int, int, int] | None = None
+        self._reported_at = 0.0
         self._block_pool = self.kv_cache_manager.block_pool
         # The null block is never handed out, so it counts neither as capacity nor as usage.
         self._total_blocks = self._block_pool.num_gpu_blocks - 1
@@ -63,7 +67,12 @@ class LlumnixScheduler(Scheduler):
 
     def update_from_output(self, *args: Any, **kwargs: Any):
         result = super().update_from_output(*args, **kwargs)
-        self._publish()
+        # A decode step that only grew the running requests by a token each changes little:
+        # report it at most every STEP_REPORT_INTERVAL_S. Any change of who runs or waits (a
+        # request finished, admitted or preempted) is reported at once.
+        shape = (len(self.running), len(self.waiting), self._num_preemptions)
+        if shape != self._reported_shape or time.monotonic() - self._reported_at >= STEP_REPORT_INTERVAL_S:
+            self._publish()
         return result
 
     def _preempt_request(self, *args: Any, **kwargs: Any):
@@ -115,6 +124,8 @@ class LlumnixScheduler(Scheduler):
         )
 
     def _publish(self) -> None:
+        self._reported_shape = (len(self.running), len(self.waiting), self._num_preemptions)
+        self._reported_at = time.monotonic()
         # A reporting failure must never take the engine down; the front end sees a stale
         # snapshot and treats the instance accordingly.
         try:
