@@ -64,15 +64,16 @@ BADLY_NAMED = "has space"
 @pytest.fixture(scope="session")
 def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
     """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config);
-    `beta`: 1 instance (queue dispatch); `gamma`: 1 instance running at most 2 requests at a
-    time; and one folder per way a config can be broken."""
+    `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; and one folder
+    per way a config can be broken."""
     repository = tmp_path_factory.mktemp("repository")
     alpha = write_model(repository, "alpha", tiny_config("weights", instances=2))
     (alpha / "weights").symlink_to(tiny_model)
-    write_model(repository, "beta", tiny_config(str(tiny_model), dispatch="queue", max_model_len=2048))
-    gamma = tiny_config(str(tiny_model), dispatch="round_robin")
-    gamma["engine"]["max_num_seqs"] = 2  # saturates quickly: queued requests wait their turn
-    write_model(repository, "gamma", gamma)
+    beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)
+    # At most 2 requests run at once, so the tests can make requests queue; and a long context,
+    # so a request can stay in the engine for seconds however fast the tiny model decodes.
+    beta["engine"]["max_num_seqs"] = 2
+    write_model(repository, "beta", beta)
     for name, (text, _) in BROKEN_MODELS.items():
         write_model(repository, name, text.replace("MODEL", str(tiny_model)))
     write_model(repository, BADLY_NAMED, tiny_config(str(tiny_model)))
