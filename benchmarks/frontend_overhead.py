@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import yaml
 
 from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
@@ -38,9 +39,11 @@ MODEL_NAME = "bench"
 ENGINE = {"max_model_len": 2048, "enforce_eager": True}
 KV_CACHE_GIB = 0.5
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
-# Both servers run their engines with the same environment: the thread binding llumnix-serve
-# uses on small CPU hosts (vLLM's default, auto, pins every engine to the same cores).
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
+# Both servers run their engines with the same environment, so only the front ends differ:
+# no thread binding (vLLM's default, auto, pins every engine to the same cores) and one compute
+# thread per engine (llumnix-serve's default on this 2-core host is cores - 1 = 1; vLLM
+# otherwise takes every core and starves its own front end, see docs/performance.md).
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
 def vllm_server(model_dir: Path, log: Path) -> ServerProcess:
@@ -129,10 +132,27 @@ def start(name: str, launch: Callable[[], ServerProcess]) -> ServerProcess:
     return server
 
 
+def cpu_seconds(server: ServerProcess) -> tuple[float, float]:
+    """CPU time used so far by the server's own process (the HTTP front end, which hosts
+    AsyncLLM's input and output processing in both servers) and by its engine processes."""
+    front = psutil.Process(server.process.pid)
+    engine = 0.0
+    for child in front.children(recursive=True):
+        try:
+            times = child.cpu_times()
+            engine += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    times = front.cpu_times()
+    return times.user + times.system, engine
+
+
 def measure(launchers: dict[str, Callable[[], ServerProcess]], prompts, latency_prompts, args) -> dict:
     """Each round starts each server afresh and measures it alone: on two cores, an idle engine
     beside the one measured (vLLM's idle workers poll) would tilt the comparison."""
-    results: dict[str, dict[str, list[WorkloadResult]]] = {n: {"throughput": [], "latency": []} for n in launchers}
+    results: dict[str, dict[str, list]] = {
+        n: {"throughput": [], "latency": [], "cpu_ms_per_1k_tokens": []} for n in launchers
+    }
     for round_index in range(args.rounds):
         order = list(launchers) if round_index % 2 == 0 else list(reversed(launchers))
         for name in order:
@@ -140,8 +160,12 @@ def measure(launchers: dict[str, Callable[[], ServerProcess]], prompts, latency_
             try:
                 # Warm up: first requests pay one-off costs (allocations, caches).
                 asyncio.run(run_workload(server.url, MODEL_NAME, prompts[:8], 16, 8))
-                results[name]["throughput"].append(
-                    asyncio.run(run_workload(server.url, MODEL_NAME, prompts, args.output_tokens, args.concurrency)))
+                cpu_before = cpu_seconds(server)
+                run = asyncio.run(run_workload(server.url, MODEL_NAME, prompts, args.output_tokens, args.concurrency))
+                results[name]["throughput"].append(run)
+                front, engine = (after - before for after, before in zip(cpu_seconds(server), cpu_before))
+                per_1k = 1000 / max(1, run.output_tokens)
+                results[name]["cpu_ms_per_1k_tokens"].append((front * 1000 * per_1k, engine * 1000 * per_1k))
                 results[name]["latency"].append(
                     asyncio.run(run_workload(server.url, MODEL_NAME, latency_prompts, 16, 1)))
             finally:
@@ -157,7 +181,14 @@ def paired_ratios(results, phase: str, metric) -> list[float]:
 
 
 def build_report(results, args) -> dict:
-    summary = {name: {phase: summarize(runs) for phase, runs in phases.items()} for name, phases in results.items()}
+    summary = {
+        name: {phase: summarize(phases[phase]) for phase in ("throughput", "latency")}
+        | {"cpu_ms_per_1k_tokens": {
+            "front_end": statistics.median(f for f, _ in phases["cpu_ms_per_1k_tokens"]),
+            "engine": statistics.median(e for _, e in phases["cpu_ms_per_1k_tokens"]),
+        }}
+        for name, phases in results.items()
+    }
     per_round = {
         name: [round(run.output_tokens / run.wall_time, 1) for run in phases["throughput"]]
         for name, phases in results.items()
@@ -171,6 +202,8 @@ def build_report(results, args) -> dict:
         "ttft_p50_delta_ms": llx["latency"]["ttft_p50_ms"] - v["latency"]["ttft_p50_ms"],
         "ttft_p99_delta_ms": llx["latency"]["ttft_p99_ms"] - v["latency"]["ttft_p99_ms"],
         "loaded_ttft_p50_delta_ms": llx["throughput"]["ttft_p50_ms"] - v["throughput"]["ttft_p50_ms"],
+        "front_end_cpu_ratio": llx["cpu_ms_per_1k_tokens"]["front_end"] / v["cpu_ms_per_1k_tokens"]["front_end"],
+        "engine_cpu_ratio": llx["cpu_ms_per_1k_tokens"]["engine"] / v["cpu_ms_per_1k_tokens"]["engine"],
     }
     return {
         "benchmark": "frontend_overhead",
@@ -199,11 +232,16 @@ def report_table(report: dict) -> str:
                          f"{r['ttft_p99_ms']:.1f}", f"{r['tpot_p50_ms']:.2f}", str(r["requests"]), str(r["errors"])])
     header = ["workload", "server", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "requests", "errors"]
     table = markdown_table(header, rows)
+    cpu_rows = [[name, f"{report['results'][name]['cpu_ms_per_1k_tokens']['front_end']:.0f}",
+                 f"{report['results'][name]['cpu_ms_per_1k_tokens']['engine']:.0f}"] for name in ("vllm", "llumnix")]
+    table += "\n\nCPU time per 1,000 output tokens (throughput workload, median of rounds):\n\n"
+    table += markdown_table(["server", "front-end process ms", "engine processes ms"], cpu_rows)
     c = report["comparison"]
     return (f"{table}\n\nthroughput llumnix/vllm: median of paired rounds {c['throughput_ratio_median']:.3f} "
             f"(rounds: {', '.join(f'{r:.3f}' for r in c['throughput_ratio_per_round'])}); "
             f"TTFT p50 delta (sequential): {c['ttft_p50_delta_ms']:+.1f} ms, p99 delta: {c['ttft_p99_delta_ms']:+.1f} ms; "
-            f"TTFT p50 delta under load: {c['loaded_ttft_p50_delta_ms']:+.1f} ms")
+            f"TTFT p50 delta under load: {c['loaded_ttft_p50_delta_ms']:+.1f} ms; "
+            f"CPU per token llumnix/vllm: front end {c['front_end_cpu_ratio']:.2f}, engine {c['engine_cpu_ratio']:.2f}")
 
 
 def write_docs(report: dict, out: Path) -> None:
