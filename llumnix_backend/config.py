@@ -11,6 +11,7 @@
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
+      migration: {max_stages: 3, final_stage_blocks: 2, stage_timeout_s: 30}
 
 Every error names the file and the field (`ConfigError`); unknown keys are errors.
 """
@@ -67,9 +68,21 @@ class PrioritySettings(_Strict):
         return self
 
 
+class MigrationSettings(_Strict):
+    """Live migration of running requests between a model's instances."""
+
+    # Copies made while the request keeps decoding, before the final one (Llumnix: 3).
+    max_stages: int = Field(default=3, ge=0, le=16)
+    # Go to the final stage once at most this many KV blocks are left to copy.
+    final_stage_blocks: int = Field(default=2, ge=0)
+    # Any stage (a copy, the destination's admission) taking longer aborts the migration.
+    stage_timeout_s: float = Field(default=30.0, gt=0)
+
+
 class SchedulerSettings(_Strict):
     dispatch_policy: DispatchPolicyName = DispatchPolicyName.LLUMNIX
     priority: PrioritySettings = PrioritySettings()
+    migration: MigrationSettings = MigrationSettings()
 
 
 class ResourceSettings(_Strict):

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llumnix_backend.snapshot import InstanceSnapshot
+
+if TYPE_CHECKING:
+    from llumnix_backend.migration import MigrationReport
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
@@ -65,10 +69,48 @@ class ServerMetrics:
             "llumnix:dispatch_decisions", "Requests dispatched to an instance, by policy.",
             (*MODEL_INSTANCE, "policy"), registry=r,
         )
+        pair = ("model_name", "source", "destination")
+        self.migrations_started = Counter(
+            "llumnix:migrations_started", "Live migrations started, per instance pair.", pair, registry=r,
+        )
+        self.migrations_committed = Counter(
+            "llumnix:migrations_committed", "Live migrations whose destination took the request over.", pair, registry=r,
+        )
+        self.migrations_aborted = Counter(
+            "llumnix:migrations_aborted", "Live migrations abandoned before the switch, by reason.",
+            (*pair, "reason"), registry=r,
+        )
+        self.migration_downtime = Histogram(
+            "llumnix:migration_downtime_seconds", "Pause of the request's stream at the switch.",
+            pair, buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.migration_duration = Histogram(
+            "llumnix:migration_duration_seconds", "Whole migration, first copy to switch.",
+            pair, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.migration_blocks = Counter("llumnix:migration_blocks", "KV blocks copied by migrations.", pair, registry=r)
+        self.migration_bytes = Counter("llumnix:migration_bytes", "KV bytes copied by migrations.", pair, registry=r)
         r.register(_InstanceCollector(instance_reports, states))
+
+    def record_migration(self, model: str, report: MigrationReport) -> None:
+        pair = (model, report.source, report.destination)
+        self.migration_duration.labels(*pair).observe(report.duration_s)
+        self.migration_blocks.labels(*pair).inc(report.blocks)
+        self.migration_bytes.labels(*pair).inc(report.bytes)
+        if report.committed:
+            self.migrations_committed.labels(*pair).inc()
+            if report.downtime_s is not None:
+                self.migration_downtime.labels(*pair).observe(report.downtime_s)
+        else:
+            self.migrations_aborted.labels(*pair, _reason_label(report.reason)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded label for an abort reason: its words before any detail."""
+    return reason.split(":", 1)[0][:60] or "unknown"
 
 
 class _InstanceCollector:

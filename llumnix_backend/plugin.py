@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -34,6 +35,22 @@ class EngineDead(RuntimeError):
     """The engine behind an instance stopped working; its requests cannot continue there."""
 
 
+@dataclass(frozen=True)
+class KvExport:
+    """What an engine reports after copying a request's KV blocks into a transfer."""
+
+    token_ids: tuple[int, ...]  # prompt + generated so far; all but the last have KV
+    blocks: int  # block positions of the request the transfer now holds (from 0)
+
+
+class KvTransfer(abc.ABC):
+    """Where one migration's KV blocks travel from source to destination (shared memory on
+    one host, say). The front end creates it and closes it once the migration has ended."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
 class EngineInstance(abc.ABC):
     """One engine (its own OS process) serving one model."""
 
@@ -47,6 +64,14 @@ class EngineInstance(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the request's output. Closing the iterator early aborts the request in the
         engine (its KV blocks are freed)."""
+
+    @abc.abstractmethod
+    async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
+                        include_partial: bool) -> KvExport | None:
+        """Between two engine steps, copy the KV blocks of a decoding request from position
+        `first_block` on into `transfer`: its full blocks, and with `include_partial` also the
+        last one still being written. None if the request is not decoding here (finished,
+        preempted, still in prefill). The request keeps running."""
 
     @property
     @abc.abstractmethod
@@ -89,6 +114,16 @@ class ModelRuntime(abc.ABC):
 
     @abc.abstractmethod
     def create_instance(self, instance_id: str) -> EngineInstance: ...
+
+    @abc.abstractmethod
+    def create_transfer(self, capacity_blocks: int, block_bytes: int) -> KvTransfer:
+        """A transfer for one migration between two instances of this model."""
+
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether instances keep finished requests' full blocks in a prefix cache, so that a
+        migration can hand full blocks over stage by stage ahead of the final switch."""
+        return False
 
     def describe(self) -> dict[str, Any]:
         """Engine settings worth showing in the model's config endpoint."""

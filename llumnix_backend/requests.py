@@ -27,6 +27,9 @@ class GenerationRequest:
     sampling: Mapping[str, Any] = field(default_factory=dict)
     priority: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the server received it
+    # A migrated request's KV cache, as the backend handed it over (a `KvTransfer`): all of
+    # `prompt_token_ids` but the last token have their KV there, so the engine skips them.
+    kv_transfer: Any = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -43,6 +46,8 @@ class GenerationDelta:
     stop_reason: int | str | None = None
     # Seconds the request waited in the engine's queue, on its last delta if the backend knows.
     queue_time: float | None = None
+    # Prompt tokens whose KV the engine did not compute (prefix cache, migrated KV), if known.
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from llumnix_backend.config import ModelConfig
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
+from llumnix_backend.migration import MigrationRejected, MigrationReport, RequestStream, migrate_request, relay
 from llumnix_backend.plugin import EngineDead, EngineInstance, InstanceState, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
@@ -71,6 +72,8 @@ class ServedModel:
         self._instances: dict[str, _Instance] = {}
         self._next_index = 0
         self._last_choice: str | None = None
+        self._streams: dict[str, RequestStream] = {}  # running requests, by id
+        self._migrating: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -186,15 +189,14 @@ class ServedModel:
         except (RequestError, NoInstanceAvailable):
             self._metrics.requests.labels(self.name, "none", "rejected").inc()
             raise
-        slot = self._instances[instance_id]
-        block_size = (slot.engine.latest_snapshot or InstanceSnapshot(0, 0, DEFAULT_BLOCK_SIZE)).block_size
         n_prompt = len(request.prompt_token_ids)
-        slot.in_flight[request.request_id] = RequestLoad(
-            request.request_id, request.priority, n_prompt, 0, blocks_for(n_prompt, block_size)
-        )
+        self._track_in_flight(request, instance_id)
+        stream = RequestStream(request, instance_id)
+        self._streams[request.request_id] = stream
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
+        source = self._instances[instance_id].engine.generate(request)
         try:
-            async for delta in slot.engine.generate(request):
+            async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
                 tracker.observe(delta)
                 yield delta
         except EngineDead:
@@ -204,8 +206,64 @@ class ServedModel:
             tracker.outcome = "aborted" if tracker.outcome is None else tracker.outcome
             raise
         finally:
-            slot.in_flight.pop(request.request_id, None)
+            del self._streams[request.request_id]
+            self._instances[stream.instance_id].in_flight.pop(request.request_id, None)
             tracker.finish()
+
+    def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
+        """Count the request against the instance until it shows in the instance's snapshots."""
+        slot = self._instances[instance_id]
+        block_size = (slot.engine.latest_snapshot or InstanceSnapshot(0, 0, DEFAULT_BLOCK_SIZE)).block_size
+        n_tokens = len(request.prompt_token_ids)
+        slot.in_flight[request.request_id] = RequestLoad(
+            request.request_id, request.priority, n_tokens, 0, blocks_for(n_tokens, block_size)
+        )
+
+    def _moved(self, request: GenerationRequest, old: str, new: str) -> None:
+        self._instances[old].in_flight.pop(request.request_id, None)
+        self._track_in_flight(request, new)
+
+    # --- migration ----------------------------------------------------------------------------
+
+    async def migrate(self, request_id: str, destination_id: str) -> MigrationReport:
+        """Move a running request to another instance while it decodes (Llumnix live migration).
+
+        Raises `MigrationRejected` (nothing moved) for an unknown request or destination, the
+        request's own instance, a destination that takes no work or lacks room, or a request
+        already migrating. Otherwise returns the report: committed, or aborted with the reason
+        (the request then goes on on its source).
+        """
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise MigrationRejected(404, f"no running request {request_id!r} in model {self.name!r}")
+        if stream.handover is not None or request_id in self._migrating:
+            raise MigrationRejected(409, f"request {request_id!r} is already migrating")
+        if destination_id not in self._instances:
+            raise MigrationRejected(404, f"model {self.name!r} has no instance {destination_id!r}")
+        if destination_id == stream.instance_id:
+            raise MigrationRejected(400, f"request {request_id!r} already runs on instance {destination_id!r}")
+        destination = self._instances[destination_id]
+        view = destination.view(destination_id)
+        if view is None or not view.accepting:
+            raise MigrationRejected(400, f"instance {destination_id!r} does not accept requests now")
+        snapshot = view.snapshot
+        needed = blocks_for(len(stream.request.prompt_token_ids) + len(stream.generated) + 1, snapshot.block_size)
+        if needed > snapshot.free_blocks - sum(r.demand_blocks for r in snapshot.waiting):
+            raise MigrationRejected(
+                400, f"instance {destination_id!r} has no room: the request needs {needed} KV blocks, "
+                     f"{snapshot.free_blocks} are free")
+        source_id = stream.instance_id
+        self._migrating.add(request_id)
+        self._metrics.migrations_started.labels(self.name, source_id, destination_id).inc()
+        try:
+            report = await migrate_request(
+                stream, self._instances[source_id].engine, destination.engine, self.runtime,
+                self.config.scheduler.migration, snapshot.block_size, snapshot.block_bytes,
+            )
+        finally:
+            self._migrating.discard(request_id)
+        self._metrics.record_migration(self.name, report)
+        return report
 
 
 class _RequestTracker:

@@ -31,6 +31,7 @@ class InstanceSnapshot:
     total_blocks: int
     used_blocks: int
     block_size: int
+    block_bytes: int = 0  # KV bytes of one block, all layers together
     running: tuple[RequestLoad, ...] = ()
     waiting: tuple[RequestLoad, ...] = ()  # in the order the engine will admit them
     num_preemptions: int = 0  # cumulative since the instance started
@@ -58,6 +59,7 @@ class InstanceSnapshot:
             total_blocks=self.total_blocks,
             used_blocks=self.used_blocks,
             block_size=self.block_size,
+            block_bytes=self.block_bytes,
             running=self.running,
             waiting=self.waiting + pending,
             num_preemptions=self.num_preemptions,

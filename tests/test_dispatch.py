@@ -22,7 +22,7 @@ def request(i: int, blocks: int, priority: int = 0, demand: int = 0) -> RequestL
 
 def view(instance_id: str, total: int, running=(), waiting=(), used: int | None = None, **kw) -> InstanceView:
     used = sum(r.num_blocks for r in running) if used is None else used
-    snap = InstanceSnapshot(total, used, BLOCK, tuple(running), tuple(waiting))
+    snap = InstanceSnapshot(total, used, BLOCK, running=tuple(running), waiting=tuple(waiting))
     return InstanceView(instance_id, snap, **kw)
 
 

@@ -20,9 +20,9 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 
 from llumnix_backend.config import ConfigError, ModelConfig
-from llumnix_backend.plugin import Backend, EngineInstance, ModelRuntime
+from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.requests import RequestError
-from llumnix_vllm.instance import VllmInstance
+from llumnix_vllm.instance import SharedMemoryTransfer, VllmInstance
 
 try:  # vLLM >= 0.12
     from vllm.tokenizers import cached_tokenizer_from_config
@@ -39,6 +39,7 @@ ENGINE_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs
 RESERVED_ENGINE_ARGS = {
     "scheduler_cls": "it is always Llumnix's scheduler",
     "worker_extension_cls": "it is always Llumnix's worker extension",
+    "kv_transfer_config": "Llumnix's migration connector moves KV between instances",
     "kv_cache_memory_bytes": "set resources.cpu_kv_cache_gib instead",
     "gpu_memory_utilization": "set resources.gpu_memory_utilization instead",
     "disable_log_stats": "the server collects its own metrics",
@@ -92,6 +93,14 @@ class VllmBackend(Backend):
         args.setdefault("scheduling_policy", "priority")
         args["scheduler_cls"] = SCHEDULER_CLS
         args["worker_extension_cls"] = WORKER_EXTENSION_CLS
+        args["kv_transfer_config"] = {
+            "kv_connector": "LlumnixMigrationConnector",
+            "kv_connector_module_path": "llumnix_vllm.migration_connector",
+            "kv_role": "kv_both",
+        }
+        if not current_platform.is_cpu():
+            # Migration copies a request's KV between steps: outputs must not run a step ahead.
+            args.setdefault("async_scheduling", False)
         resources = config.resources
         if current_platform.is_cpu():
             args["kv_cache_memory_bytes"] = int(resources.cpu_kv_cache_gib * GIB)
@@ -164,6 +173,13 @@ class VllmModelRuntime(ModelRuntime):
 
     def create_instance(self, instance_id: str) -> EngineInstance:
         return VllmInstance(instance_id, self._engine_args, self._cpu_threads)
+
+    def create_transfer(self, capacity_blocks: int, block_bytes: int) -> KvTransfer:
+        return SharedMemoryTransfer(capacity_blocks, block_bytes)
+
+    @property
+    def caches_prefixes(self) -> bool:
+        return bool(self._vllm_config.cache_config.enable_prefix_caching)
 
     def describe(self) -> dict[str, Any]:
         model_config = self._vllm_config.model_config

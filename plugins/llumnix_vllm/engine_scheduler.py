@@ -24,21 +24,12 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
+from llumnix_vllm.worker_extension import external_request_id
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.05
 STEP_REPORT_INTERVAL_S = 0.01
-# vLLM appends "-" and 8 random characters to the id the front end gave a request.
-_INTERNAL_ID_SUFFIX_LEN = 9
-
-
-def external_request_id(internal_id: str) -> str:
-    if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
-        return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
-    return internal_id
-
-
 class LlumnixScheduler(Scheduler):
     def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
@@ -50,6 +41,8 @@ class LlumnixScheduler(Scheduler):
         self._block_pool = self.kv_cache_manager.block_pool
         # The null block is never handed out, so it counts neither as capacity nor as usage.
         self._total_blocks = self._block_pool.num_gpu_blocks - 1
+        kv_config = self.kv_cache_config
+        self._block_bytes = sum(t.size for t in kv_config.kv_cache_tensors) // max(1, kv_config.num_blocks)
         self._heartbeat = _Heartbeat(self._publisher, server_pid(vllm_config.instance_id))
         self._publish()
 
@@ -116,6 +109,7 @@ class LlumnixScheduler(Scheduler):
             total_blocks=self._total_blocks,
             used_blocks=self._total_blocks - self._block_pool.get_num_free_blocks(),
             block_size=self.block_size,
+            block_bytes=self._block_bytes,
             running=running,
             waiting=waiting,
             num_preemptions=self._num_preemptions,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,9 +21,11 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from llumnix_backend.plugin import EngineDead, EngineInstance
+from llumnix_backend.plugin import EngineDead, EngineInstance, KvExport, KvTransfer
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot
+from llumnix_vllm.kv_transport import TransferSegment
+from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,14 @@ class _RequestTimingOnly(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+class SharedMemoryTransfer(KvTransfer):
+    def __init__(self, capacity_blocks: int, block_bytes: int) -> None:
+        self.segment = TransferSegment(capacity_blocks, block_bytes)
+
+    def close(self) -> None:
+        self.segment.close()
 
 
 class VllmInstance(EngineInstance):
@@ -123,11 +134,26 @@ class VllmInstance(EngineInstance):
 
     # --- requests -----------------------------------------------------------------------------
 
+    async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
+                        include_partial: bool) -> KvExport | None:
+        engine = self._engine
+        if engine is None or engine.errored:
+            raise EngineDead(f"instance {self.instance_id} is not running")
+        assert isinstance(transfer, SharedMemoryTransfer)
+        segment = dataclasses.asdict(transfer.segment.spec)
+        (result,) = await engine.collective_rpc(
+            "llumnix_export_kv", args=(request_id, first_block, segment, include_partial)
+        )
+        return None if result is None else KvExport(tuple(result["token_ids"]), result["blocks"])
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         engine = self._engine
         if engine is None or engine.errored:
             raise EngineDead(f"instance {self.instance_id} is not running")
-        params = SamplingParams(**request.sampling, output_kind=RequestOutputKind.DELTA)
+        extra_args = None
+        if request.kv_transfer is not None:
+            extra_args = {"kv_transfer_params": segment_params(request.kv_transfer.segment.spec)}
+        params = SamplingParams(**request.sampling, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         outputs = engine.generate(prompt, params, request.request_id, priority=request.priority)
         try:
@@ -143,6 +169,7 @@ class VllmInstance(EngineInstance):
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                     queue_time=queue_time,
+                    num_cached_tokens=output.num_cached_tokens,
                 )
         except Exception as exc:
             if engine.errored:

@@ -1,9 +1,23 @@
 """Methods Llumnix adds to vLLM's workers (`ParallelConfig.worker_extension_cls`), reached from
-the front end through `AsyncLLM.collective_rpc`."""
+the front end through `AsyncLLM.collective_rpc`. They run between engine steps, when no forward
+pass is touching the KV cache."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec
+
+# vLLM appends "-" and 8 random characters to the id the front end gave a request.
+_INTERNAL_ID_SUFFIX_LEN = 9
+
+
+def external_request_id(internal_id: str) -> str:
+    if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
+        return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
+    return internal_id
 
 
 class LlumnixWorkerExtension:
@@ -14,3 +28,37 @@ class LlumnixWorkerExtension:
         on small hosts. Returns the size now in effect."""
         torch._C.set_num_threads(num_threads)  # torch.set_num_threads itself is patched out
         return torch.get_num_threads()
+
+    def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
+                          include_partial: bool) -> dict[str, Any] | None:
+        """Copy a decoding request's KV blocks, from position `first_block` on, into `segment`.
+
+        Copies full blocks only, or also the last partial one with `include_partial`. Returns
+        the request's tokens (prompt + generated: all but the last have their KV copied) and
+        how many block positions the segment now holds; None if the request is not decoding
+        here now (finished, preempted, still in prefill).
+        """
+        spec = SegmentSpec(**segment)  # plain data on the wire
+        runner = self.model_runner
+        internal = next((r for r in runner.requests if external_request_id(r) == request_id), None)
+        # Only a request scheduled in the last step has its KV where its block table says.
+        if internal is None or internal not in runner.input_batch.req_id_to_index:
+            return None
+        state = runner.requests[internal]
+        if not state.output_token_ids:
+            return None
+        tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
+        with_kv = len(tokens) - 1  # the newest token is sampled but not yet computed
+        block_size = self.vllm_config.cache_config.block_size
+        end = -(-with_kv // block_size) if include_partial else with_kv // block_size
+        if end > spec.capacity_blocks:
+            raise ValueError(f"request {request_id} needs {end} blocks, the segment holds {spec.capacity_blocks}")
+        positions = list(range(first_block, end))
+        self._llumnix_block_io().save(spec, [state.block_ids[0][p] for p in positions], positions)
+        return {"token_ids": tokens, "blocks": end}
+
+    def _llumnix_block_io(self) -> KvBlockIO:
+        if getattr(self, "_llumnix_io", None) is None:
+            runner = self.model_runner
+            self._llumnix_io = KvBlockIO(runner.kv_caches, runner.kv_cache_config.num_blocks)
+        return self._llumnix_io

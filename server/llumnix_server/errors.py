@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llumnix_backend.dispatch import NoInstanceAvailable
+from llumnix_backend.migration import MigrationRejected
 from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
@@ -22,6 +23,7 @@ _OPENAI_TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowed",
+    409: "ConflictError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -62,6 +64,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(503, str(exc), "model")
     if isinstance(exc, NoInstanceAvailable):
         return ApiError(503, "no instance of the model is accepting requests", "model")
+    if isinstance(exc, MigrationRejected):
+        return ApiError(exc.status, str(exc))
     if isinstance(exc, EngineDead):
         return ApiError(500, f"the engine failed: {exc}")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -90,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, exc.status_code, str(exc.detail))
 
-    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead):
+    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, MigrationRejected):
 
         @app.exception_handler(kind)
         async def _mapped(request: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
 
@@ -43,4 +44,19 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
             ],
         }
 
+    @router.post("/v2/llumnix/models/{model_name}/migrate")
+    async def migrate(model_name: str, body: MigrateRequest) -> dict[str, Any]:
+        """Move a running request (the `id` its OpenAI or KServe response carries) to another
+        instance of its model, live. 4xx if it cannot start; otherwise the migration's report,
+        committed or aborted with the reason (then the request goes on where it was)."""
+        report = await registry.get(model_name).migrate(body.request_id, body.to)
+        return dataclasses.asdict(report)
+
     return router
+
+
+class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1)
+    to: str = Field(min_length=1, description="an instance id as /instances lists it")

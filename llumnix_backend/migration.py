@@ -1,0 +1,285 @@
+"""Live migration of a running request between two instances of a model (Llumnix, OSDI '24).
+
+While the request keeps decoding on the source, its full KV blocks are handed to the
+destination stage by stage (the destination keeps them in its prefix cache); once few are
+left, one last copy takes the rest between two engine steps, and the destination admits the
+request with every token it has so far, computing only the last one. The client's stream
+switches to the destination when the destination produces its first token: until then the
+source keeps generating, so a failure before that point leaves the request where it was.
+After the switch the destination owns the request and the source stops it.
+
+`migrate_request` drives the stages; `relay` is the request's own side: it delivers the
+stream and makes the switch, so no token is lost, repeated or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from llumnix_backend.config import MigrationSettings
+from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
+from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.snapshot import blocks_for
+
+
+class MigrationRejected(Exception):
+    """The migration cannot start; nothing was moved. `status` is the HTTP status to report."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MigrationAborted(Exception):
+    """The migration stopped before the switch; the request goes on on its source."""
+
+
+@dataclass
+class MigrationReport:
+    request_id: str
+    source: str
+    destination: str
+    committed: bool = False
+    reason: str = ""  # why it was aborted
+    stages: int = 0  # copies made while the request kept running (the final one not counted)
+    blocks: int = 0  # KV blocks copied, all stages
+    bytes: int = 0
+    recomputed_tokens: int | None = None  # tokens the destination computed again on admission
+    downtime_s: float | None = None  # the stream's pause at the switch, as the client sees it
+    duration_s: float = 0.0
+
+
+# How a switch ended, as the request's relay saw it.
+COMMITTED = "committed"
+SOURCE_FINISHED = "the request finished on the source"
+SOURCE_AHEAD = "the source's output ran past the copied state"
+CLIENT_GONE = "the client went away"
+
+
+def _future() -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class Handover:
+    """A pending switch of one request's stream to a destination.
+
+    The migration resolves `destination_ready` with the destination's first delta and its
+    stream (or an exception); the relay decides and resolves `outcome`.
+    """
+
+    destination_id: str
+    generated_at_copy: int  # generated tokens the final copy covers
+    destination_ready: asyncio.Future = field(default_factory=_future)
+    outcome: asyncio.Future = field(default_factory=_future)
+    held: list[GenerationDelta] = field(default_factory=list)  # source output past the copy
+    downtime_s: float | None = None
+    recomputed_tokens: int | None = None
+
+    def conclude(self, outcome: str) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+
+@dataclass
+class RequestStream:
+    """A request's stream as its relay delivers it, and where it currently runs."""
+
+    request: GenerationRequest
+    instance_id: str
+    generated: list[int] = field(default_factory=list)  # token ids delivered to the client
+    last_delivery: float = 0.0  # time.monotonic()
+    handover: Handover | None = None
+
+    def deliver(self, delta: GenerationDelta) -> GenerationDelta:
+        self.generated.extend(delta.token_ids)
+        self.last_delivery = time.monotonic()
+        return delta
+
+
+async def _stop(source: AsyncIterator[GenerationDelta], pending: asyncio.Future | None) -> None:
+    """Stop reading a stream; the backend aborts its request (frees its KV blocks)."""
+    if pending is not None:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+    await source.aclose()
+
+
+async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
+                on_switch=None) -> AsyncIterator[GenerationDelta]:
+    """Deliver the request's output from `source`, switching to a destination when a pending
+    handover's destination is ready. Source output up to the copied state is delivered while
+    the destination starts; output past it is held back, and dropped on a switch (the
+    destination produces those tokens again) or delivered if the switch is abandoned.
+    `on_switch(old_instance_id, new_instance_id)` runs when the destination takes over."""
+    pending: asyncio.Future | None = None  # a source read in flight during a handover
+    try:
+        while True:
+            handover = stream.handover
+            if handover is None:
+                delta = await (pending if pending is not None else anext(source, None))
+                pending = None
+            else:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(source, None))
+                await asyncio.wait({pending, handover.destination_ready}, return_when=asyncio.FIRST_COMPLETED)
+                if handover.destination_ready.done():
+                    stream.handover = None
+                    if handover.destination_ready.exception() is not None:
+                        for held in handover.held:  # the source simply goes on
+                            yield stream.deliver(held)
+                        continue
+                    first, destination = handover.destination_ready.result()
+                    await _stop(source, pending)
+                    source, pending = destination, None
+                    handover.downtime_s = time.monotonic() - stream.last_delivery
+                    if first.num_cached_tokens is not None:
+                        total = len(stream.request.prompt_token_ids) + len(stream.generated)
+                        handover.recomputed_tokens = total - first.num_cached_tokens
+                    old, stream.instance_id = stream.instance_id, handover.destination_id
+                    handover.conclude(COMMITTED)
+                    if on_switch is not None:
+                        on_switch(old, stream.instance_id)
+                    delta = first
+                else:
+                    delta, pending = pending.result(), None
+
+            # Route the delta under the handover pending now (one may have begun meanwhile).
+            handover = stream.handover
+            if handover is None:
+                if delta is None:
+                    return
+                yield stream.deliver(delta)
+                if delta.finished:
+                    return
+            elif delta is None or delta.finished:
+                handover.conclude(SOURCE_FINISHED)
+                stream.handover = None
+                for held in handover.held + ([delta] if delta else []):
+                    yield stream.deliver(held)
+                return
+            elif not handover.held and len(stream.generated) + len(delta.token_ids) <= handover.generated_at_copy:
+                yield stream.deliver(delta)  # produced before the copy: the destination goes on after it
+            elif not handover.held and len(stream.generated) < handover.generated_at_copy:
+                handover.conclude(SOURCE_AHEAD)  # it spans the copy point: its text cannot be split
+                stream.handover = None
+                yield stream.deliver(delta)
+            else:
+                handover.held.append(delta)
+    finally:
+        if stream.handover is not None:
+            stream.handover.conclude(CLIENT_GONE)
+        await _stop(source, pending)
+
+
+def _continuation(request: GenerationRequest, export: KvExport, transfer) -> GenerationRequest:
+    """The request as the destination takes it over: all tokens so far as its prompt, and the
+    sampling budget that is left."""
+    generated = len(export.token_ids) - len(request.prompt_token_ids)
+    sampling = dict(request.sampling)
+    if sampling.get("max_tokens") is not None:
+        sampling["max_tokens"] -= generated
+    if sampling.get("min_tokens"):
+        sampling["min_tokens"] = max(0, sampling["min_tokens"] - generated)
+    return dataclasses.replace(request, prompt_token_ids=export.token_ids, sampling=sampling, kv_transfer=transfer)
+
+
+async def migrate_request(
+    stream: RequestStream,
+    source: EngineInstance,
+    destination: EngineInstance,
+    runtime: ModelRuntime,
+    settings: MigrationSettings,
+    block_size: int,
+    block_bytes: int,
+) -> MigrationReport:
+    """Move a decoding request from `source` to `destination`; see the module docstring."""
+    request = stream.request
+    report = MigrationReport(request.request_id, stream.instance_id, destination.instance_id)
+    began = time.monotonic()
+    max_tokens = request.sampling.get("max_tokens") or runtime.max_model_len
+    capacity = blocks_for(min(runtime.max_model_len, len(request.prompt_token_ids) + max_tokens), block_size)
+    transfer = runtime.create_transfer(capacity, block_bytes)
+    sent = 0
+
+    async def export(include_partial: bool) -> KvExport:
+        nonlocal sent
+        result = await asyncio.wait_for(source.export_kv(request.request_id, transfer, sent, include_partial),
+                                        settings.stage_timeout_s)
+        if result is None:
+            raise MigrationAborted("the request is not decoding on the source")
+        report.blocks += result.blocks - sent
+        sent = result.blocks
+        return result
+
+    try:
+        if runtime.caches_prefixes:
+            for _ in range(settings.max_stages):
+                exported = await export(include_partial=False)
+                report.stages += 1
+                await _preload(destination, request, exported, block_size, transfer, settings)
+                left = blocks_for(len(exported.token_ids) - 1, block_size) - sent
+                if left <= settings.final_stage_blocks:
+                    break
+        final = await export(include_partial=True)
+        handover = Handover(destination.instance_id, len(final.token_ids) - len(request.prompt_token_ids))
+        stream.handover = handover
+        await _start_destination(destination, _continuation(request, final, transfer), handover, settings)
+        outcome = await handover.outcome
+        if outcome != COMMITTED:
+            raise MigrationAborted(outcome)
+        report.committed = True
+        report.downtime_s = handover.downtime_s
+        report.recomputed_tokens = handover.recomputed_tokens
+    except (MigrationAborted, asyncio.TimeoutError) as exc:
+        report.reason = str(exc) or "a stage timed out"
+    except Exception as exc:  # noqa: BLE001 - any failure before the switch only aborts it
+        report.reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        if stream.handover is not None and not stream.handover.destination_ready.done():
+            stream.handover.destination_ready.set_exception(MigrationAborted(report.reason))
+        transfer.close()
+        report.bytes = report.blocks * block_bytes
+        report.duration_s = time.monotonic() - began
+    return report
+
+
+async def _preload(destination: EngineInstance, request: GenerationRequest, exported: KvExport,
+                   block_size: int, transfer, settings: MigrationSettings) -> None:
+    """Have the destination take the full blocks copied so far into its prefix cache: a one-token
+    request whose prompt ends one token past them loads them all and computes only that token."""
+    length = (exported.blocks * block_size) + 1
+    if exported.blocks == 0 or length > len(exported.token_ids):
+        return
+    preload = GenerationRequest(
+        f"{request.request_id}-preload-{exported.blocks}", exported.token_ids[:length],
+        {"max_tokens": 1, "temperature": 0.0}, request.priority, kv_transfer=transfer,
+    )
+
+    async def run() -> None:
+        async for _ in destination.generate(preload):
+            pass
+
+    await asyncio.wait_for(run(), settings.stage_timeout_s)
+
+
+async def _start_destination(destination: EngineInstance, continuation: GenerationRequest, handover: Handover,
+                             settings: MigrationSettings) -> None:
+    """Admit the request on the destination and hand its first output to the relay. If the
+    relay does not take it (the request finished meanwhile), the destination request is closed."""
+    stream = destination.generate(continuation)
+    try:
+        first = await asyncio.wait_for(anext(stream), settings.stage_timeout_s)
+    except BaseException as exc:
+        await stream.aclose()
+        if not handover.destination_ready.done():
+            handover.destination_ready.set_exception(MigrationAborted(f"the destination failed: {exc!r}"))
+        raise MigrationAborted(f"the destination failed: {exc!r}") from exc
+    if handover.outcome.done():  # the relay already moved on (request finished, client gone)
+        await stream.aclose()
+        return
+    handover.destination_ready.set_result((first, stream))
