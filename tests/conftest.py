@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -41,6 +42,15 @@ def tiny_config(model: str, instances: int = 1, dispatch: str = "llumnix", max_m
     }
 
 
+def warm_up(server: ServerProcess, models: list[str]) -> None:
+    """One short request per instance: the first requests pay one-off costs that would
+    otherwise land in whichever test comes first."""
+    for model in models:
+        response = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
+                              json={"model": model, "prompt": "warm up", "max_tokens": 4})
+        assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_model(tmp_path_factory.mktemp("models") / "tiny-llama", TinyLlamaRecipe(seed=0))
@@ -63,11 +73,12 @@ BADLY_NAMED = "has space"
 
 @pytest.fixture(scope="session")
 def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
-    """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config);
+    """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config; the
+    migration tests move requests between them);
     `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; and one folder
     per way a config can be broken."""
     repository = tmp_path_factory.mktemp("repository")
-    alpha = write_model(repository, "alpha", tiny_config("weights", instances=2))
+    alpha = write_model(repository, "alpha", tiny_config("weights", instances=2, max_model_len=4096))
     (alpha / "weights").symlink_to(tiny_model)
     beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)
     # At most 2 requests run at once, so the tests can make requests queue; and a long context,
@@ -81,6 +92,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     server = llumnix_server(repository, repository.parent / "server.log", api_key=API_KEY).start()
     try:
         wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, ["alpha", "alpha", "beta"])
         yield server
     finally:
         server.stop()
