@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -44,6 +44,8 @@ class _SamplingRequest(SamplingFields):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     logprobs: Any = None
+    # vLLM's extension: each choice (each streamed chunk) also carries its token ids.
+    return_token_ids: bool = False
 
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         if self.logprobs not in (None, False):
@@ -215,31 +217,41 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
     n_choices = len(choices.requests)
     if body.stream:
         events = _events(dict(envelope, object=shape.chunk_object), stream, shape, n_choices,
-                         choices.prompt_tokens, body.include_usage)
+                         choices.prompt_tokens, body.include_usage, body.return_token_ids)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    texts, finish, n_completion = await unless_disconnected(request, _collect(stream, n_choices))
-    result = dict(envelope, object=shape.response_object, choices=[
-        {"index": i, **shape.full(texts[i]), "logprobs": None, "finish_reason": finish[i][0],
-         "stop_reason": finish[i][1]}
-        for i in range(n_choices)
-    ], usage=_usage(choices.prompt_tokens, n_completion))
-    return JSONResponse(result)
+    collected = await unless_disconnected(request, _collect(stream, n_choices))
+    result_choices = []
+    for i, choice in enumerate(collected):
+        result_choices.append({"index": i, **shape.full("".join(choice.texts)), "logprobs": None,
+                               "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+        if body.return_token_ids:
+            result_choices[-1]["token_ids"] = choice.token_ids
+    n_completion = sum(len(c.token_ids) for c in collected)
+    return JSONResponse(dict(envelope, object=shape.response_object, choices=result_choices,
+                             usage=_usage(choices.prompt_tokens, n_completion)))
 
 
-async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -> tuple[list[str], list[tuple], int]:
-    parts: list[list[str]] = [[] for _ in range(n)]
-    finish: list[tuple] = [(None, None)] * n
-    n_tokens = 0
+@dataclass
+class _CollectedChoice:
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -> list[_CollectedChoice]:
+    choices = [_CollectedChoice() for _ in range(n)]
     async for index, delta in stream:
-        parts[index].append(delta.text)
-        n_tokens += len(delta.token_ids)
+        choice = choices[index]
+        choice.texts.append(delta.text)
+        choice.token_ids.extend(delta.token_ids)
         if delta.finished:
-            finish[index] = (delta.finish_reason, delta.stop_reason)
-    return ["".join(p) for p in parts], finish, n_tokens
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+    return choices
 
 
 async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]], shape: _Shape,
-                  n_choices: int, n_prompt: int, include_usage: bool) -> AsyncIterator[str]:
+                  n_choices: int, n_prompt: int, include_usage: bool, token_ids: bool) -> AsyncIterator[str]:
     if shape.stream_preamble is not None:
         for index in range(n_choices):
             choice = {"index": index, **shape.stream_preamble, "logprobs": None, "finish_reason": None}
@@ -253,6 +265,8 @@ async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, Genera
             choice = {"index": index, **shape.delta(delta.text), "logprobs": None, "finish_reason": delta.finish_reason}
             if delta.finished:
                 choice["stop_reason"] = delta.stop_reason
+            if token_ids:
+                choice["token_ids"] = list(delta.token_ids)
             yield _sse(dict(chunk, choices=[choice]))
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
         err = as_api_error(exc)
