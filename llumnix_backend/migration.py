@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from llumnix_backend.config import MigrationSettings
 from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.snapshot import blocks_for
+from llumnix_backend.snapshot import InstanceView, blocks_for
 
 
 class MigrationRejected(Exception):
@@ -174,6 +174,25 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
         if stream.handover is not None:
             stream.handover.conclude(CLIENT_GONE)
         await _stop(source, pending)
+
+
+def check_destination(views: dict[str, InstanceView], source_id: str, destination_id: str, num_tokens: int) -> None:
+    """Raise `MigrationRejected` unless `destination_id` can take over a request of
+    `num_tokens` tokens from `source_id` now. Pure: decided from snapshots alone."""
+    if destination_id == source_id:
+        raise MigrationRejected(400, f"the request already runs on instance {destination_id!r}")
+    if destination_id not in views:
+        raise MigrationRejected(404, f"no instance {destination_id!r} (instances: {', '.join(sorted(views))})")
+    view = views[destination_id]
+    if not view.accepting or view.draining:
+        raise MigrationRejected(400, f"instance {destination_id!r} does not accept requests now")
+    snapshot = view.snapshot
+    needed = blocks_for(num_tokens + 1, snapshot.block_size)
+    room = snapshot.free_blocks - sum(r.demand_blocks for r in snapshot.waiting)
+    if needed > room:
+        raise MigrationRejected(
+            400, f"instance {destination_id!r} has no room: the request needs {needed} KV blocks, {max(0, room)} are free"
+        )
 
 
 def _continuation(request: GenerationRequest, export: KvExport, transfer) -> GenerationRequest:

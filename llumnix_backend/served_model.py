@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from llumnix_backend.config import ModelConfig
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
-from llumnix_backend.migration import MigrationRejected, MigrationReport, RequestStream, migrate_request, relay
+from llumnix_backend.migration import (
+    MigrationRejected,
+    MigrationReport,
+    RequestStream,
+    check_destination,
+    migrate_request,
+    relay,
+)
 from llumnix_backend.plugin import EngineDead, EngineInstance, InstanceState, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
@@ -238,20 +245,11 @@ class ServedModel:
             raise MigrationRejected(404, f"no running request {request_id!r} in model {self.name!r}")
         if stream.handover is not None or request_id in self._migrating:
             raise MigrationRejected(409, f"request {request_id!r} is already migrating")
-        if destination_id not in self._instances:
-            raise MigrationRejected(404, f"model {self.name!r} has no instance {destination_id!r}")
-        if destination_id == stream.instance_id:
-            raise MigrationRejected(400, f"request {request_id!r} already runs on instance {destination_id!r}")
+        views = {v.instance_id: v for v in self.views()}
+        num_tokens = len(stream.request.prompt_token_ids) + len(stream.generated)
+        check_destination(views, stream.instance_id, destination_id, num_tokens)
         destination = self._instances[destination_id]
-        view = destination.view(destination_id)
-        if view is None or not view.accepting:
-            raise MigrationRejected(400, f"instance {destination_id!r} does not accept requests now")
-        snapshot = view.snapshot
-        needed = blocks_for(len(stream.request.prompt_token_ids) + len(stream.generated) + 1, snapshot.block_size)
-        if needed > snapshot.free_blocks - sum(r.demand_blocks for r in snapshot.waiting):
-            raise MigrationRejected(
-                400, f"instance {destination_id!r} has no room: the request needs {needed} KV blocks, "
-                     f"{snapshot.free_blocks} are free")
+        snapshot = views[destination_id].snapshot
         source_id = stream.instance_id
         self._migrating.add(request_id)
         self._metrics.migrations_started.labels(self.name, source_id, destination_id).inc()

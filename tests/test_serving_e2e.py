@@ -306,9 +306,9 @@ def test_tritonclient_health_metadata_readiness_config(serving: ServerProcess) -
     ("path", "body", "status", "field", "words"),
     [
         ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model", "unknown model"),
-        ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "maximum context"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 9000}, 400, "max_tokens", "maximum context"),
         ("/v1/completions", {"model": "alpha", "prompt": ""}, 400, "prompt", "empty"),
-        ("/v1/completions", {"model": "alpha", "prompt": "x" * 1100}, 400, "prompt", "maximum context length"),
+        ("/v1/completions", {"model": "alpha", "prompt": "x" * 4100}, 400, "prompt", "maximum context length"),
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "priority": 99}, 400, "priority", "between"),
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "priority": "high"}, 400, "priority", "integer"),
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature", "non-negative"),
@@ -342,7 +342,7 @@ def test_malformed_json_is_a_400(serving: ServerProcess) -> None:
         ("/v2/models/alpha/generate", {"text_input": ""}, 400, "text_input"),
         ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"colour": 1}}, 400, "parameters.colour"),
         ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"priority": -99}}, 400, "priority"),
-        ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"max_tokens": 4000}}, 400, "max_tokens"),
+        ("/v2/models/alpha/generate", {"text_input": "hi", "parameters": {"max_tokens": 9000}}, 400, "max_tokens"),
         ("/v2/models/alpha/generate", {"parameters": {}}, 400, "text_input"),
     ],
 )

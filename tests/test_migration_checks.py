@@ -1,0 +1,55 @@
+"""Whether a destination may take over a request: decided from snapshots alone."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llumnix_backend.migration import MigrationRejected, check_destination
+from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
+
+BLOCK = 16
+
+
+def view(instance_id: str, total: int = 100, used: int = 0, waiting_demand: int = 0, **kw) -> InstanceView:
+    waiting = (RequestLoad("w", 0, 0, 0, waiting_demand),) if waiting_demand else ()
+    return InstanceView(instance_id, InstanceSnapshot(total, used, BLOCK, waiting=waiting), **kw)
+
+
+VIEWS = {"a": view("a"), "b": view("b"), "busy": view("busy", used=97), "queued": view("queued", waiting_demand=97),
+         "closed": view("closed", accepting=False), "draining": view("draining", draining=True)}
+
+
+def test_a_destination_with_room_is_accepted() -> None:
+    check_destination(VIEWS, "a", "b", num_tokens=50 * BLOCK)
+
+
+@pytest.mark.parametrize(
+    ("destination", "status", "words"),
+    [
+        ("a", 400, "already runs on instance 'a'"),
+        ("nope", 404, "no instance 'nope'"),
+        ("closed", 400, "does not accept"),
+        ("draining", 400, "does not accept"),
+        ("busy", 400, "no room: the request needs 5 KV blocks, 3 are free"),
+        ("queued", 400, "no room"),  # blocks the queue already needs are not free to take
+    ],
+)
+def test_rejections_name_the_reason(destination: str, status: int, words: str) -> None:
+    with pytest.raises(MigrationRejected) as caught:
+        check_destination(VIEWS, "a", destination, num_tokens=4 * BLOCK + 3)
+    assert caught.value.status == status
+    assert words in str(caught.value)
+
+
+@given(total=st.integers(1, 500), used=st.integers(0, 500), tokens=st.integers(1, 10_000))
+def test_room_is_exactly_the_free_blocks(total: int, used: int, tokens: int) -> None:
+    used = min(used, total)
+    views = {"a": view("a"), "b": view("b", total=total, used=used)}
+    fits = -(-(tokens + 1) // BLOCK) <= total - used
+    try:
+        check_destination(views, "a", "b", tokens)
+        assert fits
+    except MigrationRejected:
+        assert not fits
