@@ -11,7 +11,7 @@
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
-      migration: {max_stages: 3, final_stage_blocks: 2, stage_timeout_s: 30}
+      migration: {rescheduling: true, source_below: 10, destination_above: 30, max_stages: 3}
 
 Every error names the file and the field (`ConfigError`); unknown keys are errors.
 """
@@ -69,8 +69,14 @@ class PrioritySettings(_Strict):
 
 
 class MigrationSettings(_Strict):
-    """Live migration of running requests between a model's instances."""
+    """Live migration of running requests between a model's instances, and the rescheduling
+    that triggers it (freeness: free KV blocks per request, see `rescheduling.py`)."""
 
+    rescheduling: bool = True  # migrate continuously by the policy below (the API always works)
+    interval_s: float = Field(default=0.1, gt=0)  # how often the policy looks at the snapshots
+    source_below: float = 10.0  # instances less free than this send requests away...
+    destination_above: float = 30.0  # ...to instances freer than this
+    max_in_flight_per_instance: int = Field(default=1, ge=1)
     # Copies made while the request keeps decoding, before the final one (Llumnix: 3).
     max_stages: int = Field(default=3, ge=0, le=16)
     # Go to the final stage once at most this many KV blocks are left to copy.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from llumnix_backend.migration import (
     relay,
 )
 from llumnix_backend.plugin import EngineDead, EngineInstance, InstanceState, ModelRuntime
+from llumnix_backend.rescheduling import PlannedMigration, plan_migrations
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
@@ -81,6 +83,9 @@ class ServedModel:
         self._last_choice: str | None = None
         self._streams: dict[str, RequestStream] = {}  # running requests, by id
         self._migrating: set[str] = set()
+        self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
+        self._rescheduler: asyncio.Task | None = None
+        self._planned: set[asyncio.Task] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -88,6 +93,8 @@ class ServedModel:
         """Start the configured number of instances; failures are recorded, not raised."""
         ids = [self._add_instance() for _ in range(self.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
+        if self.config.scheduler.migration.rescheduling and len(ids) > 1:
+            self._rescheduler = asyncio.create_task(self._reschedule(), name=f"reschedule-{self.name}")
 
     def _add_instance(self) -> str:
         instance_id = str(self._next_index)
@@ -110,6 +117,10 @@ class ServedModel:
             progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error))
 
     async def shutdown(self) -> None:
+        for task in [self._rescheduler, *self._planned]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._planned, return_exceptions=True)
         await asyncio.gather(*(self._stop_instance(s) for s in self._instances.values()))
 
     @staticmethod
@@ -252,6 +263,7 @@ class ServedModel:
         snapshot = views[destination_id].snapshot
         source_id = stream.instance_id
         self._migrating.add(request_id)
+        self._migrations_at.update((source_id, destination_id))
         self._metrics.migrations_started.labels(self.name, source_id, destination_id).inc()
         try:
             report = await migrate_request(
@@ -260,8 +272,50 @@ class ServedModel:
             )
         finally:
             self._migrating.discard(request_id)
+            self._migrations_at.subtract((source_id, destination_id))
         self._metrics.record_migration(self.name, report)
         return report
+
+    def drain(self, instance_id: str) -> None:
+        """Take an instance out of dispatch; rescheduling migrates its requests away."""
+        slot = self._instances.get(instance_id)
+        if slot is None:
+            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+        if slot.state not in (InstanceState.READY, InstanceState.DRAINING):
+            raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not serving")
+        slot.state = InstanceState.DRAINING
+
+    def resume(self, instance_id: str) -> None:
+        """Undo `drain`: the instance takes new requests again."""
+        slot = self._instances.get(instance_id)
+        if slot is None:
+            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+        if slot.state is not InstanceState.DRAINING:
+            raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not draining")
+        slot.state = InstanceState.READY
+
+    async def _reschedule(self) -> None:
+        """Every interval, start the migrations the policy asks for (Llumnix rescheduling)."""
+        settings = self.config.scheduler.migration
+        while True:
+            await asyncio.sleep(settings.interval_s)
+            busy = frozenset(i for i, n in self._migrations_at.items() if n >= settings.max_in_flight_per_instance)
+            plans = plan_migrations(self.views(), self.config.scheduler.priority, settings, busy,
+                                    frozenset(self._migrating))
+            for plan in plans:
+                task = asyncio.create_task(self._planned_migration(plan))
+                self._planned.add(task)
+                task.add_done_callback(self._planned.discard)
+
+    async def _planned_migration(self, plan: PlannedMigration) -> None:
+        try:
+            report = await self.migrate(plan.request_id, plan.destination)
+        except MigrationRejected as exc:  # the snapshots moved on since the plan: fine
+            logger.debug("planned migration of %s not started: %s", plan.request_id, exc)
+            return
+        if not report.committed:
+            logger.info("migration of %s from %s to %s aborted: %s", plan.request_id, plan.source,
+                        plan.destination, report.reason)
 
 
 class _RequestTracker:

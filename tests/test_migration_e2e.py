@@ -181,3 +181,39 @@ def test_a_request_sharing_prefix_blocks_migrates_and_leaves_the_others_intact(s
     assert first.result().token_ids == baseline.token_ids
     assert second.result().token_ids == baseline.token_ids
     assert wait_idle(serving) == {"0": 0, "1": 0}
+
+
+def test_draining_an_instance_under_load_moves_all_its_requests(serving, baseline) -> None:
+    runs = [StreamedCompletion(serving) for _ in range(6)]
+    for run in runs:
+        run.wait_for_tokens(10)
+    placement = {run.request_id: running_on(serving, run.request_id) for run in runs}
+    drained = max(set(placement.values()), key=list(placement.values()).count)
+    assert list(placement.values()).count(drained) >= 3, placement  # the dispatcher put several there
+    url = f"{serving.url}/v2/llumnix/models/alpha/instances/{drained}"
+    response = httpx.post(url + "/drain", headers=serving.headers)
+    assert response.status_code == 200, response.text
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = {i["id"]: i for i in httpx.get(serving.url + "/v2/llumnix/models/alpha/instances",
+                                                     headers=serving.headers).json()["instances"]}
+            if not listed[drained]["snapshot"]["running"]:
+                break
+            time.sleep(0.05)
+        assert listed[drained]["state"] == "draining"
+        assert not listed[drained]["snapshot"]["running"], listed[drained]
+        # None failed: every request ends whole and exactly as it would have anyway.
+        for run in runs:
+            assert run.result().token_ids == baseline.token_ids
+        # New requests avoid the draining instance.
+        late = StreamedCompletion(serving, max_tokens=300)
+        late.wait_for_tokens(5)
+        assert running_on(serving, late.request_id) != drained
+        late.result()
+    finally:
+        assert httpx.post(url + "/resume", headers=serving.headers).status_code == 200
+    assert wait_idle(serving) == {"0": 0, "1": 0}
+    metrics = httpx.get(serving.url + "/metrics").text
+    assert f'llumnix:migrations_committed_total{{destination="{other(drained)}",model_name="alpha",source="{drained}"}}' in metrics
+    assert "llumnix:migration_downtime_seconds_bucket" in metrics

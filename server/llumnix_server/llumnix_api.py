@@ -44,6 +44,20 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
             ],
         }
 
+    @router.post("/v2/llumnix/models/{model_name}/instances/{instance_id}/drain")
+    async def drain(model_name: str, instance_id: str) -> dict[str, Any]:
+        """Stop dispatching to the instance; rescheduling migrates its running requests away."""
+        model = registry.get(model_name)
+        model.drain(instance_id)
+        return {"model": model_name, "instance": instance_id, "state": "draining"}
+
+    @router.post("/v2/llumnix/models/{model_name}/instances/{instance_id}/resume")
+    async def resume(model_name: str, instance_id: str) -> dict[str, Any]:
+        """Undo a drain: the instance takes new requests again."""
+        model = registry.get(model_name)
+        model.resume(instance_id)
+        return {"model": model_name, "instance": instance_id, "state": "ready"}
+
     @router.post("/v2/llumnix/models/{model_name}/migrate")
     async def migrate(model_name: str, body: MigrateRequest) -> dict[str, Any]:
         """Move a running request (the `id` its OpenAI or KServe response carries) to another
