@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -77,6 +77,9 @@ class MigrationSettings(_Strict):
     source_below: float = 10.0  # instances less free than this send requests away...
     destination_above: float = 30.0  # ...to instances freer than this
     max_in_flight_per_instance: int = Field(default=1, ge=1)
+    # How KV blocks travel: "host" (shared memory), "device" (GPU to GPU, CUDA IPC), or "auto"
+    # (device on GPU engines, host on CPU ones).
+    transport: Literal["auto", "host", "device"] = "auto"
     # Copies made while the request keeps decoding, before the final one (Llumnix: 3).
     max_stages: int = Field(default=3, ge=0, le=16)
     # Go to the final stage once at most this many KV blocks are left to copy.

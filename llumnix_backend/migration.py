@@ -50,6 +50,7 @@ class MigrationReport:
     bytes: int = 0
     recomputed_tokens: int | None = None  # tokens the destination computed again on admission
     downtime_s: float | None = None  # the stream's pause at the switch, as the client sees it
+    final_copy_s: float | None = None  # of the downtime: the last copy, on the source
     duration_s: float = 0.0
 
 
@@ -222,7 +223,7 @@ async def migrate_request(
     began = time.monotonic()
     max_tokens = request.sampling.get("max_tokens") or runtime.max_model_len
     capacity = blocks_for(min(runtime.max_model_len, len(request.prompt_token_ids) + max_tokens), block_size)
-    transfer = runtime.create_transfer(capacity, block_bytes)
+    transfer = runtime.create_transfer(capacity, block_bytes, settings.transport)
     sent = 0
 
     async def export(include_partial: bool) -> KvExport:
@@ -244,7 +245,9 @@ async def migrate_request(
                 left = blocks_for(len(exported.token_ids) - 1, block_size) - sent
                 if left <= settings.final_stage_blocks:
                     break
+        final_began = time.monotonic()
         final = await export(include_partial=True)
+        report.final_copy_s = time.monotonic() - final_began
         handover = Handover(destination.instance_id, len(final.token_ids) - len(request.prompt_token_ids))
         stream.handover = handover
         await _start_destination(destination, _continuation(request, final, transfer), handover, settings)

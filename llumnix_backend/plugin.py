@@ -116,8 +116,9 @@ class ModelRuntime(abc.ABC):
     def create_instance(self, instance_id: str) -> EngineInstance: ...
 
     @abc.abstractmethod
-    def create_transfer(self, capacity_blocks: int, block_bytes: int) -> KvTransfer:
-        """A transfer for one migration between two instances of this model."""
+    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
+        """A transfer for one migration between two instances of this model, by the path
+        `transport` names (`MigrationSettings.transport`)."""
 
     @property
     def caches_prefixes(self) -> bool:

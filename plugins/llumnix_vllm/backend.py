@@ -22,7 +22,7 @@ from vllm.sampling_params import SamplingParams
 from llumnix_backend.config import ConfigError, ModelConfig
 from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.requests import RequestError
-from llumnix_vllm.instance import SharedMemoryTransfer, VllmInstance
+from llumnix_vllm.instance import SegmentTransfer, VllmInstance
 
 try:  # vLLM >= 0.12
     from vllm.tokenizers import cached_tokenizer_from_config
@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover - older layout
     from vllm.transformers_utils.tokenizer import cached_tokenizer_from_config
 
 logger = logging.getLogger(__name__)
+
+# Migration reads a request's KV block table from vLLM's V1 model runner (worker_extension.py).
+# vLLM 0.26 picks its V2 runner for dense models on GPU by default; keep the V1 one (the engine
+# processes inherit this). The CPU build runs V1 anyway.
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 GIB = 1 << 30
 SCHEDULER_CLS = "llumnix_vllm.engine_scheduler.LlumnixScheduler"
@@ -126,6 +131,9 @@ class VllmBackend(Backend):
         cpu_threads = None
         if current_platform.is_cpu():
             cpu_threads = config.resources.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+            if config.scheduler.migration.transport == "device":
+                raise ConfigError(config_file, "scheduler.migration.transport",
+                                  "'device' needs GPU engines; this vLLM build runs on the CPU (use host or auto)")
         return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads)
 
 
@@ -174,8 +182,9 @@ class VllmModelRuntime(ModelRuntime):
     def create_instance(self, instance_id: str) -> EngineInstance:
         return VllmInstance(instance_id, self._engine_args, self._cpu_threads)
 
-    def create_transfer(self, capacity_blocks: int, block_bytes: int) -> KvTransfer:
-        return SharedMemoryTransfer(capacity_blocks, block_bytes)
+    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
+        on_device = transport == "device" or (transport == "auto" and not current_platform.is_cpu())
+        return SegmentTransfer(capacity_blocks, block_bytes, on_device)
 
     @property
     def caches_prefixes(self) -> bool:

@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from llumnix_backend.plugin import EngineDead, EngineInstance, KvExport, KvTransfer
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
@@ -31,30 +32,44 @@ from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token
 logger = logging.getLogger(__name__)
 
 FIRST_SNAPSHOT_TIMEOUT_S = 30.0
+# GPU engines start one at a time: each sizes its KV cache by the memory it finds in use, which
+# another engine loading at the same moment would throw off.
+_GPU_STARTS = asyncio.Lock()
 ENGINE_SHUTDOWN_GRACE_S = 5.0
 
 
-class _RequestTimingOnly(StatLoggerBase):
-    """A stat logger that logs nothing.
+class _NoEngineMetrics(PrometheusStatLogger):
+    """Stands in for vLLM's Prometheus metrics, and records nothing.
 
-    Installing any stat logger makes vLLM keep per-request timings (queue time) in its outputs
-    without its default loggers, whose Prometheus metrics are process-global and would clash
-    between the instances sharing this process. The server keeps its own metrics.
+    vLLM adds its Prometheus logger to every AsyncLLM unless one of its kind is given. Its
+    metrics are process-global: engines built at the same time (several instances in this
+    process) unregister and register them concurrently and fail with duplicated timeseries.
+    The server keeps its own metrics. Installing a logger also makes vLLM keep per-request
+    timings (queue time) in its outputs.
     """
 
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-        pass
+    def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+        pass  # registers nothing
 
     def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record_admission_rejection(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self) -> None:
         pass
 
     def log_engine_initialized(self) -> None:
         pass
 
 
-class SharedMemoryTransfer(KvTransfer):
-    def __init__(self, capacity_blocks: int, block_bytes: int) -> None:
-        self.segment = TransferSegment(capacity_blocks, block_bytes)
+class SegmentTransfer(KvTransfer):
+    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool) -> None:
+        self.segment = TransferSegment(capacity_blocks, block_bytes, on_device)
 
     def close(self) -> None:
         self.segment.close()
@@ -74,6 +89,10 @@ class VllmInstance(EngineInstance):
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        async with contextlib.nullcontext() if current_platform.is_cpu() else _GPU_STARTS:
+            await self._start()
+
+    async def _start(self) -> None:
         # The token names this engine's snapshot socket; it travels to the engine process in
         # VllmConfig.instance_id, which vLLM keeps out of its compile-cache hash.
         token = new_instance_token()
@@ -101,7 +120,7 @@ class VllmInstance(EngineInstance):
             executor_class=Executor.get_class(vllm_config),
             log_stats=False,
             log_requests=False,
-            stat_loggers=[_RequestTimingOnly],
+            stat_loggers=[_NoEngineMetrics],
         )
 
     async def shutdown(self) -> None:
@@ -139,7 +158,7 @@ class VllmInstance(EngineInstance):
         engine = self._engine
         if engine is None or engine.errored:
             raise EngineDead(f"instance {self.instance_id} is not running")
-        assert isinstance(transfer, SharedMemoryTransfer)
+        assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
         (result,) = await engine.collective_rpc(
             "llumnix_export_kv", args=(request_id, first_block, segment, include_partial)

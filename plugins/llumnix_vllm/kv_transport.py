@@ -1,12 +1,18 @@
-"""Moving KV-cache blocks between engine processes on one host, through shared memory.
+"""Moving KV-cache blocks between engine processes on one host.
 
-A `TransferSegment` is a shared-memory area the front end creates for one migration. The
-source's worker copies blocks of the request into it, by their position in the request
-(block 0 holds tokens 0..block_size-1, ...); the destination's worker copies them out into
-the blocks its scheduler allocated. Blocks travel as opaque bytes, layer by layer, so any KV
-layout works as long as both engines run the same model, dtype, block size and layout.
+A `TransferSegment` is the area one migration's blocks travel through. The source's worker
+copies blocks of the request into it, by their position in the request (block 0 holds tokens
+0..block_size-1, ...); the destination's worker copies them out into the blocks its scheduler
+allocated. Blocks travel as opaque bytes, layer by layer, so any KV layout works as long as
+both engines run the same model, dtype, block size and layout.
 
-This is the host-memory transport; a device path (CUDA IPC, NCCL) can take the same interface.
+Two paths, chosen per segment:
+- host: the segment is shared memory (a tmpfs file) the front end creates; works everywhere;
+- device (CUDA): the source's worker keeps the segment in GPU memory and shares it through
+  CUDA IPC; the front end's file then only carries the IPC handle. Blocks go GPU to GPU
+  (over NVLink/PCIe peer access when the instances sit on different GPUs) and never touch
+  host memory. The source frees its GPU area once the front end has removed the file.
+A network transport for instances on other hosts would take the same interface.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import pickle
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -34,16 +41,18 @@ class SegmentSpec:
     path: str
     capacity_blocks: int
     block_bytes: int  # one block of every layer
+    on_device: bool = False  # the device path: `path` holds a CUDA IPC handle, not the blocks
 
 
 class TransferSegment:
     """The front end's handle: creates the shared memory and removes it when closed."""
 
-    def __init__(self, capacity_blocks: int, block_bytes: int) -> None:
+    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool = False) -> None:
         path = os.path.join(SEGMENT_DIR, f"llumnix-kv-{uuid.uuid4().hex[:16]}")
         with open(path, "wb") as f:
-            f.truncate(max(1, capacity_blocks * block_bytes))
-        self.spec = SegmentSpec(path, capacity_blocks, block_bytes)
+            if not on_device:
+                f.truncate(max(1, capacity_blocks * block_bytes))
+        self.spec = SegmentSpec(path, capacity_blocks, block_bytes, on_device)
 
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -78,10 +87,10 @@ class KvBlockIO:
         self._layer_bytes = [layer[0].numel() * layer.element_size() for layer in self._layers]
         self.block_bytes = sum(self._layer_bytes)
 
-    def _segment_views(self, mapped: mmap.mmap, spec: SegmentSpec) -> list[torch.Tensor]:
+    def _split(self, area: torch.Tensor, spec: SegmentSpec) -> list[torch.Tensor]:
+        """A segment's [capacity, block_bytes] bytes, cut into one view per layer."""
         if spec.block_bytes != self.block_bytes:
             raise ValueError(f"segment blocks are {spec.block_bytes} bytes, this engine's are {self.block_bytes}")
-        area = torch.frombuffer(mapped, dtype=torch.uint8, count=spec.capacity_blocks * spec.block_bytes)
         area = area.view(spec.capacity_blocks, spec.block_bytes)
         views, offset = [], 0
         for size in self._layer_bytes:
@@ -92,24 +101,62 @@ class KvBlockIO:
     def save(self, spec: SegmentSpec, block_ids: list[int], positions: list[int]) -> None:
         """Copy cache blocks `block_ids` into the segment at request positions `positions`."""
         if block_ids:
-            with _mapped(spec) as mapped:
-                self._copy(mapped, spec, block_ids, positions, into_segment=True)
+            with self._area(spec, owner=True) as area:
+                self._copy(area, spec, block_ids, positions, into_segment=True)
 
     def load(self, spec: SegmentSpec, positions: list[int], block_ids: list[int]) -> None:
         """Copy segment positions `positions` into cache blocks `block_ids`."""
         if block_ids:
-            with _mapped(spec) as mapped:
-                self._copy(mapped, spec, block_ids, positions, into_segment=False)
+            with self._area(spec, owner=False) as area:
+                self._copy(area, spec, block_ids, positions, into_segment=False)
 
-    def _copy(self, mapped: mmap.mmap, spec: SegmentSpec, block_ids: list[int],
+    @contextlib.contextmanager
+    def _area(self, spec: SegmentSpec, owner: bool) -> Iterator[torch.Tensor]:
+        if spec.on_device:
+            yield _device_area(spec, self._layers[0].device, owner)
+        else:
+            with _mapped(spec) as mapped:
+                yield torch.frombuffer(mapped, dtype=torch.uint8, count=spec.capacity_blocks * spec.block_bytes)
+
+    def _copy(self, area: torch.Tensor, spec: SegmentSpec, block_ids: list[int],
               positions: list[int], into_segment: bool) -> None:
         device = self._layers[0].device
         blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
-        slots = torch.tensor(positions, dtype=torch.long)
-        for layer, view in zip(self._layers, self._segment_views(mapped, spec)):
+        slots = torch.tensor(positions, dtype=torch.long, device=area.device)
+        for layer, view in zip(self._layers, self._split(area, spec)):
             if into_segment:
                 data = layer.index_select(0, blocks).contiguous().view(len(block_ids), -1).view(torch.uint8)
-                view[slots] = data.cpu()
+                view[slots] = data.to(area.device)
             else:
                 data = view[slots].to(device).view(layer.dtype).view(len(block_ids), *layer.shape[1:])
                 layer.index_copy_(0, blocks, data)
+        if into_segment and area.is_cuda:
+            # The destination reads the area from another process as soon as this returns.
+            torch.cuda.current_stream(area.device).synchronize()
+
+
+# Device segments this worker process holds: the ones it owns (it allocated them, as a
+# migration's source) and the ones it opened through CUDA IPC (as a destination), by path.
+_owned_areas: dict[str, torch.Tensor] = {}
+_opened_areas: dict[str, torch.Tensor] = {}
+
+
+def _device_area(spec: SegmentSpec, device: torch.device, owner: bool) -> torch.Tensor:
+    # A segment whose file the front end removed belongs to a finished migration: let it go.
+    for areas in (_owned_areas, _opened_areas):
+        for path in [p for p in areas if not os.path.exists(p)]:
+            del areas[path]
+    if owner:
+        if spec.path not in _owned_areas:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            area = torch.empty(spec.capacity_blocks * spec.block_bytes, dtype=torch.uint8, device=device)
+            with open(spec.path, "wb") as f:
+                pickle.dump(reduce_tensor(area), f)
+            _owned_areas[spec.path] = area
+        return _owned_areas[spec.path]
+    if spec.path not in _opened_areas:
+        with open(spec.path, "rb") as f:
+            rebuild, args = pickle.load(f)  # written by the source's worker, see above
+        _opened_areas[spec.path] = rebuild(*args)
+    return _opened_areas[spec.path]
