@@ -300,8 +300,8 @@ class ServedModel:
         while True:
             await asyncio.sleep(settings.interval_s)
             busy = frozenset(i for i, n in self._migrations_at.items() if n >= settings.max_in_flight_per_instance)
-            plans = plan_migrations(self.views(), self.config.scheduler.priority, settings, busy,
-                                    frozenset(self._migrating))
+            live = [v for v in self.views() if self._instances[v.instance_id].engine.alive]
+            plans = plan_migrations(live, self.config.scheduler.priority, settings, busy, frozenset(self._migrating))
             for plan in plans:
                 task = asyncio.create_task(self._planned_migration(plan))
                 self._planned.add(task)

@@ -6,6 +6,7 @@ the front end; policies (dispatch, and later migration and scaling) read nothing
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -37,6 +38,7 @@ class InstanceSnapshot:
     num_preemptions: int = 0  # cumulative since the instance started
     timestamp: float = 0.0  # time.monotonic() in the engine process (one clock per host)
     sequence: int = 0  # increases with every snapshot an instance sends
+    engine_pid: int = 0  # the engine process that reported it (for operators; 0: unknown)
 
     @property
     def free_blocks(self) -> int:
@@ -55,17 +57,7 @@ class InstanceSnapshot:
         """The snapshot as it will look once requests already sent to it arrive (queued last)."""
         if not pending:
             return self
-        return InstanceSnapshot(
-            total_blocks=self.total_blocks,
-            used_blocks=self.used_blocks,
-            block_size=self.block_size,
-            block_bytes=self.block_bytes,
-            running=self.running,
-            waiting=self.waiting + pending,
-            num_preemptions=self.num_preemptions,
-            timestamp=self.timestamp,
-            sequence=self.sequence,
-        )
+        return dataclasses.replace(self, waiting=self.waiting + pending)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -78,7 +78,10 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; and one folder
     per way a config can be broken."""
     repository = tmp_path_factory.mktemp("repository")
-    alpha = write_model(repository, "alpha", tiny_config("weights", instances=2, max_model_len=4096))
+    alpha_config = tiny_config("weights", instances=2, max_model_len=4096)
+    # Migration tests freeze a destination on purpose: give up on a stage after 3 s, not 30.
+    alpha_config["scheduler"]["migration"] = {"stage_timeout_s": 3}
+    alpha = write_model(repository, "alpha", alpha_config)
     (alpha / "weights").symlink_to(tiny_model)
     beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)
     # At most 2 requests run at once, so the tests can make requests queue; and a long context,

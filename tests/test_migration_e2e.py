@@ -2,100 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 
 import httpx
 import pytest
 
+from llumnix_client import (
+    MAX_TOKENS,
+    InBackground,
+    StreamedCompletion,
+    engine_pid,
+    frozen,
+    instances,
+    migrate,
+    other,
+    running_on,
+    set_draining,
+    wait_idle,
+)
 from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
-
-PROMPT = "Migration moves a running request between instances without stopping it. " * 4
-# Long enough that the request is still decoding (seconds) when the test acts on it.
-MAX_TOKENS = 2000
-
-
-class StreamedCompletion:
-    """A streaming completion read on a thread, so the test can act while it runs."""
-
-    def __init__(self, server: ServerProcess, **overrides) -> None:
-        self.body = {"model": "alpha", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                     "ignore_eos": True, "stream": True, "return_token_ids": True, **overrides}
-        self.server = server
-        self.request_id: str | None = None
-        self.token_ids: list[int] = []
-        self.chunks: list[list[int]] = []
-        self.text: list[str] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self._progress = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            with httpx.Client(base_url=self.server.url, headers=self.server.headers, timeout=120) as client:
-                with client.stream("POST", "/v1/completions", json=self.body) as response:
-                    assert response.status_code == 200, response.read()
-                    for line in response.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
-                        with self._progress:
-                            self.request_id = event["id"]
-                            for choice in event["choices"]:
-                                self.chunks.append(choice["token_ids"])
-                                self.token_ids += choice["token_ids"]
-                                self.text.append(choice["text"])
-                                self.finish_reason = choice["finish_reason"] or self.finish_reason
-                            self._progress.notify_all()
-        except BaseException as exc:  # noqa: BLE001 - reported by result()
-            self.error = exc
-        finally:
-            with self._progress:
-                self._progress.notify_all()
-
-    def wait_for_tokens(self, n: int, timeout: float = 30) -> None:
-        with self._progress:
-            assert self._progress.wait_for(lambda: len(self.token_ids) >= n or not self._thread.is_alive(), timeout)
-        assert len(self.token_ids) >= n, f"the request ended after {len(self.token_ids)} tokens"
-
-    def result(self) -> StreamedCompletion:
-        self._thread.join(120)
-        if self.error is not None:
-            raise self.error
-        return self
-
-
-def running_on(server: ServerProcess, request_id: str) -> str:
-    instances = httpx.get(server.url + "/v2/llumnix/models/alpha/instances", headers=server.headers).json()
-    found = [i["id"] for i in instances["instances"] if request_id in [r["request_id"] for r in i["snapshot"]["running"]]]
-    assert len(found) == 1, json.dumps(instances)[:3000]
-    return found[0]
-
-
-def migrate(server: ServerProcess, request_id: str, to: str) -> httpx.Response:
-    return httpx.post(server.url + "/v2/llumnix/models/alpha/migrate", headers=server.headers, timeout=60,
-                      json={"request_id": request_id, "to": to})
-
-
-def other(instance: str) -> str:
-    return {"0": "1", "1": "0"}[instance]
-
-
-def blocks_in_use(server: ServerProcess) -> dict[str, int]:
-    instances = httpx.get(server.url + "/v2/llumnix/models/alpha/instances", headers=server.headers).json()
-    return {i["id"]: i["snapshot"]["used_blocks"] for i in instances["instances"]}
-
-
-def wait_idle(server: ServerProcess, timeout: float = 10) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while (used := blocks_in_use(server)) != {"0": 0, "1": 0} and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return used
 
 
 @pytest.fixture(scope="module")
@@ -187,33 +114,59 @@ def test_draining_an_instance_under_load_moves_all_its_requests(serving, baselin
     runs = [StreamedCompletion(serving) for _ in range(6)]
     for run in runs:
         run.wait_for_tokens(10)
-    placement = {run.request_id: running_on(serving, run.request_id) for run in runs}
-    drained = max(set(placement.values()), key=list(placement.values()).count)
-    assert list(placement.values()).count(drained) >= 3, placement  # the dispatcher put several there
-    url = f"{serving.url}/v2/llumnix/models/alpha/instances/{drained}"
-    response = httpx.post(url + "/drain", headers=serving.headers)
-    assert response.status_code == 200, response.text
+    placement = [running_on(serving, run.request_id) for run in runs]
+    drained = max(set(placement), key=placement.count)
+    assert placement.count(drained) >= 3, placement  # the dispatcher put several there
+    set_draining(serving, drained, True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            listed = {i["id"]: i for i in httpx.get(serving.url + "/v2/llumnix/models/alpha/instances",
-                                                     headers=serving.headers).json()["instances"]}
-            if not listed[drained]["snapshot"]["running"]:
-                break
+        while instances(serving)[drained]["snapshot"]["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert listed[drained]["state"] == "draining"
-        assert not listed[drained]["snapshot"]["running"], listed[drained]
+        listed = instances(serving)[drained]
+        assert listed["state"] == "draining"
+        assert not listed["snapshot"]["running"], listed
         # None failed: every request ends whole and exactly as it would have anyway.
         for run in runs:
             assert run.result().token_ids == baseline.token_ids
         # New requests avoid the draining instance.
-        late = StreamedCompletion(serving, max_tokens=300)
-        late.wait_for_tokens(5)
+        late = StreamedCompletion(serving, max_tokens=300).wait_for_tokens(5)
         assert running_on(serving, late.request_id) != drained
         late.result()
     finally:
-        assert httpx.post(url + "/resume", headers=serving.headers).status_code == 200
+        set_draining(serving, drained, False)
     assert wait_idle(serving) == {"0": 0, "1": 0}
     metrics = httpx.get(serving.url + "/metrics").text
     assert f'llumnix:migrations_committed_total{{destination="{other(drained)}",model_name="alpha",source="{drained}"}}' in metrics
     assert "llumnix:migration_downtime_seconds_bucket" in metrics
+
+
+# --- abort rules: a failure before the switch leaves the request where it was ------------------
+# `alpha` gives up on a migration stage after 3 s (conftest); the destination engine is frozen
+# with SIGSTOP to make it stop answering at a chosen moment.
+
+
+def test_a_destination_that_stops_answering_aborts_the_migration(serving, baseline) -> None:
+    run = StreamedCompletion(serving).wait_for_tokens(20)
+    source = running_on(serving, run.request_id)
+    with frozen(engine_pid(serving, other(source))):
+        response = migrate(serving, run.request_id, other(source))
+        # The source kept decoding meanwhile.
+        assert running_on(serving, run.request_id) == source
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert not report["committed"] and report["reason"] == "a stage timed out", report
+    assert run.result().token_ids == baseline.token_ids
+    # The destination's half-done work was given up once it answered again: nothing leaks.
+    assert wait_idle(serving) == {"0": 0, "1": 0}
+
+
+def test_a_request_that_finishes_during_its_migration_completes_on_its_source(serving, baseline) -> None:
+    run = StreamedCompletion(serving, max_tokens=300).wait_for_tokens(20)
+    source = running_on(serving, run.request_id)
+    with frozen(engine_pid(serving, other(source))):
+        migrating = InBackground(lambda: migrate(serving, run.request_id, other(source)))
+        run.result()  # the request ends on the source while its destination is stuck
+    report = migrating.result().json()
+    assert not report["committed"] and report["reason"] == "the request is not decoding on the source", report
+    assert run.token_ids == baseline.token_ids[:300] and run.finish_reason == "length"
+    assert wait_idle(serving) == {"0": 0, "1": 0}

@@ -115,6 +115,7 @@ class LlumnixScheduler(Scheduler):
             num_preemptions=self._num_preemptions,
             timestamp=time.monotonic(),
             sequence=self._sequence,
+            engine_pid=os.getpid(),
         )
 
     def _publish(self) -> None:

@@ -1,0 +1,160 @@
+"""What the migration and rescheduling tests do over HTTP: stream a completion on a thread, and
+read or act on a model's instances through the Llumnix operations API and /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from llumnix_server.launcher import ServerProcess
+
+PROMPT = "Migration moves a running request between instances without stopping it. " * 4
+# Long enough that the request is still decoding (seconds) when a test acts on it.
+MAX_TOKENS = 2000
+
+
+class StreamedCompletion:
+    """A streaming completion read on a thread, so the test can act while it runs."""
+
+    def __init__(self, server: ServerProcess, model: str = "alpha", **overrides) -> None:
+        self.body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                     "ignore_eos": True, "stream": True, "return_token_ids": True, **overrides}
+        self.server = server
+        self.request_id: str | None = None
+        self.token_ids: list[int] = []
+        self.chunks: list[list[int]] = []
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._progress = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with httpx.Client(base_url=self.server.url, headers=self.server.headers, timeout=120) as client:
+                with client.stream("POST", "/v1/completions", json=self.body) as response:
+                    assert response.status_code == 200, response.read()
+                    for line in response.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        with self._progress:
+                            self.request_id = event["id"]
+                            for choice in event["choices"]:
+                                self.chunks.append(choice["token_ids"])
+                                self.token_ids += choice["token_ids"]
+                                self.text.append(choice["text"])
+                                self.finish_reason = choice["finish_reason"] or self.finish_reason
+                            self._progress.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - reported by result()
+            self.error = exc
+        finally:
+            with self._progress:
+                self._progress.notify_all()
+
+    def wait_for_tokens(self, n: int, timeout: float = 30) -> StreamedCompletion:
+        with self._progress:
+            assert self._progress.wait_for(lambda: len(self.token_ids) >= n or not self._thread.is_alive(), timeout)
+        assert len(self.token_ids) >= n, f"the request ended after {len(self.token_ids)} tokens"
+        return self
+
+    def result(self) -> StreamedCompletion:
+        self._thread.join(120)
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+class InBackground:
+    """Runs `call()` on a thread; `result()` joins it and returns what it returned."""
+
+    def __init__(self, call) -> None:
+        self._outcome: list = []
+        self._thread = threading.Thread(target=lambda: self._outcome.append(call()), daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float = 60):
+        self._thread.join(timeout)
+        assert self._outcome, "the call did not return"
+        return self._outcome[0]
+
+
+def instances(server: ServerProcess, model: str = "alpha") -> dict[str, dict]:
+    listing = httpx.get(f"{server.url}/v2/llumnix/models/{model}/instances", headers=server.headers).json()
+    return {i["id"]: i for i in listing["instances"]}
+
+
+def running_on(server: ServerProcess, request_id: str, model: str = "alpha") -> str:
+    listed = instances(server, model)
+    found = [i for i, info in listed.items() if request_id in [r["request_id"] for r in info["snapshot"]["running"]]]
+    assert len(found) == 1, json.dumps(listed)[:3000]
+    return found[0]
+
+
+def migrate(server: ServerProcess, request_id: str, to: str, model: str = "alpha") -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/llumnix/models/{model}/migrate", headers=server.headers, timeout=60,
+                      json={"request_id": request_id, "to": to})
+
+
+def set_draining(server: ServerProcess, instance: str, draining: bool, model: str = "alpha") -> None:
+    action = "drain" if draining else "resume"
+    response = httpx.post(f"{server.url}/v2/llumnix/models/{model}/instances/{instance}/{action}",
+                          headers=server.headers)
+    assert response.status_code == 200, response.text
+
+
+def other(instance: str) -> str:
+    return {"0": "1", "1": "0"}[instance]
+
+
+def blocks_in_use(server: ServerProcess, model: str = "alpha") -> dict[str, int]:
+    return {i: info["snapshot"]["used_blocks"] for i, info in instances(server, model).items()
+            if info["snapshot"] is not None}
+
+
+def wait_idle(server: ServerProcess, model: str = "alpha", timeout: float = 10) -> dict[str, int]:
+    """Blocks in use per instance, once all are zero or `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while any((used := blocks_in_use(server, model)).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return used
+
+
+def migrations(server: ServerProcess, model: str, outcome: str = "committed") -> dict[tuple[str, str], float]:
+    """Migrations per (source, destination) so far, read from /metrics; `outcome` is started,
+    committed or aborted."""
+    found: dict[tuple[str, str], float] = {}
+    pattern = re.compile(rf"^llumnix:migrations_{outcome}_total\{{(.*)\}} (\S+)$")
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if match := pattern.match(line):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+            if labels["model_name"] == model:
+                pair = (labels["source"], labels["destination"])
+                found[pair] = found.get(pair, 0.0) + float(match[2])
+    return found
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Stop a process (SIGSTOP) for the block's duration: an engine that stops responding."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def engine_pid(server: ServerProcess, instance: str, model: str = "alpha") -> int:
+    pid = instances(server, model)[instance]["snapshot"]["engine_pid"]
+    assert pid > 0
+    return pid

@@ -1,0 +1,183 @@
+"""Llumnix rescheduling on real vLLM CPU instances: each trigger of the migration policy, set up
+deliberately, causes the migrations it should and none it should not.
+
+`gamma` runs two instances of 63 KV blocks each (128 tokens a block) with rescheduling on:
+instances with fewer than 10 free blocks per request send requests to instances with more
+than 30. Setups steer requests onto instance 0 by draining instance 1 while they arrive, then
+let the policy act by resuming it. The arithmetic in each test follows `migration_freeness`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from llumnix_client import (
+    InBackground,
+    StreamedCompletion,
+    engine_pid,
+    frozen,
+    instances,
+    migrate,
+    migrations,
+    other,
+    running_on,
+    set_draining,
+    wait_idle,
+)
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+pytestmark = pytest.mark.engine
+
+MODEL = "gamma"
+BLOCK_SIZE = 128
+TOTAL_BLOCKS = 63
+# How long the policy gets to act (it looks every 0.1 s), and then to prove it is done.
+ACT_WITHIN_S = 10
+SETTLE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def gamma(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+    repository = tmp_path_factory.mktemp("rescheduling-repository")
+    config = tiny_config(str(tiny_model), instances=2, max_model_len=TOTAL_BLOCKS * BLOCK_SIZE)
+    # A whole long prompt is prefilled in one step: a request that does not fit waits whole.
+    config["engine"]["max_num_batched_tokens"] = TOTAL_BLOCKS * BLOCK_SIZE
+    config["resources"]["cpu_kv_cache_gib"] = (TOTAL_BLOCKS + 1) * 256 / 2**20  # bf16 KV: 256 KiB a block
+    config["scheduler"]["priority"] = {"high_below": 0, "headroom_tokens": 32 * BLOCK_SIZE}
+    config["scheduler"]["migration"] = {"source_below": 10, "destination_above": 30, "stage_timeout_s": 3}
+    write_model(repository, MODEL, config)
+    server = llumnix_server(repository, repository.parent / "rescheduling-server.log").start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, [MODEL, MODEL])
+        assert [i["snapshot"]["total_blocks"] for i in instances(server, MODEL).values()] == [TOTAL_BLOCKS] * 2
+        yield server
+    finally:
+        server.stop()
+
+
+def prompt(num_tokens: int, salt: int) -> list[int]:
+    """Token ids that share no prefix with any other test's (the prefix cache stays out of it)."""
+    return [3 + (salt * 7919 + i * 31) % 250 for i in range(num_tokens)]
+
+
+def start_on_instance_0(server: ServerProcess, requests: list[dict]) -> list[StreamedCompletion]:
+    """Start requests while instance 1 is draining, so they all run on instance 0."""
+    set_draining(server, "1", True, MODEL)
+    try:
+        runs = [StreamedCompletion(server, MODEL, **body).wait_for_tokens(2) for body in requests]
+        assert {running_on(server, run.request_id, MODEL) for run in runs} == {"0"}
+    finally:
+        set_draining(server, "1", False, MODEL)
+    return runs
+
+
+def migrations_since(server: ServerProcess, before: dict) -> dict:
+    now = migrations(server, MODEL)
+    return {pair: n - before.get(pair, 0) for pair, n in now.items() if n > before.get(pair, 0)}
+
+
+def wait_for_migrations(server: ServerProcess, before: dict, expected: dict) -> dict:
+    """Committed migrations since `before`, once they reach `expected` or ACT_WITHIN_S passed."""
+    deadline = time.monotonic() + ACT_WITHIN_S
+    while (moved := migrations_since(server, before)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return moved
+
+
+def placement(server: ServerProcess, runs: list[StreamedCompletion]) -> list[str]:
+    return [running_on(server, run.request_id, MODEL) for run in runs]
+
+
+def finish(server: ServerProcess, runs: list[StreamedCompletion]) -> None:
+    """Every request ends whole, and no KV block is left in use anywhere."""
+    for run in runs:
+        run.result()
+        assert run.finish_reason == "length" and len(run.token_ids) == run.body["max_tokens"]
+    assert wait_idle(server, MODEL) == {"0": 0, "1": 0}
+
+
+def short_request(salt: int, **overrides) -> dict:
+    """8 blocks at first (7 full and one token), at most 11 by the end (1,397 tokens)."""
+    return {"prompt": prompt(7 * BLOCK_SIZE + 1, salt), "max_tokens": 500, **overrides}
+
+
+def test_balanced_load_causes_no_migration(gamma) -> None:
+    # Two on instance 0: at least (63 - 2 * 11) / 2 = 20.5 free blocks per request, never < 10.
+    before = migrations(gamma, MODEL)
+    runs = start_on_instance_0(gamma, [short_request(1), short_request(2)])
+    time.sleep(SETTLE_S)
+    assert migrations_since(gamma, before) == {}
+    finish(gamma, runs)
+
+
+def test_load_imbalance_moves_one_request_to_the_idle_instance(gamma) -> None:
+    # Four on instance 0: (63 - 4 * 8) / 4 = 7.75 < 10, and instance 1 is idle (63 > 30). Once
+    # one has moved, at least (63 - 3 * 11) / 3 = 10 is left: nothing more moves.
+    before = migrations(gamma, MODEL)
+    runs = start_on_instance_0(gamma, [short_request(s) for s in (3, 4, 5, 6)])
+    assert wait_for_migrations(gamma, before, {("0", "1"): 1}) == {("0", "1"): 1}
+    assert sorted(placement(gamma, runs)) == ["0", "0", "0", "1"]
+    time.sleep(SETTLE_S)
+    assert migrations_since(gamma, before) == {("0", "1"): 1}
+    finish(gamma, runs)
+
+
+def test_priority_headroom_sends_low_priority_work_away(gamma) -> None:
+    # A high-priority request keeps 32 blocks of headroom free: (63 - 2 * 8 - 32) / 2 = 7.5 < 10
+    # on instance 0, so the low-priority request leaves; the high-priority one stays. (Two
+    # low-priority requests there are the balanced case above: nothing moves.)
+    before = migrations(gamma, MODEL)
+    runs = start_on_instance_0(gamma, [short_request(7, priority=-5), short_request(8, priority=5)])
+    assert wait_for_migrations(gamma, before, {("0", "1"): 1}) == {("0", "1"): 1}
+    assert placement(gamma, runs) == ["0", "1"]
+    time.sleep(SETTLE_S)
+    assert migrations_since(gamma, before) == {("0", "1"): 1}
+    finish(gamma, runs)
+
+
+def test_defragmentation_makes_room_for_a_request_that_fits_nowhere(gamma) -> None:
+    # One 16-block request per instance (the dispatcher balances them), at most 20 by the end:
+    # 47 blocks free on each. A 48-block prompt fits on neither and waits; its instance's
+    # freeness is negative, so the request running there moves to the other instance (which then
+    # holds at most 40 blocks), and the big one gets the 63 blocks of the instance it waits on.
+    before = migrations(gamma, MODEL)
+    small = [StreamedCompletion(gamma, MODEL, prompt=prompt(2000, s), max_tokens=500).wait_for_tokens(2)
+             for s in (9, 10)]
+    assert sorted(placement(gamma, small)) == ["0", "1"]
+    big = StreamedCompletion(gamma, MODEL, prompt=prompt(48 * BLOCK_SIZE - 10, 11), max_tokens=5).result()
+    assert big.finish_reason == "length" and len(big.token_ids) == 5
+    moved = migrations_since(gamma, before)
+    assert sum(moved.values()) == 1, moved
+    finish(gamma, small)
+
+
+# Last: it kills one of gamma's instances.
+def test_a_destination_that_dies_mid_migration_leaves_the_request_on_its_source(gamma) -> None:
+    run = StreamedCompletion(gamma, MODEL, prompt=prompt(300, 12), max_tokens=1000).wait_for_tokens(20)
+    source = running_on(gamma, run.request_id, MODEL)
+    doomed = engine_pid(gamma, other(source), MODEL)
+    with frozen(doomed):
+        migrating = InBackground(lambda: migrate(gamma, run.request_id, other(source), MODEL))
+        time.sleep(0.5)  # the migration is now waiting on the frozen destination
+        os.kill(doomed, signal.SIGKILL)
+    report = migrating.result().json()
+    assert not report["committed"], report
+    assert running_on(gamma, run.request_id, MODEL) == source
+    run.result()
+    assert run.finish_reason == "length" and len(run.token_ids) == 1000
+    listed = instances(gamma, MODEL)
+    assert listed[other(source)]["state"] == "failed", listed[other(source)]
+    deadline = time.monotonic() + 10
+    while instances(gamma, MODEL)[source]["snapshot"]["used_blocks"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert instances(gamma, MODEL)[source]["snapshot"]["used_blocks"] == 0
+    # The model keeps serving on the instance that is left.
+    after = StreamedCompletion(gamma, MODEL, prompt=prompt(100, 13), max_tokens=10).result()
+    assert len(after.token_ids) == 10
