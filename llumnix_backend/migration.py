@@ -46,6 +46,7 @@ class MigrationReport:
     committed: bool = False
     reason: str = ""  # why it was aborted
     stages: int = 0  # copies made while the request kept running (the final one not counted)
+    copies: int = 0  # source engine steps spent copying (stages go a chunk per step), final included
     blocks: int = 0  # KV blocks copied, all stages
     bytes: int = 0
     recomputed_tokens: int | None = None  # tokens the destination computed again on admission
@@ -226,10 +227,12 @@ async def migrate_request(
     transfer = runtime.create_transfer(capacity, block_bytes, settings.transport)
     sent = 0
 
-    async def export(include_partial: bool) -> KvExport:
+    async def export(include_partial: bool, max_blocks: int | None = None) -> KvExport:
         nonlocal sent
-        result = await asyncio.wait_for(source.export_kv(request.request_id, transfer, sent, include_partial),
-                                        settings.stage_timeout_s)
+        result = await asyncio.wait_for(
+            source.export_kv(request.request_id, transfer, sent, include_partial, max_blocks), settings.stage_timeout_s
+        )
+        report.copies += 1
         if result is None:
             raise MigrationAborted("the request is not decoding on the source")
         report.blocks += result.blocks - sent
@@ -238,10 +241,18 @@ async def migrate_request(
 
     try:
         if runtime.caches_prefixes:
+            chunk = max(1, int(settings.stage_chunk_mib * 2**20) // max(1, block_bytes))
+            preloaded = 0
             for _ in range(settings.max_stages):
-                exported = await export(include_partial=False)
+                # A stage: every block filled so far, a chunk per source step...
+                exported = await export(include_partial=False, max_blocks=chunk)
+                while exported.blocks < (len(exported.token_ids) - 1) // block_size:
+                    exported = await export(include_partial=False, max_blocks=chunk)
                 report.stages += 1
-                await _preload(destination, request, exported, block_size, transfer, settings)
+                # ...taken into the destination's prefix cache a chunk per destination step.
+                while preloaded < exported.blocks:
+                    preloaded = min(exported.blocks, preloaded + chunk)
+                    await _preload(destination, request, exported.token_ids, preloaded, block_size, transfer, settings)
                 left = blocks_for(len(exported.token_ids) - 1, block_size) - sent
                 if left <= settings.final_stage_blocks:
                     break
@@ -270,15 +281,13 @@ async def migrate_request(
     return report
 
 
-async def _preload(destination: EngineInstance, request: GenerationRequest, exported: KvExport,
-                   block_size: int, transfer, settings: MigrationSettings) -> None:
-    """Have the destination take the full blocks copied so far into its prefix cache: a one-token
-    request whose prompt ends one token past them loads them all and computes only that token."""
-    length = (exported.blocks * block_size) + 1
-    if exported.blocks == 0 or length > len(exported.token_ids):
-        return
+async def _preload(destination: EngineInstance, request: GenerationRequest, token_ids: tuple[int, ...],
+                   blocks: int, block_size: int, transfer, settings: MigrationSettings) -> None:
+    """Have the destination take the request's first `blocks` blocks (all full, all copied) into
+    its prefix cache: a one-token request whose prompt ends one token past them loads those it
+    does not hold yet and computes only that token."""
     preload = GenerationRequest(
-        f"{request.request_id}-preload-{exported.blocks}", exported.token_ids[:length],
+        f"{request.request_id}-preload-{blocks}", token_ids[: blocks * block_size + 1],
         {"max_tokens": 1, "temperature": 0.0}, request.priority, kv_transfer=transfer,
     )
 

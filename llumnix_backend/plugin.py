@@ -67,11 +67,11 @@ class EngineInstance(abc.ABC):
 
     @abc.abstractmethod
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        include_partial: bool) -> KvExport | None:
+                        include_partial: bool, max_blocks: int | None = None) -> KvExport | None:
         """Between two engine steps, copy the KV blocks of a decoding request from position
         `first_block` on into `transfer`: its full blocks, and with `include_partial` also the
-        last one still being written. None if the request is not decoding here (finished,
-        preempted, still in prefill). The request keeps running."""
+        last one still being written; at most `max_blocks` of them. None if the request is not
+        decoding here (finished, preempted, still in prefill). The request keeps running."""
 
     @property
     @abc.abstractmethod

@@ -80,7 +80,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     repository = tmp_path_factory.mktemp("repository")
     alpha_config = tiny_config("weights", instances=2, max_model_len=4096)
     # Migration tests freeze a destination on purpose: give up on a stage after 3 s, not 30.
-    alpha_config["scheduler"]["migration"] = {"stage_timeout_s": 3}
+    # Stages copy 2 blocks (256 KiB each) per engine step, so longer requests take several.
+    alpha_config["scheduler"]["migration"] = {"stage_timeout_s": 3, "stage_chunk_mib": 0.5}
     alpha = write_model(repository, "alpha", alpha_config)
     (alpha / "weights").symlink_to(tiny_model)
     beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)

@@ -154,14 +154,14 @@ class VllmInstance(EngineInstance):
     # --- requests -----------------------------------------------------------------------------
 
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        include_partial: bool) -> KvExport | None:
+                        include_partial: bool, max_blocks: int | None = None) -> KvExport | None:
         engine = self._engine
         if engine is None or engine.errored:
             raise EngineDead(f"instance {self.instance_id} is not running")
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
         (result,) = await engine.collective_rpc(
-            "llumnix_export_kv", args=(request_id, first_block, segment, include_partial)
+            "llumnix_export_kv", args=(request_id, first_block, segment, include_partial, max_blocks)
         )
         return None if result is None else KvExport(tuple(result["token_ids"]), result["blocks"])
 

@@ -30,10 +30,11 @@ class LlumnixWorkerExtension:
         return torch.get_num_threads()
 
     def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
-                          include_partial: bool) -> dict[str, Any] | None:
+                          include_partial: bool, max_blocks: int | None = None) -> dict[str, Any] | None:
         """Copy a decoding request's KV blocks, from position `first_block` on, into `segment`.
 
-        Copies full blocks only, or also the last partial one with `include_partial`. Returns
+        Copies full blocks only, or also the last partial one with `include_partial`; at most
+        `max_blocks` (the engine does not step while this runs). Returns
         the request's tokens (prompt + generated: all but the last have their KV copied) and
         how many block positions the segment now holds; None if the request is not decoding
         here now (finished, preempted, still in prefill).
@@ -51,6 +52,8 @@ class LlumnixWorkerExtension:
         with_kv = len(tokens) - 1  # the newest token is sampled but not yet computed
         block_size = self.vllm_config.cache_config.block_size
         end = -(-with_kv // block_size) if include_partial else with_kv // block_size
+        if max_blocks is not None:
+            end = min(end, first_block + max_blocks)
         if end > spec.capacity_blocks:
             raise ValueError(f"request {request_id} needs {end} blocks, the segment holds {spec.capacity_blocks}")
         positions = list(range(first_block, end))
