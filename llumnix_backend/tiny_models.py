@@ -47,7 +47,7 @@ class TinyLlamaRecipe:
     seed: int = 0
 
 
-def build_tokenizer(out_dir: Path) -> None:
+def build_tokenizer(out_dir: Path, vocab_size: int = _VOCAB_SIZE) -> None:
     """Write a byte-level BPE tokenizer with no merges: one token per UTF-8 byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
@@ -56,7 +56,7 @@ def build_tokenizer(out_dir: Path) -> None:
     vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS)}
     for symbol in byte_symbols:
         vocab[symbol] = len(vocab)
-    fillers = [f"<extra_{i}>" for i in range(_VOCAB_SIZE - len(vocab))]
+    fillers = [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
     for filler in fillers:
         vocab[filler] = len(vocab)
 
@@ -105,6 +105,23 @@ def build_model(out_dir: str | Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()
     model.save_pretrained(out, safe_serialization=True)
     build_tokenizer(out)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    return out
+
+
+def write_llama_2_7b_shape(out_dir: str | Path, max_position_embeddings: int = 8192) -> Path:
+    """A folder with Llama-2-7B's architecture and no weights, for engines started with
+    `load_format: dummy` (GPU benchmarks): compute and KV-cache size are the real model's.
+    The context is longer than Llama-2's 4,096 so that 4,096-token sequences can keep decoding."""
+    from transformers import LlamaConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=max_position_embeddings,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16",
+    ).save_pretrained(out)
+    build_tokenizer(out, vocab_size=32000)
     return out
 
 

@@ -1,0 +1,300 @@
+"""Live-migration downtime against recomputation, for sequences of 128 to 4096 tokens.
+
+One llumnix-serve with a model of two instances. For each sequence length L:
+
+- migration: a streaming request whose sequence has reached L tokens is migrated to the other
+  instance; downtime is the longest pause between two tokens its client receives around the
+  switch (and the server's own figure, last source token to first destination token);
+- recompute baseline: what migrating by recomputation costs, i.e. the time to first token of
+  an L-token prompt on an idle instance with nothing cached (abort on the source, prefill the
+  prompt plus generated tokens on the destination).
+
+Each point is the median of --repeats runs, all in one process on the same two instances.
+
+    python benchmarks/migration_downtime.py [--lengths 128,256,512,1024,2048,4096] [--repeats 5]
+        [--shape tiny|llama-2-7b] [--name migration]
+
+`--shape tiny` (default) runs the generated 2-layer model on the CPU; `--shape llama-2-7b` runs
+Llama-2-7B's architecture with dummy weights (GPU: both instances share one GPU by
+`--gpu-memory-utilization` each). Prints JSON and a table; writes
+docs/benchmarks/NAME.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import command_line, markdown_table  # noqa: E402
+
+MODEL = "bench"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+# Tokens generated before the migration starts.
+DECODE_BEFORE = 16
+SHAPES = {"tiny": "tiny llama (2 layers, hidden 256), 2 instances",
+          "llama-2-7b": "Llama-2-7B shape, dummy weights, 2 instances"}
+
+
+def model_config(work: Path, args, max_len: int) -> dict:
+    if args.shape == "tiny":
+        model_dir = ensure_model(work / "model", TinyLlamaRecipe(seed=0))
+        return {"engine": {"model": str(model_dir), "max_model_len": max_len, "enforce_eager": True},
+                "resources": {"cpu_kv_cache_gib": args.kv_cache_gib}}
+    model_dir = write_llama_2_7b_shape(work / "model")
+    return {"engine": {"model": str(model_dir), "load_format": "dummy", "max_model_len": max_len},
+            "resources": {"gpu_memory_utilization": args.gpu_memory_utilization}}
+
+
+def start_server(work: Path, config: dict, transport: str, log: Path | None) -> ServerProcess:
+    (work / "repository" / MODEL).mkdir(parents=True, exist_ok=True)
+    migration = {"rescheduling": False, "transport": transport}  # only the benchmark migrates
+    config = {"instances": 2, **config, "scheduler": {"dispatch_policy": "llumnix", "migration": migration}}
+    (work / "repository" / MODEL / "config.yaml").write_text(yaml.safe_dump(config))
+    server = llumnix_server(work / "repository", log or work / "server.log", extra_args=("--log-level", "warning"))
+    server.start()
+    wait_for_repository(server, 300)
+    return server
+
+
+class TimedStream:
+    """A streaming completion read on a thread, recording when each token arrived."""
+
+    def __init__(self, server: ServerProcess, prompt: list[int], max_tokens: int) -> None:
+        self.arrivals: list[float] = []
+        self.request_id: str | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(server, prompt, max_tokens), daemon=True)
+        self._thread.start()
+
+    def _read(self, server: ServerProcess, prompt: list[int], max_tokens: int) -> None:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                now = time.monotonic()
+                self.request_id = event["id"]
+                for choice in event["choices"]:
+                    self.arrivals += [now] * len(choice.get("token_ids") or [])
+                if len(self.arrivals) >= DECODE_BEFORE:
+                    self._started.set()
+
+    def wait_decoding(self) -> None:
+        assert self._started.wait(120), "the request never started decoding"
+
+    def join(self) -> None:
+        self._thread.join(300)
+
+    def gap_around(self, start: float, end: float) -> float:
+        """The longest pause between consecutive tokens that arrived from `start` on, up to
+        the first token after `end` (the switch happens inside that window)."""
+        times = [t for t in self.arrivals if t >= start]
+        after_end = [i for i, t in enumerate(times) if t > end]
+        if after_end:
+            times = times[: after_end[0] + 1]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+    def typical_gap(self, start: float) -> float:
+        """The median pause between tokens before `start`: the stream's pace without migration."""
+        times = [t for t in self.arrivals if t < start]
+        return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+def instance_of(server: ServerProcess, request_id: str) -> str:
+    instances = httpx.get(server.url + f"/v2/llumnix/models/{MODEL}/instances", timeout=10).json()["instances"]
+    for instance in instances:
+        if request_id in [r["request_id"] for r in instance["snapshot"]["running"]]:
+            return instance["id"]
+    raise RuntimeError(f"request {request_id} is not running")
+
+
+def measure_migration(server: ServerProcess, prompt: list[int], decode_after: int) -> dict:
+    stream = TimedStream(server, prompt, DECODE_BEFORE + decode_after)
+    stream.wait_decoding()
+    source = instance_of(server, stream.request_id)
+    began = time.monotonic()
+    report = httpx.post(server.url + f"/v2/llumnix/models/{MODEL}/migrate", timeout=120,
+                        json={"request_id": stream.request_id, "to": {"0": "1", "1": "0"}[source]}).json()
+    ended = time.monotonic()
+    stream.join()
+    if not report.get("committed"):
+        raise RuntimeError(f"migration not committed: {report}")
+    return {"client_downtime_s": stream.gap_around(began, ended), "inter_token_s": stream.typical_gap(began), "server_downtime_s": report["downtime_s"],
+            "final_copy_s": report["final_copy_s"],
+            "total_s": report["duration_s"], "stages": report["stages"], "blocks": report["blocks"],
+            "recomputed_tokens": report["recomputed_tokens"]}
+
+
+def measure_recompute(server: ServerProcess, prompt: list[int]) -> float:
+    """Time to first token of `prompt` on an idle instance, nothing of it cached."""
+    began = time.monotonic()
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=300, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0.0,
+    }) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                return time.monotonic() - began
+    raise RuntimeError("no token")
+
+
+def wait_idle(server: ServerProcess) -> None:
+    for _ in range(200):
+        instances = httpx.get(server.url + f"/v2/llumnix/models/{MODEL}/instances", timeout=10).json()["instances"]
+        if all(not i["snapshot"]["running"] and not i["snapshot"]["waiting"] for i in instances):
+            return
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="128,256,512,1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", choices=["tiny", "llama-2-7b"], default="tiny")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="per instance, CPU engines")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="per instance, GPU engines")
+    parser.add_argument("--transport", choices=["auto", "host", "device"], default="auto",
+                        help="how KV blocks travel (auto: device on GPU, host on CPU)")
+    parser.add_argument("--decode-after", type=int, default=128,
+                        help="tokens the request may still generate once the migration starts: it must "
+                             "outlive the migration (the host path on GPU copies for seconds)")
+    parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here")
+    parser.add_argument("--name", default="migration", help="file name of the figures in --out")
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rng = random.Random(0)
+
+    def random_prompt(n: int) -> list[int]:  # fresh tokens every time: nothing hits a prefix cache
+        return [rng.randrange(3, 259) for _ in range(n)]
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="llumnix-migration-") as tmp:
+        work = Path(tmp)
+        server = start_server(work, model_config(work, args, max(lengths) + args.decode_after + 64), args.transport,
+                              args.server_log)
+        try:
+            measure_migration(server, random_prompt(256), args.decode_after)  # warm both instances up
+            wait_idle(server)
+            for length in lengths:
+                migrations, recomputes = [], []
+                for _ in range(args.repeats):
+                    migrations.append(measure_migration(server, random_prompt(length - DECODE_BEFORE), args.decode_after))
+                    wait_idle(server)
+                    recomputes.append(measure_recompute(server, random_prompt(length)))
+                    wait_idle(server)
+                rows[length] = summarize(migrations, recomputes)
+                print(f"{length} tokens: {rows[length]}", file=sys.stderr)
+        finally:
+            server.stop()
+    report = build_report(rows, args)
+    print(json.dumps(report, indent=2))
+    print(report_table(report))
+    write_docs(report, args.out, args.name)
+
+
+def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
+    def median(key: str) -> float:
+        return statistics.median(m[key] for m in migrations)
+
+    return {
+        "client_downtime_ms": median("client_downtime_s") * 1000,
+        "inter_token_ms": median("inter_token_s") * 1000,
+        "server_downtime_ms": median("server_downtime_s") * 1000,
+        "final_copy_ms": median("final_copy_s") * 1000,
+        "migration_total_ms": median("total_s") * 1000,
+        "stages": median("stages"),
+        "blocks": median("blocks"),
+        "recomputed_tokens": max(m["recomputed_tokens"] for m in migrations),
+        "recompute_ms": statistics.median(recomputes) * 1000,
+    }
+
+
+def build_report(rows: dict[int, dict], args) -> dict:
+    lengths = sorted(rows)
+    short, long = rows[lengths[0]], rows[lengths[-1]]
+    flat = long["client_downtime_ms"] / short["client_downtime_ms"]
+    versus = long["client_downtime_ms"] / long["recompute_ms"]
+    return {
+        "benchmark": "migration_downtime",
+        "command": command_line(),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "settings": {"repeats": args.repeats, "decode_after": args.decode_after, "model": SHAPES[args.shape], "device": device_name(),
+                     "transport": args.transport,
+                     **({"kv_cache_gib": args.kv_cache_gib} if args.shape == "tiny"
+                        else {"gpu_memory_utilization": args.gpu_memory_utilization})},
+        "results": {str(k): rows[k] for k in lengths},
+        "comparison": {
+            f"downtime_{lengths[-1]}_over_{lengths[0]}": flat,
+            f"downtime_over_recompute_at_{lengths[-1]}": versus,
+        },
+        "targets": {
+            "downtime_longest_over_shortest_at_most": 2.0,
+            "downtime_over_recompute_at_longest_at_most": 0.2,
+            "met": flat <= 2.0 and versus <= 0.2,
+        },
+    }
+
+
+def report_table(report: dict) -> str:
+    header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)", "of which last copy ms", "migration ms", "stages", "blocks",
+              "recomputed tokens", "recompute ms"]
+    rows = [[k, f"{r['inter_token_ms']:.1f}", f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}", f"{r['final_copy_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
+             f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), f"{r['recompute_ms']:.1f}"]
+            for k, r in report["results"].items()]
+    comparison = "; ".join(f"{k}: {v:.3f}" for k, v in report["comparison"].items())
+    return f"{markdown_table(header, rows)}\n\n{comparison}"
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def write_docs(report: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"# Live migration downtime\n\nCommand: `{report['command']}`\n\n"
+                                      f"{report_table(report)}\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [int(k) for k in report["results"]]
+    rows = list(report["results"].values())
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(lengths, [r["client_downtime_ms"] for r in rows], "o-", label="migration downtime (client)")
+    ax.plot(lengths, [r["migration_total_ms"] for r in rows], "s--", label="migration, first copy to switch")
+    ax.plot(lengths, [r["recompute_ms"] for r in rows], "^-", label="recompute on destination")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("ms")
+    settings = report["settings"]
+    ax.set_title(f"Live migration vs recomputation\n{settings['model']}, {settings['device']}, "
+                 f"{settings['transport']} transport", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
