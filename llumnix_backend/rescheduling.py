@@ -40,8 +40,9 @@ def migration_freeness(view: InstanceView, priority: PrioritySettings) -> float:
 
 
 def pick_request(running: Iterable[RequestLoad], exclude: frozenset[str] = frozenset()) -> RequestLoad | None:
-    """The request a source sends: least urgent first, then the fewest blocks."""
-    candidates = [r for r in running if r.request_id not in exclude]
+    """The request a source sends: least urgent first, then the fewest blocks. Only decoding
+    requests move; one still in (chunked) prefill is never picked."""
+    candidates = [r for r in running if r.decoding and r.request_id not in exclude]
     return max(candidates, key=lambda r: (r.priority, -r.num_blocks), default=None)
 
 

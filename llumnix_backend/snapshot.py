@@ -19,6 +19,9 @@ class RequestLoad:
     num_tokens: int  # prompt + generated so far
     num_blocks: int  # KV blocks the request holds now
     demand_blocks: int = 0  # blocks it still needs before it can run (waiting requests)
+    # Past its prefill and generating: only such a request can migrate (chunked prefill and
+    # recomputation after preemption are not).
+    decoding: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ PRIORITY = PrioritySettings(high_below=0, headroom_tokens=32 * BLOCK)
 SETTINGS = MigrationSettings(source_below=10, destination_above=30)
 
 
-def req(name: str, blocks: int, priority: int = 0, demand: int = 0) -> RequestLoad:
-    return RequestLoad(name, priority, blocks * BLOCK, blocks, demand)
+def req(name: str, blocks: int, priority: int = 0, demand: int = 0, decoding: bool = True) -> RequestLoad:
+    return RequestLoad(name, priority, blocks * BLOCK, blocks, demand, decoding)
 
 
 def view(instance_id: str, running=(), waiting=(), total: int = 100, **kw) -> InstanceView:
@@ -72,6 +72,14 @@ def test_no_room_no_move() -> None:
     assert plan_migrations([crowded, small], PRIORITY, MigrationSettings(source_below=20, destination_above=5)) == []
 
 
+def test_a_request_still_in_prefill_is_never_picked() -> None:
+    crowded = view("a", [req("prefilling", 10, priority=9, decoding=False), req("r1", 40), req("r2", 40)])
+    (plan,) = plan_migrations([crowded, view("b")], PRIORITY, SETTINGS)
+    assert plan.request_id == "r1"  # "prefilling" is less urgent and smaller, but cannot move yet
+    only_prefilling = view("a", [req("p1", 45, decoding=False), req("p2", 45, decoding=False)])
+    assert plan_migrations([only_prefilling, view("b")], PRIORITY, SETTINGS) == []
+
+
 def test_busy_instances_and_migrating_requests_are_left_alone() -> None:
     crowded = view("a", [req("r1", 45), req("r2", 45)])  # (100 - 90) / 2 = 5
     empty = view("b")
@@ -80,14 +88,14 @@ def test_busy_instances_and_migrating_requests_are_left_alone() -> None:
     assert plan.request_id == "r2"
 
 
-requests = st.lists(st.tuples(st.integers(1, 30), st.integers(-3, 3)), max_size=6)
+requests = st.lists(st.tuples(st.integers(1, 30), st.integers(-3, 3), st.booleans()), max_size=6)
 
 
 @st.composite
 def cluster(draw):
     views = []
     for i in range(draw(st.integers(1, 5))):
-        running = [req(f"i{i}r{j}", b, p) for j, (b, p) in enumerate(draw(requests))]
+        running = [req(f"i{i}r{j}", b, p, decoding=d) for j, (b, p, d) in enumerate(draw(requests))]
         views.append(view(f"i{i}", running, total=draw(st.integers(1, 200)) + sum(r.num_blocks for r in running),
                           accepting=draw(st.booleans()), draining=draw(st.booleans())))
     return views
@@ -108,4 +116,4 @@ def test_every_plan_is_safe(views) -> None:
         assert destination.accepting and not destination.draining
         assert moved.num_blocks < destination.snapshot.free_blocks
         assert migration_freeness(destination, PRIORITY) > migration_freeness(source, PRIORITY)
-        assert moved == pick_request(source.snapshot.running)
+        assert moved.decoding and moved == pick_request(source.snapshot.running)

@@ -50,7 +50,8 @@ def gamma(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerP
     config["engine"]["max_num_batched_tokens"] = TOTAL_BLOCKS * BLOCK_SIZE
     config["resources"]["cpu_kv_cache_gib"] = (TOTAL_BLOCKS + 1) * 256 / 2**20  # bf16 KV: 256 KiB a block
     config["scheduler"]["priority"] = {"high_below": 0, "headroom_tokens": 32 * BLOCK_SIZE}
-    config["scheduler"]["migration"] = {"source_below": 10, "destination_above": 30, "stage_timeout_s": 3}
+    # Tests freeze a destination for a few seconds on purpose; a stage gives up after 10.
+    config["scheduler"]["migration"] = {"source_below": 10, "destination_above": 30, "stage_timeout_s": 10}
     write_model(repository, MODEL, config)
     server = llumnix_server(repository, repository.parent / "rescheduling-server.log").start()
     try:
@@ -156,6 +157,59 @@ def test_defragmentation_makes_room_for_a_request_that_fits_nowhere(gamma) -> No
     moved = migrations_since(gamma, before)
     assert sum(moved.values()) == 1, moved
     finish(gamma, small)
+
+
+def test_a_full_destination_is_refused_and_nothing_moves(gamma) -> None:
+    # A 57-block request on instance 1 leaves it 6 blocks; an 8-block request cannot go there.
+    # (Nor can the policy move the big one: it needs 58 blocks, instance 0 has 55 free.)
+    set_draining(gamma, "0", True, MODEL)
+    try:
+        big = StreamedCompletion(gamma, MODEL, prompt=prompt(57 * BLOCK_SIZE - 10, 14), max_tokens=300)
+        big.wait_for_tokens(2)
+    finally:
+        set_draining(gamma, "0", False, MODEL)
+    small = StreamedCompletion(gamma, MODEL, **short_request(15)).wait_for_tokens(2)
+    assert placement(gamma, [big, small]) == ["1", "0"]
+    before = migrations(gamma, MODEL, "started")
+    response = migrate(gamma, small.request_id, "1", MODEL)
+    assert response.status_code == 400, response.text
+    assert "instance '1' has no room" in response.json()["error"], response.text
+    assert migrations(gamma, MODEL, "started") == before
+    assert running_on(gamma, small.request_id, MODEL) == "0"
+    finish(gamma, [big, small])
+
+
+def test_a_request_preempted_during_its_migration_stays_and_completes_on_its_source(gamma) -> None:
+    # The destination is frozen, so the migration waits in its first stage. Meanwhile a
+    # high-priority 54-block request joins the low-priority 8-block one on instance 0; once it
+    # has grown past the 55 blocks left, vLLM preempts the low-priority one. When the
+    # destination answers again, the migration finds its request no longer decoding and stops.
+    (low,) = start_on_instance_0(gamma, [short_request(16, priority=5, max_tokens=400)])
+    started = migrations(gamma, MODEL, "started").get(("0", "1"), 0)
+    with frozen(engine_pid(gamma, "1", MODEL)):
+        migrating = InBackground(lambda: migrate(gamma, low.request_id, "1", MODEL))
+        deadline = time.monotonic() + 10
+        while migrations(gamma, MODEL, "started").get(("0", "1"), 0) == started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # The migration is under way; the high-priority request must go to instance 0.
+        set_draining(gamma, "1", True, MODEL)
+        try:
+            high = StreamedCompletion(gamma, MODEL, prompt=prompt(54 * BLOCK_SIZE - 10, 17), max_tokens=300,
+                                      priority=-5)
+            deadline = time.monotonic() + 20
+            while low.request_id not in waiting_on(gamma, "0") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert low.request_id in waiting_on(gamma, "0"), "the low-priority request was not preempted"
+        finally:
+            set_draining(gamma, "1", False, MODEL)
+    report = migrating.result().json()
+    assert not report["committed"] and report["reason"] == "the request is not decoding on the source", report
+    # Both complete on instance 0, the preempted one after recomputing its KV there.
+    finish(gamma, [high, low])
+
+
+def waiting_on(server: ServerProcess, instance: str) -> list[str]:
+    return [r["request_id"] for r in instances(server, MODEL)[instance]["snapshot"]["waiting"]]
 
 
 # Last: it kills one of gamma's instances.

@@ -87,6 +87,8 @@ class LlumnixScheduler(Scheduler):
             num_tokens=request.num_tokens,
             num_blocks=blocks_held,
             demand_blocks=max(0, needed - blocks_held),
+            # Decoding: every token but the newest sampled one has its KV computed.
+            decoding=request.num_output_tokens > 0 and request.num_computed_tokens >= request.num_tokens - 1,
         )
 
     def _blocks_held(self, request_id: str) -> int:
