@@ -40,7 +40,10 @@ InstanceStates = tuple[str, ...]
 
 
 class ServerMetrics:
-    def __init__(self, instance_reports: Callable[[], Iterable[InstanceReport]], states: InstanceStates) -> None:
+    def __init__(self, instance_reports: Callable[[], Iterable[InstanceReport]], states: InstanceStates,
+                 model_states: Callable[[], Iterable[tuple[str, str]]] = tuple, model_state_names: tuple[str, ...] = ()
+                 ) -> None:
+        """`model_states()`: (model, state) pairs at scrape time, the state one of `model_state_names`."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -91,6 +94,15 @@ class ServerMetrics:
         self.migration_blocks = Counter("llumnix:migration_blocks", "KV blocks copied by migrations.", pair, registry=r)
         self.migration_bytes = Counter("llumnix:migration_bytes", "KV bytes copied by migrations.", pair, registry=r)
         r.register(_InstanceCollector(instance_reports, states))
+        r.register(_ModelStateCollector(model_states, model_state_names))
+        self.model_operations = Counter(
+            "llumnix:model_operations", "Model loads, reloads and unloads, by outcome (success, failure).",
+            ("model_name", "operation", "outcome"), registry=r,
+        )
+        self.model_load_duration = Histogram(
+            "llumnix:model_load_duration_seconds", "Time from starting to load a model version until it serves.",
+            ("model_name",), buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600), registry=r,
+        )
 
     def record_migration(self, model: str, report: MigrationReport) -> None:
         pair = (model, report.source, report.destination)
@@ -111,6 +123,23 @@ class ServerMetrics:
 def _reason_label(reason: str) -> str:
     """A bounded label for an abort reason: its words before any detail."""
     return reason.split(":", 1)[0][:60] or "unknown"
+
+
+class _ModelStateCollector:
+    def __init__(self, model_states: Callable[[], Iterable[tuple[str, str]]], names: tuple[str, ...]) -> None:
+        self._model_states = model_states
+        self._names = names
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("llumnix:model_state", "1 for the state each model is in.",
+                                  labels=["model_name", "state"])
+        for model, current in self._model_states():
+            for name in self._names:
+                gauge.add_metric([model, name], 1.0 if current == name else 0.0)
+        yield gauge
 
 
 class _InstanceCollector:

@@ -2,17 +2,25 @@
 
 A model folder that cannot be served (bad config, unknown backend, missing files, every engine
 failing to start) is listed as UNAVAILABLE with the reason; it never stops the others.
+
+Model control follows Triton: with `none`, every folder is loaded at start and the repository
+API cannot load or unload; with `explicit`, only the models named at start are loaded, and
+`load_model`/`unload_model` do the rest. Loading a model that serves starts the new version
+beside the old one and switches traffic once it is ready; if the new one cannot be served, the
+old one keeps serving and the model's reason says why. Unloading stops new requests, lets the
+running ones finish, then stops the instances.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from llumnix_backend.config import ConfigError, load_model_config
+from llumnix_backend.config import ConfigError, load_model_config, parse_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, load_backend
 from llumnix_backend.repository import is_valid_model_name, model_folders
@@ -36,6 +44,23 @@ class ModelNotReady(RuntimeError):
     pass
 
 
+class ModelControlMode(str, Enum):
+    NONE = "none"  # the repository as found at start, fixed
+    EXPLICIT = "explicit"  # models load and unload on request
+
+
+class RepositoryRequestError(Exception):
+    """A load or unload request that cannot be carried out; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+NOT_LOADED = "not loaded"
+UNLOADED = "unloaded"
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -50,9 +75,18 @@ def _ignore(_: InstanceEvent) -> None:
 
 
 class ModelRegistry:
-    def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore) -> None:
+    def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore,
+                 control_mode: ModelControlMode = ModelControlMode.NONE,
+                 startup_models: frozenset[str] = frozenset({"*"})) -> None:
+        """`startup_models`: in explicit mode, the models to load at start (`*`: all)."""
         self.repository = repository
-        self.metrics = ServerMetrics(self._reports, tuple(s.value for s in InstanceState))
+        self.control_mode = control_mode
+        self._startup_models = startup_models
+        self._operations: dict[str, asyncio.Lock] = {}  # one load/unload at a time per model
+        self._retiring: dict[asyncio.Task, ServedModel] = {}  # replaced versions finishing their requests
+        self.metrics = ServerMetrics(self._reports, tuple(s.value for s in InstanceState),
+                                     lambda: [(e.name, e.state.value) for e in self._entries.values()],
+                                     tuple(s.value for s in ModelState))
         self._entries: dict[str, ModelEntry] = {}
         self._backends: dict[str, Backend] = {}
         self._start_slots = asyncio.Semaphore(max_parallel_starts)
@@ -62,37 +96,119 @@ class ModelRegistry:
     # --- loading ------------------------------------------------------------------------------
 
     async def load_repository(self) -> None:
-        """Load every model folder concurrently; returns when each is READY or UNAVAILABLE."""
+        """Load the models to serve from the start, concurrently; returns when each is READY or
+        UNAVAILABLE. In explicit mode the other folders are listed as not loaded."""
         folders = model_folders(self.repository)
         for name, path in folders.items():
             self._entries[name] = ModelEntry(name, path)
-        await asyncio.gather(*(self._load(self._entries[name]) for name in folders))
+        explicit = self.control_mode is ModelControlMode.EXPLICIT and "*" not in self._startup_models
+        for missing in sorted(self._startup_models - {"*"} - set(folders)):
+            logger.error("--load-model %s: no such model folder in %s", missing, self.repository)
+        to_load = [name for name in folders if not explicit or name in self._startup_models]
+        for name in set(folders) - set(to_load):
+            self._entries[name].state, self._entries[name].reason = ModelState.UNAVAILABLE, NOT_LOADED
+        await asyncio.gather(*(self._load(self._entries[name]) for name in to_load))
         self.initial_load_done.set()
 
-    async def _load(self, entry: ModelEntry) -> None:
+    async def _load(self, entry: ModelEntry, config_override: dict | None = None) -> None:
+        model, reason = await self._start_model(entry, config_override)
+        self._count(entry.name, "load", model is not None)
+        if model is not None:
+            entry.model, entry.state, entry.reason = model, ModelState.READY, ""
+        else:
+            self._mark_unavailable(entry, reason)
+
+    async def _start_model(self, entry: ModelEntry, config_override: dict | None) -> tuple[ServedModel | None, str]:
+        """Start a version of the model from its folder (or from `config_override`): the model
+        once it serves, else None and why."""
         if not is_valid_model_name(entry.name):
-            self._mark_unavailable(entry, f"{entry.path}: the folder name is not a valid model name "
-                                          "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
-            return
+            return None, (f"{entry.path}: the folder name is not a valid model name "
+                          "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
         try:
-            config = load_model_config(entry.path)
+            if config_override is None:
+                config = load_model_config(entry.path)
+            else:
+                config = parse_model_config(config_override, "load request: parameters.config")
             backend = await self._backend(config.backend, entry.path / "config.yaml")
             runtime = await asyncio.to_thread(backend.load_model, entry.name, entry.path, config)
         except ConfigError as exc:
-            self._mark_unavailable(entry, str(exc))
-            return
+            return None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not stop other models
             logger.exception("loading model %s failed", entry.name)
-            self._mark_unavailable(entry, f"{type(exc).__name__}: {exc}")
-            return
+            return None, f"{type(exc).__name__}: {exc}"
+        began = time.monotonic()
         model = ServedModel(entry.name, config, runtime, self.metrics)
-        entry.model = model
         await model.start(self._start_slots, self._progress)
         if model.ready:
-            entry.state, entry.reason = ModelState.READY, ""
-        else:
-            reasons = "; ".join(f"instance {i}: {e}" for i, e in model.instance_errors().items())
-            self._mark_unavailable(entry, f"no instance started ({reasons})")
+            self.metrics.model_load_duration.labels(entry.name).observe(time.monotonic() - began)
+            return model, ""
+        reasons = "; ".join(f"instance {i}: {e}" for i, e in model.instance_errors().items())
+        await model.shutdown()
+        return None, f"no instance started ({reasons})"
+
+    # --- repository API (explicit model control) ----------------------------------------------
+
+    def _explicit_entry(self, name: str) -> ModelEntry:
+        if self.control_mode is not ModelControlMode.EXPLICIT:
+            raise RepositoryRequestError(
+                400, f"models cannot be loaded or unloaded: the server runs with --model-control-mode "
+                     f"{self.control_mode.value} (start it with explicit)")
+        if not is_valid_model_name(name):
+            raise RepositoryRequestError(
+                400, f"invalid model name {name!r}: a model name is a plain folder name (letters, digits, "
+                     "'.', '_' and '-', starting with a letter or digit)")
+        if name not in self._entries:
+            path = self.repository / name
+            self._entries[name] = ModelEntry(name, path, ModelState.UNAVAILABLE, NOT_LOADED)
+        return self._entries[name]
+
+    async def load_model(self, name: str, config_override: dict | None = None) -> None:
+        """Load (or reload) `name` from its folder, or with `config_override` as its config.
+        A version that serves keeps serving until the new one does; if the new one cannot be
+        served it keeps serving for good, and the error is raised and shown as the reason."""
+        entry = self._explicit_entry(name)
+        async with self._operations.setdefault(name, asyncio.Lock()):
+            if config_override is None and not entry.path.is_dir():
+                if entry.model is None:
+                    del self._entries[name]
+                raise RepositoryRequestError(400, f"failed to load {name!r}: no folder {entry.path}")
+            previous = entry.model if entry.state is ModelState.READY else None
+            if previous is None:
+                entry.state, entry.reason = ModelState.LOADING, ""
+            model, reason = await self._start_model(entry, config_override)
+            self._count(name, "load" if previous is None else "reload", model is not None)
+            if model is None:
+                if previous is None:
+                    self._mark_unavailable(entry, reason)
+                else:
+                    entry.reason = f"the new version failed to load; the previous one keeps serving: {reason}"
+                    logger.error("model %s: %s", name, entry.reason)
+                raise RepositoryRequestError(400, f"failed to load {name!r}: {reason}")
+            entry.model, entry.state, entry.reason = model, ModelState.READY, ""
+            if previous is not None:
+                task = asyncio.create_task(self._retire(previous), name=f"retire-{name}")
+                self._retiring[task] = previous
+                task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def unload_model(self, name: str) -> None:
+        """Stop taking requests for `name`, let the running ones finish, then stop its instances."""
+        entry = self._explicit_entry(name)
+        async with self._operations.setdefault(name, asyncio.Lock()):
+            model = entry.model
+            if model is None:
+                return  # not loaded: nothing to do, as in Triton
+            entry.state, entry.reason = ModelState.UNLOADING, ""
+            await self._retire(model)
+            entry.model, entry.state, entry.reason = None, ModelState.UNAVAILABLE, UNLOADED
+            self._count(name, "unload", True)
+
+    def _count(self, name: str, operation: str, succeeded: bool) -> None:
+        self.metrics.model_operations.labels(name, operation, "success" if succeeded else "failure").inc()
+
+    @staticmethod
+    async def _retire(model: ServedModel) -> None:
+        await model.wait_idle()
+        await model.shutdown()
 
     def _mark_unavailable(self, entry: ModelEntry, reason: str) -> None:
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
@@ -104,7 +220,10 @@ class ModelRegistry:
         return self._backends[name]
 
     async def shutdown(self) -> None:
-        models = [e.model for e in self._entries.values() if e.model is not None]
+        retiring = list(self._retiring.values())
+        for task in list(self._retiring):
+            task.cancel()
+        models = retiring + [e.model for e in self._entries.values() if e.model is not None]
         for entry in self._entries.values():
             if entry.model is not None:
                 entry.state = ModelState.UNLOADING

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
+IDLE_POLL_S = 0.05  # how often `wait_idle` looks (requests last far longer)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,11 @@ class ServedModel:
             else:
                 slot.state = InstanceState.READY
             progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error))
+
+    async def wait_idle(self) -> None:
+        """Return once no request is running here (the model takes none while unloading)."""
+        while self._streams:
+            await asyncio.sleep(IDLE_POLL_S)
 
     async def shutdown(self) -> None:
         for task in [self._rescheduler, *self._planned]:

@@ -23,7 +23,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--max-parallel-starts", type=int, default=4,
                         help="engines started at the same time (they compete for CPU and memory)")
+    parser.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+                        help="none: serve every model folder found at start; explicit: serve those named "
+                             "by --load-model, and load/unload others through the repository API")
+    parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                        help="explicit mode: a model to load at start (repeatable; '*' for all)")
     args = parser.parse_args(argv)
+    if args.load_model and args.model_control_mode != "explicit":
+        parser.error("--load-model needs --model-control-mode explicit")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository} is not a folder")
     if args.max_parallel_starts < 1:
@@ -44,12 +51,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from llumnix_backend.model_registry import ModelRegistry
+    from llumnix_backend.model_registry import ModelControlMode, ModelRegistry
     from llumnix_server.app import create_app
     from llumnix_server.startup_report import StartupReport
 
     report = StartupReport(f"http://{args.host}:{args.port}")
-    registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event)
+    registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
+                             ModelControlMode(args.model_control_mode), frozenset(args.load_model))
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
 

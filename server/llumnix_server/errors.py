@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llumnix_backend.dispatch import NoInstanceAvailable
 from llumnix_backend.migration import MigrationRejected
-from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
+from llumnix_backend.model_registry import ModelNotFound, ModelNotReady, RepositoryRequestError
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
 
@@ -64,7 +64,7 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(503, str(exc), "model")
     if isinstance(exc, NoInstanceAvailable):
         return ApiError(503, "no instance of the model is accepting requests", "model")
-    if isinstance(exc, MigrationRejected):
+    if isinstance(exc, (MigrationRejected, RepositoryRequestError)):
         return ApiError(exc.status, str(exc))
     if isinstance(exc, EngineDead):
         return ApiError(500, f"the engine failed: {exc}")
@@ -94,7 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, exc.status_code, str(exc.detail))
 
-    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, MigrationRejected):
+    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, MigrationRejected,
+                 RepositoryRequestError):
 
         @app.exception_handler(kind)
         async def _mapped(request: Request, exc: Exception) -> JSONResponse:

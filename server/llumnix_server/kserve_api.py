@@ -141,6 +141,19 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
             for e in registry.entries()
         ]
 
+    # `path` captures names with slashes too, so that they get a clear 400, not a bare 404.
+    @router.post("/v2/repository/models/{model_name:path}/load")
+    async def repository_load(model_name: str, request: Request) -> dict[str, Any]:
+        """Load or reload a model (explicit model control); `parameters.config`, a JSON model
+        config, replaces the folder's config.yaml, as in Triton."""
+        await registry.load_model(model_name, _config_override(await request.body()))
+        return {}
+
+    @router.post("/v2/repository/models/{model_name:path}/unload")
+    async def repository_unload(model_name: str) -> dict[str, Any]:
+        await registry.unload_model(model_name)
+        return {}
+
     @router.post("/v2/models/{model_name}/generate")
     async def generate(model_name: str, request: Request):
         return await _generate(registry, model_name, await _parse(request), request, stream_route=False)
@@ -150,6 +163,25 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
         return await _generate(registry, model_name, await _parse(request), request, stream_route=True)
 
     return router
+
+
+def _config_override(body: bytes) -> dict | None:
+    """The `parameters.config` of a load request (a JSON string, or an object), if any."""
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise RequestError(f"the body is not valid JSON: {exc}") from None
+    config = (data.get("parameters") or {}).get("config") if isinstance(data, dict) else None
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError as exc:
+            raise RequestError(f"parameters.config is not valid JSON: {exc}", "parameters.config") from None
+    if config is not None and not isinstance(config, dict):
+        raise RequestError("parameters.config must be a JSON object (a model config)", "parameters.config")
+    return config
 
 
 async def _parse(request: Request) -> GenerateRequest:
