@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
-from llumnix_backend.config import ConfigError, load_model_config, parse_model_config
+from llumnix_backend.config import ConfigError, ModelConfig, load_model_config, parse_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, load_backend
 from llumnix_backend.repository import is_valid_model_name, model_folders
@@ -74,6 +75,11 @@ def _ignore(_: InstanceEvent) -> None:
     pass
 
 
+def _only_scheduler_differs(old: ModelConfig, new: ModelConfig) -> bool:
+    return old.scheduler != new.scheduler and old.model_dump(exclude={"scheduler"}) == new.model_dump(
+        exclude={"scheduler"})
+
+
 class ModelRegistry:
     def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore,
                  control_mode: ModelControlMode = ModelControlMode.NONE,
@@ -110,25 +116,29 @@ class ModelRegistry:
         await asyncio.gather(*(self._load(self._entries[name]) for name in to_load))
         self.initial_load_done.set()
 
-    async def _load(self, entry: ModelEntry, config_override: dict | None = None) -> None:
-        model, reason = await self._start_model(entry, config_override)
+    async def _load(self, entry: ModelEntry) -> None:
+        model, reason = await self._start_model(entry, None)
         self._count(entry.name, "load", model is not None)
         if model is not None:
             entry.model, entry.state, entry.reason = model, ModelState.READY, ""
         else:
             self._mark_unavailable(entry, reason)
 
-    async def _start_model(self, entry: ModelEntry, config_override: dict | None) -> tuple[ServedModel | None, str]:
-        """Start a version of the model from its folder (or from `config_override`): the model
-        once it serves, else None and why."""
+    @staticmethod
+    def _read_config(entry: ModelEntry, config_override: dict | None) -> ModelConfig:
+        """The model's config: its folder's, or `config_override`; raises ConfigError."""
         if not is_valid_model_name(entry.name):
-            return None, (f"{entry.path}: the folder name is not a valid model name "
-                          "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
+            raise ConfigError(entry.path, None, "the folder name is not a valid model name "
+                                                "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
+        if config_override is not None:
+            return parse_model_config(config_override, "load request: parameters.config")
+        return load_model_config(entry.path)
+
+    async def _start_model(self, entry: ModelEntry, config: ModelConfig | None) -> tuple[ServedModel | None, str]:
+        """Start a version of the model with `config` (read from its folder if None): the model
+        once it serves, else None and why."""
         try:
-            if config_override is None:
-                config = load_model_config(entry.path)
-            else:
-                config = parse_model_config(config_override, "load request: parameters.config")
+            config = config or self._read_config(entry, None)
             backend = await self._backend(config.backend, entry.path / "config.yaml")
             runtime = await asyncio.to_thread(backend.load_model, entry.name, entry.path, config)
         except ConfigError as exc:
@@ -173,22 +183,38 @@ class ModelRegistry:
                     del self._entries[name]
                 raise RepositoryRequestError(400, f"failed to load {name!r}: no folder {entry.path}")
             previous = entry.model if entry.state is ModelState.READY else None
+            operation = "load" if previous is None else "reload"
+            try:
+                config = self._read_config(entry, config_override)
+            except ConfigError as exc:
+                self._refuse_load(entry, operation, str(exc))
+            if previous is not None and _only_scheduler_differs(previous.config, config):
+                previous.apply_scheduler(config.scheduler)  # in place: no instance restarts
+                entry.reason = ""
+                self._count(name, operation, True)
+                return
             if previous is None:
                 entry.state, entry.reason = ModelState.LOADING, ""
-            model, reason = await self._start_model(entry, config_override)
-            self._count(name, "load" if previous is None else "reload", model is not None)
+            model, reason = await self._start_model(entry, config)
             if model is None:
-                if previous is None:
-                    self._mark_unavailable(entry, reason)
-                else:
-                    entry.reason = f"the new version failed to load; the previous one keeps serving: {reason}"
-                    logger.error("model %s: %s", name, entry.reason)
-                raise RepositoryRequestError(400, f"failed to load {name!r}: {reason}")
+                self._refuse_load(entry, operation, reason)
+            self._count(name, operation, True)
             entry.model, entry.state, entry.reason = model, ModelState.READY, ""
             if previous is not None:
                 task = asyncio.create_task(self._retire(previous), name=f"retire-{name}")
                 self._retiring[task] = previous
                 task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    def _refuse_load(self, entry: ModelEntry, operation: str, reason: str) -> NoReturn:
+        """A load or reload failed: the model stays as it was (unavailable, or serving its
+        previous version with the failure as its reason)."""
+        self._count(entry.name, operation, False)
+        if entry.model is None:
+            self._mark_unavailable(entry, reason)
+        else:
+            entry.reason = f"the new version failed to load; the previous one keeps serving: {reason}"
+            logger.error("model %s: %s", entry.name, entry.reason)
+        raise RepositoryRequestError(400, f"failed to load {entry.name!r}: {reason}")
 
     async def unload_model(self, name: str) -> None:
         """Stop taking requests for `name`, let the running ones finish, then stop its instances."""

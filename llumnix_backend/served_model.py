@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llumnix_backend.config import ModelConfig
+from llumnix_backend.config import ModelConfig, SchedulerSettings
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -94,8 +94,21 @@ class ServedModel:
         """Start the configured number of instances; failures are recorded, not raised."""
         ids = [self._add_instance() for _ in range(self.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
-        if self.config.scheduler.migration.rescheduling and len(ids) > 1:
+        self._follow_rescheduling_setting()
+
+    def apply_scheduler(self, scheduler: SchedulerSettings) -> None:
+        """Use new scheduler settings from now on (dispatch, priorities, migration); no
+        instance restarts and nothing in flight is touched."""
+        self.config = self.config.model_copy(update={"scheduler": scheduler})
+        self._follow_rescheduling_setting()
+
+    def _follow_rescheduling_setting(self) -> None:
+        wanted = self.config.scheduler.migration.rescheduling and len(self._instances) > 1
+        if wanted and self._rescheduler is None:
             self._rescheduler = asyncio.create_task(self._reschedule(), name=f"reschedule-{self.name}")
+        elif not wanted and self._rescheduler is not None:
+            self._rescheduler.cancel()
+            self._rescheduler = None
 
     def _add_instance(self) -> str:
         instance_id = str(self._next_index)
@@ -302,8 +315,8 @@ class ServedModel:
 
     async def _reschedule(self) -> None:
         """Every interval, start the migrations the policy asks for (Llumnix rescheduling)."""
-        settings = self.config.scheduler.migration
         while True:
+            settings = self.config.scheduler.migration  # settings may change while it runs
             await asyncio.sleep(settings.interval_s)
             busy = frozenset(i for i, n in self._migrations_at.items() if n >= settings.max_in_flight_per_instance)
             live = [v for v in self.views() if self._instances[v.instance_id].engine.alive]

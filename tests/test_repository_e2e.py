@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import StreamedCompletion
+from llumnix_client import StreamedCompletion, instances
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -86,6 +86,16 @@ def test_reload_with_a_config_from_the_request_switches_versions_without_droppin
     assert running.result().finish_reason == "length" and len(running.token_ids) == 300
     config = httpx.get(f"{explicit.url}/v2/models/first/config").json()
     assert config["engine"]["max_model_len"] == 1024, config
+    assert generate(explicit, "first").status_code == 200
+
+
+def test_a_scheduler_change_is_applied_in_place(explicit, client, tiny_model) -> None:
+    engine_before = instances(explicit, "first")["0"]["snapshot"]["engine_pid"]
+    changed = tiny_config(str(tiny_model), dispatch="queue", max_model_len=1024)
+    client.load_model("first", config=json.dumps(changed))
+    listing = httpx.get(f"{explicit.url}/v2/llumnix/models/first/instances").json()
+    assert listing["dispatch_policy"] == "queue"
+    assert instances(explicit, "first")["0"]["snapshot"]["engine_pid"] == engine_before  # not restarted
     assert generate(explicit, "first").status_code == 200
 
 
