@@ -3,17 +3,20 @@
 A model folder that cannot be served (bad config, unknown backend, missing files, every engine
 failing to start) is listed as UNAVAILABLE with the reason; it never stops the others.
 
-Model control follows Triton: with `none`, every folder is loaded at start and the repository
-API cannot load or unload; with `explicit`, only the models named at start are loaded, and
-`load_model`/`unload_model` do the rest. Loading a model that serves starts the new version
-beside the old one and switches traffic once it is ready; if the new one cannot be served, the
-old one keeps serving and the model's reason says why. Unloading stops new requests, lets the
-running ones finish, then stops the instances.
+Model control follows Triton: with `none`, every folder is loaded at start and stays as it is;
+with `poll`, the same, and then the registry follows the folder: a new model folder is loaded,
+a changed one reloaded, a removed one unloaded; with `explicit`, only the models named at start
+are loaded, and `load_model`/`unload_model` (the repository API) do the rest. Reloading a model
+that serves applies a change confined to its scheduler settings in place, and otherwise starts
+the new version beside the old one and switches traffic once it is ready; if the new one cannot
+be served, the old one keeps serving and the model's reason says why. Unloading stops new
+requests, lets the running ones finish, then stops the instances.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from llumnix_backend.config import ConfigError, ModelConfig, load_model_config, 
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, load_backend
 from llumnix_backend.repository import is_valid_model_name, model_folders
+from llumnix_backend.repository_watcher import RepositoryWatcher
 from llumnix_backend.served_model import InstanceEvent, ProgressCallback, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class ModelNotReady(RuntimeError):
 
 class ModelControlMode(str, Enum):
     NONE = "none"  # the repository as found at start, fixed
+    POLL = "poll"  # follow the repository folder as it changes
     EXPLICIT = "explicit"  # models load and unload on request
 
 
@@ -83,13 +88,16 @@ def _only_scheduler_differs(old: ModelConfig, new: ModelConfig) -> bool:
 class ModelRegistry:
     def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore,
                  control_mode: ModelControlMode = ModelControlMode.NONE,
-                 startup_models: frozenset[str] = frozenset({"*"})) -> None:
-        """`startup_models`: in explicit mode, the models to load at start (`*`: all)."""
+                 startup_models: frozenset[str] = frozenset({"*"}), quiet_s: float = 0.5) -> None:
+        """`startup_models`: in explicit mode, the models to load at start (`*`: all).
+        `quiet_s`: in poll mode, how long a model folder must stay unchanged to be acted on."""
         self.repository = repository
         self.control_mode = control_mode
+        self._quiet_s = quiet_s
         self._startup_models = startup_models
         self._operations: dict[str, asyncio.Lock] = {}  # one load/unload at a time per model
         self._retiring: dict[asyncio.Task, ServedModel] = {}  # replaced versions finishing their requests
+        self._watcher: RepositoryWatcher | None = None
         self.metrics = ServerMetrics(self._reports, tuple(s.value for s in InstanceState),
                                      lambda: [(e.name, e.state.value) for e in self._entries.values()],
                                      tuple(s.value for s in ModelState))
@@ -103,7 +111,11 @@ class ModelRegistry:
 
     async def load_repository(self) -> None:
         """Load the models to serve from the start, concurrently; returns when each is READY or
-        UNAVAILABLE. In explicit mode the other folders are listed as not loaded."""
+        UNAVAILABLE. In explicit mode the other folders are listed as not loaded; in poll mode
+        the repository is watched from here on."""
+        if self.control_mode is ModelControlMode.POLL:
+            self._watcher = RepositoryWatcher(self.repository, self.follow_folder, self._quiet_s)
+            self._watcher.start()  # before the scan: nothing changed during loading is missed
         folders = model_folders(self.repository)
         for name, path in folders.items():
             self._entries[name] = ModelEntry(name, path)
@@ -117,12 +129,13 @@ class ModelRegistry:
         self.initial_load_done.set()
 
     async def _load(self, entry: ModelEntry) -> None:
-        model, reason = await self._start_model(entry, None)
-        self._count(entry.name, "load", model is not None)
-        if model is not None:
-            entry.model, entry.state, entry.reason = model, ModelState.READY, ""
-        else:
-            self._mark_unavailable(entry, reason)
+        async with self._operations.setdefault(entry.name, asyncio.Lock()):
+            model, reason = await self._start_model(entry, None)
+            self._count(entry.name, "load", model is not None)
+            if model is not None:
+                entry.model, entry.state, entry.reason = model, ModelState.READY, ""
+            else:
+                self._mark_unavailable(entry, reason)
 
     @staticmethod
     def _read_config(entry: ModelEntry, config_override: dict | None) -> ModelConfig:
@@ -182,28 +195,49 @@ class ModelRegistry:
                 if entry.model is None:
                     del self._entries[name]
                 raise RepositoryRequestError(400, f"failed to load {name!r}: no folder {entry.path}")
-            previous = entry.model if entry.state is ModelState.READY else None
-            operation = "load" if previous is None else "reload"
-            try:
-                config = self._read_config(entry, config_override)
-            except ConfigError as exc:
-                self._refuse_load(entry, operation, str(exc))
-            if previous is not None and _only_scheduler_differs(previous.config, config):
-                previous.apply_scheduler(config.scheduler)  # in place: no instance restarts
-                entry.reason = ""
-                self._count(name, operation, True)
-                return
-            if previous is None:
-                entry.state, entry.reason = ModelState.LOADING, ""
-            model, reason = await self._start_model(entry, config)
-            if model is None:
-                self._refuse_load(entry, operation, reason)
+            await self._apply_load(entry, config_override)
+
+    async def follow_folder(self, name: str) -> None:
+        """Poll mode: bring model `name` in line with its folder, which has just settled after
+        a change: load or reload it if the folder is there, unload it if not."""
+        entry = self._entries.get(name) or ModelEntry(name, self.repository / name, ModelState.UNAVAILABLE, NOT_LOADED)
+        async with self._operations.setdefault(name, asyncio.Lock()):
+            if entry.path.is_dir():
+                self._entries[name] = entry
+                with contextlib.suppress(RepositoryRequestError):  # the model's state says why
+                    await self._apply_load(entry, None)
+            elif name in self._entries:
+                await self._apply_unload(entry)
+                del self._entries[name]  # gone from the folder, gone from the index
+
+    async def _apply_load(self, entry: ModelEntry, config_override: dict | None) -> None:
+        """Load or reload under the model's lock; raises RepositoryRequestError if it fails."""
+        name = entry.name
+        previous = entry.model if entry.state is ModelState.READY else None
+        operation = "load" if previous is None else "reload"
+        try:
+            config = self._read_config(entry, config_override)
+        except ConfigError as exc:
+            self._refuse_load(entry, operation, str(exc))
+        if previous is not None and previous.config == config:
+            entry.reason = ""  # nothing to do (a file was touched, or a failed edit undone)
+            return
+        if previous is not None and _only_scheduler_differs(previous.config, config):
+            previous.apply_scheduler(config.scheduler)  # in place: no instance restarts
+            entry.reason = ""
             self._count(name, operation, True)
-            entry.model, entry.state, entry.reason = model, ModelState.READY, ""
-            if previous is not None:
-                task = asyncio.create_task(self._retire(previous), name=f"retire-{name}")
-                self._retiring[task] = previous
-                task.add_done_callback(lambda done: self._retiring.pop(done, None))
+            return
+        if previous is None:
+            entry.state, entry.reason = ModelState.LOADING, ""
+        model, reason = await self._start_model(entry, config)
+        if model is None:
+            self._refuse_load(entry, operation, reason)
+        self._count(name, operation, True)
+        entry.model, entry.state, entry.reason = model, ModelState.READY, ""
+        if previous is not None:
+            task = asyncio.create_task(self._retire(previous), name=f"retire-{name}")
+            self._retiring[task] = previous
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def _refuse_load(self, entry: ModelEntry, operation: str, reason: str) -> NoReturn:
         """A load or reload failed: the model stays as it was (unavailable, or serving its
@@ -220,13 +254,16 @@ class ModelRegistry:
         """Stop taking requests for `name`, let the running ones finish, then stop its instances."""
         entry = self._explicit_entry(name)
         async with self._operations.setdefault(name, asyncio.Lock()):
-            model = entry.model
-            if model is None:
-                return  # not loaded: nothing to do, as in Triton
-            entry.state, entry.reason = ModelState.UNLOADING, ""
-            await self._retire(model)
-            entry.model, entry.state, entry.reason = None, ModelState.UNAVAILABLE, UNLOADED
-            self._count(name, "unload", True)
+            await self._apply_unload(entry)
+
+    async def _apply_unload(self, entry: ModelEntry) -> None:
+        model = entry.model
+        if model is None:
+            return  # not loaded: nothing to do, as in Triton
+        entry.state, entry.reason = ModelState.UNLOADING, ""
+        await self._retire(model)
+        entry.model, entry.state, entry.reason = None, ModelState.UNAVAILABLE, UNLOADED
+        self._count(entry.name, "unload", True)
 
     def _count(self, name: str, operation: str, succeeded: bool) -> None:
         self.metrics.model_operations.labels(name, operation, "success" if succeeded else "failure").inc()
@@ -246,6 +283,8 @@ class ModelRegistry:
         return self._backends[name]
 
     async def shutdown(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
         retiring = list(self._retiring.values())
         for task in list(self._retiring):
             task.cancel()

@@ -128,7 +128,8 @@ def test_a_model_without_a_folder_is_refused(explicit) -> None:
 
 
 def test_without_explicit_control_models_cannot_be_loaded_or_unloaded(serving) -> None:
+    """`serving` runs with the default control mode, poll: the folder decides, not the API."""
     for action in ("load", "unload"):
         response = httpx.post(f"{serving.url}/v2/repository/models/alpha/{action}", headers=serving.headers)
         assert response.status_code == 400, response.text
-        assert "--model-control-mode none" in response.json()["error"]
+        assert "--model-control-mode poll" in response.json()["error"]

@@ -23,12 +23,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--max-parallel-starts", type=int, default=4,
                         help="engines started at the same time (they compete for CPU and memory)")
-    parser.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
-                        help="none: serve every model folder found at start; explicit: serve those named "
-                             "by --load-model, and load/unload others through the repository API")
+    parser.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="poll",
+                        help="poll: serve every model folder and follow the repository as it changes; none: "
+                             "serve the folders found at start, fixed; explicit: serve those named by "
+                             "--load-model, and load/unload others through the repository API")
+    parser.add_argument("--repository-quiet-s", type=float, default=0.5, metavar="SECONDS",
+                        help="poll mode: act on a model folder once it has been unchanged this long")
     parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
                         help="explicit mode: a model to load at start (repeatable; '*' for all)")
     args = parser.parse_args(argv)
+    if args.repository_quiet_s <= 0:
+        parser.error("--repository-quiet-s must be positive")
     if args.load_model and args.model_control_mode != "explicit":
         parser.error("--load-model needs --model-control-mode explicit")
     if not args.model_repository.is_dir():
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report = StartupReport(f"http://{args.host}:{args.port}")
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
-                             ModelControlMode(args.model_control_mode), frozenset(args.load_model))
+                             ModelControlMode(args.model_control_mode), frozenset(args.load_model),
+                             args.repository_quiet_s)
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
 

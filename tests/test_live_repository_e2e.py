@@ -1,0 +1,100 @@
+"""A server in the default control mode (poll) follows its repository folder: a dropped folder
+is served without a restart, config edits are applied (or refused, the old version serving),
+and a removed folder is unloaded once its requests end. Real vLLM CPU instances."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
+from llumnix_client import StreamedCompletion, instances
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+pytestmark = pytest.mark.engine
+
+
+class LiveServer(NamedTuple):
+    server: ServerProcess
+    repository: Path  # the tests edit it while the server runs
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> LiveServer:
+    repository = tmp_path_factory.mktemp("live-repository")
+    write_model(repository, "base", tiny_config(str(tiny_model), max_model_len=2048))
+    server = llumnix_server(repository, repository.parent / "live-server.log").start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        yield LiveServer(server, repository)
+    finally:
+        server.stop()
+
+
+def index(server: ServerProcess) -> dict[str, dict]:
+    return {m["name"]: m for m in httpx.post(f"{server.url}/v2/repository/index").json()}
+
+
+def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def generate(server: ServerProcess, model: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/{model}/generate", timeout=60,
+                      json={"text_input": "Hello", "parameters": {"max_tokens": 4}})
+
+
+def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_model, tmp_path) -> None:
+    server, repository = live
+    # Drop a folder in (prepared elsewhere, then moved in, as `cp -r` then `mv` would).
+    config = tiny_config(str(tiny_model), max_model_len=2048)
+    staging = write_model(tmp_path, "dropped", config)
+    shutil.move(staging, repository / "dropped")
+    eventually(lambda: generate(server, "dropped").status_code == 200, ENGINE_START_TIMEOUT_S, "dropped model serves")
+    assert index(server)["dropped"]["state"] == "READY"
+    engine = instances(server, "dropped")["0"]["snapshot"]["engine_pid"]
+    config_file = repository / "dropped" / "config.yaml"
+
+    # A scheduler change, made while a request runs: applied in place, the request untouched.
+    running = StreamedCompletion(server, "dropped", max_tokens=300).wait_for_tokens(5)
+    config["scheduler"]["dispatch_policy"] = "queue"
+    config_file.write_text(yaml.safe_dump(config))
+    listing = lambda: httpx.get(f"{server.url}/v2/llumnix/models/dropped/instances").json()  # noqa: E731
+    eventually(lambda: listing()["dispatch_policy"] == "queue", 20, "the new dispatch policy")
+    assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+    assert len(running.result().token_ids) == 300
+
+    # An invalid edit: refused with the file and the field; the model keeps serving.
+    config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
+    eventually(lambda: "colour: unknown key" in index(server)["dropped"]["reason"], 20, "the error in the index")
+    assert str(config_file) in index(server)["dropped"]["reason"]
+    assert index(server)["dropped"]["state"] == "READY" and generate(server, "dropped").status_code == 200
+    # Fixed again: the error goes, and nothing restarts (the config is what serves).
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: index(server)["dropped"]["reason"] == "", 20, "the error cleared")
+    assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+
+    # Removed while a request runs: the request ends whole, then the model is gone.
+    running = StreamedCompletion(server, "dropped", max_tokens=300).wait_for_tokens(5)
+    shutil.rmtree(repository / "dropped")
+    assert len(running.result().token_ids) == 300
+    eventually(lambda: "dropped" not in index(server), 30, "the model unloaded")
+    assert generate(server, "dropped").status_code == 404
+    # The other model never noticed.
+    assert generate(server, "base").status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for series in ('llumnix:model_operations_total{model_name="dropped",operation="load",outcome="success"} 1.0',
+                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 1.0',
+                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="failure"} 1.0',
+                   'llumnix:model_operations_total{model_name="dropped",operation="unload",outcome="success"} 1.0'):
+        assert series in metrics, series
