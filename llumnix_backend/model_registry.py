@@ -7,8 +7,9 @@ Model control follows Triton: with `none`, every folder is loaded at start and s
 with `poll`, the same, and then the registry follows the folder: a new model folder is loaded,
 a changed one reloaded, a removed one unloaded; with `explicit`, only the models named at start
 are loaded, and `load_model`/`unload_model` (the repository API) do the rest. Reloading a model
-that serves applies a change confined to its scheduler settings in place, and otherwise starts
-the new version beside the old one and switches traffic once it is ready; if the new one cannot
+that serves applies a change confined to its scheduler settings and instance count in place
+(surplus instances are drained by migration, then stopped), and otherwise starts the new
+version beside the old one and switches traffic once it is ready; if the new one cannot
 be served, the old one keeps serving and the model's reason says why. Unloading stops new
 requests, lets the running ones finish, then stops the instances.
 """
@@ -80,9 +81,11 @@ def _ignore(_: InstanceEvent) -> None:
     pass
 
 
-def _only_scheduler_differs(old: ModelConfig, new: ModelConfig) -> bool:
-    return old.scheduler != new.scheduler and old.model_dump(exclude={"scheduler"}) == new.model_dump(
-        exclude={"scheduler"})
+def _applies_in_place(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a serving model can take `new` without a new version: only its scheduler
+    settings and instance count changed."""
+    kept = {"scheduler", "instances"}
+    return old.model_dump(exclude=kept) == new.model_dump(exclude=kept)
 
 
 class ModelRegistry:
@@ -222,9 +225,9 @@ class ModelRegistry:
         if previous is not None and previous.config == config:
             entry.reason = ""  # nothing to do (a file was touched, or a failed edit undone)
             return
-        if previous is not None and _only_scheduler_differs(previous.config, config):
-            previous.apply_scheduler(config.scheduler)  # in place: no instance restarts
+        if previous is not None and _applies_in_place(previous.config, config):
             entry.reason = ""
+            await previous.reconfigure(config, self._start_slots, self._progress)
             self._count(name, operation, True)
             return
         if previous is None:

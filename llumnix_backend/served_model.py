@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llumnix_backend.config import ModelConfig, SchedulerSettings
+from llumnix_backend.config import ModelConfig
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -96,11 +96,31 @@ class ServedModel:
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
         self._follow_rescheduling_setting()
 
-    def apply_scheduler(self, scheduler: SchedulerSettings) -> None:
-        """Use new scheduler settings from now on (dispatch, priorities, migration); no
-        instance restarts and nothing in flight is touched."""
-        self.config = self.config.model_copy(update={"scheduler": scheduler})
+    async def reconfigure(self, config: ModelConfig, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+        """Switch to `config`, which differs from the current one at most in its scheduler
+        settings and instance count, without restarting what keeps running. New scheduler
+        settings apply at once. Extra instances are started; surplus ones (the newest) take no
+        new requests, and once the requests they run have left (migrated by rescheduling, or
+        finished where they are if it is off) they are stopped."""
+        self.config = self.config.model_copy(update={"scheduler": config.scheduler})
         self._follow_rescheduling_setting()
+        live = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED), key=int)
+        added = [self._add_instance() for _ in range(config.instances - len(live))]
+        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
+        surplus = live[config.instances:]
+        for instance_id in surplus:
+            self._instances[instance_id].state = InstanceState.DRAINING
+        self._follow_rescheduling_setting()
+        while any(self._hosts_requests(i) for i in surplus):
+            await asyncio.sleep(IDLE_POLL_S)
+        for instance_id in surplus:
+            await self._stop_instance(self._instances.pop(instance_id))
+        self.config = config
+        self._follow_rescheduling_setting()
+
+    def _hosts_requests(self, instance_id: str) -> bool:
+        return bool(self._instances[instance_id].in_flight) or any(
+            s.instance_id == instance_id for s in self._streams.values())
 
     def _follow_rescheduling_setting(self) -> None:
         wanted = self.config.scheduler.migration.rescheduling and len(self._instances) > 1

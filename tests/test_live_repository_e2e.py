@@ -74,6 +74,20 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
     assert len(running.result().token_ids) == 300
 
+    # More instances, then fewer, under load: instance 0 runs throughout; the surplus one is
+    # drained (its request migrates to instance 0) and stopped; no request fails.
+    config["instances"] = 2
+    config_file.write_text(yaml.safe_dump(config))
+    ready = lambda: {i: s["state"] for i, s in instances(server, "dropped").items()}  # noqa: E731
+    eventually(lambda: ready() == {"0": "ready", "1": "ready"}, ENGINE_START_TIMEOUT_S, "a second instance")
+    runs = [StreamedCompletion(server, "dropped", max_tokens=1000).wait_for_tokens(5) for _ in range(2)]
+    config["instances"] = 1
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: ready() == {"0": "ready"}, 60, "back to one instance")
+    for run in runs:
+        assert len(run.result().token_ids) == 1000
+    assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+
     # An invalid edit: refused with the file and the field; the model keeps serving.
     config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
     eventually(lambda: "colour: unknown key" in index(server)["dropped"]["reason"], 20, "the error in the index")
@@ -94,7 +108,7 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     assert generate(server, "base").status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     for series in ('llumnix:model_operations_total{model_name="dropped",operation="load",outcome="success"} 1.0',
-                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 1.0',
+                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 3.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="failure"} 1.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="unload",outcome="success"} 1.0'):
         assert series in metrics, series
