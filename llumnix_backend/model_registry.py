@@ -174,7 +174,7 @@ class ModelRegistry:
 
     # --- repository API (explicit model control) ----------------------------------------------
 
-    def _explicit_entry(self, name: str) -> ModelEntry:
+    def _check_explicit(self, name: str) -> None:
         if self.control_mode is not ModelControlMode.EXPLICIT:
             raise RepositoryRequestError(
                 400, f"models cannot be loaded or unloaded: the server runs with --model-control-mode "
@@ -183,28 +183,28 @@ class ModelRegistry:
             raise RepositoryRequestError(
                 400, f"invalid model name {name!r}: a model name is a plain folder name (letters, digits, "
                      "'.', '_' and '-', starting with a letter or digit)")
-        if name not in self._entries:
-            path = self.repository / name
-            self._entries[name] = ModelEntry(name, path, ModelState.UNAVAILABLE, NOT_LOADED)
-        return self._entries[name]
 
     async def load_model(self, name: str, config_override: dict | None = None) -> None:
         """Load (or reload) `name` from its folder, or with `config_override` as its config.
         A version that serves keeps serving until the new one does; if the new one cannot be
         served it keeps serving for good, and the error is raised and shown as the reason."""
-        entry = self._explicit_entry(name)
+        self._check_explicit(name)
         async with self._operations.setdefault(name, asyncio.Lock()):
+            entry = self._entry_or_new(name)  # under the lock, so one entry per model
             if config_override is None and not entry.path.is_dir():
-                if entry.model is None:
-                    del self._entries[name]
                 raise RepositoryRequestError(400, f"failed to load {name!r}: no folder {entry.path}")
+            self._entries[name] = entry
             await self._apply_load(entry, config_override)
+
+    def _entry_or_new(self, name: str) -> ModelEntry:
+        """The model's entry; for a model the index does not list, a new one, not yet listed."""
+        return self._entries.get(name) or ModelEntry(name, self.repository / name, ModelState.UNAVAILABLE, NOT_LOADED)
 
     async def follow_folder(self, name: str) -> None:
         """Poll mode: bring model `name` in line with its folder, which has just settled after
         a change: load or reload it if the folder is there, unload it if not."""
-        entry = self._entries.get(name) or ModelEntry(name, self.repository / name, ModelState.UNAVAILABLE, NOT_LOADED)
         async with self._operations.setdefault(name, asyncio.Lock()):
+            entry = self._entry_or_new(name)
             if entry.path.is_dir():
                 self._entries[name] = entry
                 with contextlib.suppress(RepositoryRequestError):  # the model's state says why
@@ -255,9 +255,10 @@ class ModelRegistry:
 
     async def unload_model(self, name: str) -> None:
         """Stop taking requests for `name`, let the running ones finish, then stop its instances."""
-        entry = self._explicit_entry(name)
+        self._check_explicit(name)
         async with self._operations.setdefault(name, asyncio.Lock()):
-            await self._apply_unload(entry)
+            if name in self._entries:  # a model never listed has nothing to unload
+                await self._apply_unload(self._entries[name])
 
     async def _apply_unload(self, entry: ModelEntry) -> None:
         model = entry.model

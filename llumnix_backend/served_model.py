@@ -315,20 +315,21 @@ class ServedModel:
         self._metrics.record_migration(self.name, report)
         return report
 
+    def _slot(self, instance_id: str) -> _Instance:
+        if instance_id not in self._instances:
+            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+        return self._instances[instance_id]
+
     def drain(self, instance_id: str) -> None:
         """Take an instance out of dispatch; rescheduling migrates its requests away."""
-        slot = self._instances.get(instance_id)
-        if slot is None:
-            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+        slot = self._slot(instance_id)
         if slot.state not in (InstanceState.READY, InstanceState.DRAINING):
             raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not serving")
         slot.state = InstanceState.DRAINING
 
     def resume(self, instance_id: str) -> None:
         """Undo `drain`: the instance takes new requests again."""
-        slot = self._instances.get(instance_id)
-        if slot is None:
-            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+        slot = self._slot(instance_id)
         if slot.state is not InstanceState.DRAINING:
             raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not draining")
         slot.state = InstanceState.READY

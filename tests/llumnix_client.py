@@ -88,6 +88,12 @@ class InBackground:
         return self._outcome[0]
 
 
+def short_generation(server: ServerProcess, model: str) -> httpx.Response:
+    """A 4-token KServe generate request: whether the model answers now."""
+    return httpx.post(f"{server.url}/v2/models/{model}/generate", headers=server.headers, timeout=60,
+                      json={"text_input": "Hello", "parameters": {"max_tokens": 4}})
+
+
 def instances(server: ServerProcess, model: str = "alpha") -> dict[str, dict]:
     listing = httpx.get(f"{server.url}/v2/llumnix/models/{model}/instances", headers=server.headers).json()
     return {i["id"]: i for i in listing["instances"]}

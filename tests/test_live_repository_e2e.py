@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import StreamedCompletion, instances
+from llumnix_client import StreamedCompletion, instances, short_generation
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -49,18 +49,14 @@ def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-def generate(server: ServerProcess, model: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/v2/models/{model}/generate", timeout=60,
-                      json={"text_input": "Hello", "parameters": {"max_tokens": 4}})
-
-
 def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_model, tmp_path) -> None:
     server, repository = live
     # Drop a folder in (prepared elsewhere, then moved in, as `cp -r` then `mv` would).
     config = tiny_config(str(tiny_model), max_model_len=2048)
     staging = write_model(tmp_path, "dropped", config)
     shutil.move(staging, repository / "dropped")
-    eventually(lambda: generate(server, "dropped").status_code == 200, ENGINE_START_TIMEOUT_S, "dropped model serves")
+    eventually(lambda: short_generation(server, "dropped").status_code == 200, ENGINE_START_TIMEOUT_S,
+               "dropped model serves")
     assert index(server)["dropped"]["state"] == "READY"
     engine = instances(server, "dropped")["0"]["snapshot"]["engine_pid"]
     config_file = repository / "dropped" / "config.yaml"
@@ -92,7 +88,7 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
     eventually(lambda: "colour: unknown key" in index(server)["dropped"]["reason"], 20, "the error in the index")
     assert str(config_file) in index(server)["dropped"]["reason"]
-    assert index(server)["dropped"]["state"] == "READY" and generate(server, "dropped").status_code == 200
+    assert index(server)["dropped"]["state"] == "READY" and short_generation(server, "dropped").status_code == 200
     # Fixed again: the error goes, and nothing restarts (the config is what serves).
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: index(server)["dropped"]["reason"] == "", 20, "the error cleared")
@@ -103,9 +99,9 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     shutil.rmtree(repository / "dropped")
     assert len(running.result().token_ids) == 300
     eventually(lambda: "dropped" not in index(server), 30, "the model unloaded")
-    assert generate(server, "dropped").status_code == 404
+    assert short_generation(server, "dropped").status_code == 404
     # The other model never noticed.
-    assert generate(server, "base").status_code == 200
+    assert short_generation(server, "base").status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     for series in ('llumnix:model_operations_total{model_name="dropped",operation="load",outcome="success"} 1.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 3.0',

@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import StreamedCompletion, instances
+from llumnix_client import StreamedCompletion, instances, short_generation
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -44,31 +44,26 @@ def index(client: triton.InferenceServerClient) -> dict[str, dict]:
     return {m["name"]: m for m in client.get_model_repository_index()}
 
 
-def generate(server: ServerProcess, model: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/v2/models/{model}/generate", timeout=60,
-                      json={"text_input": "Hello", "parameters": {"max_tokens": 4}})
-
-
 def test_only_the_models_named_at_start_are_loaded(explicit, client) -> None:
     listed = index(client)
     assert listed["first"]["state"] == "READY"
     assert (listed["second"]["state"], listed["second"]["reason"]) == ("UNAVAILABLE", "not loaded")
     assert client.is_model_ready("first") and not client.is_model_ready("second")
-    assert generate(explicit, "first").status_code == 200
-    assert generate(explicit, "second").status_code == 503
+    assert short_generation(explicit, "first").status_code == 200
+    assert short_generation(explicit, "second").status_code == 503
 
 
 def test_load_serve_and_unload_a_model_with_tritonclient(explicit, client) -> None:
     client.load_model("second")
     assert client.is_model_ready("second") and index(client)["second"]["state"] == "READY"
-    assert generate(explicit, "second").status_code == 200
+    assert short_generation(explicit, "second").status_code == 200
     # A request running when the unload comes finishes whole; the model then goes.
     running = StreamedCompletion(explicit, "second", max_tokens=300).wait_for_tokens(5)
     client.unload_model("second")
     assert running.result().finish_reason == "length" and len(running.token_ids) == 300
     assert not client.is_model_ready("second")
     assert (index(client)["second"]["state"], index(client)["second"]["reason"]) == ("UNAVAILABLE", "unloaded")
-    assert generate(explicit, "second").status_code == 503
+    assert short_generation(explicit, "second").status_code == 503
     client.unload_model("second")  # unloading what is not loaded is not an error (as in Triton)
     metrics = httpx.get(f"{explicit.url}/metrics").text
     for series in ('llumnix:model_operations_total{model_name="second",operation="load",outcome="success"} 1.0',
@@ -86,7 +81,7 @@ def test_reload_with_a_config_from_the_request_switches_versions_without_droppin
     assert running.result().finish_reason == "length" and len(running.token_ids) == 300
     config = httpx.get(f"{explicit.url}/v2/models/first/config").json()
     assert config["engine"]["max_model_len"] == 1024, config
-    assert generate(explicit, "first").status_code == 200
+    assert short_generation(explicit, "first").status_code == 200
 
 
 def test_a_scheduler_change_is_applied_in_place(explicit, client, tiny_model) -> None:
@@ -96,13 +91,13 @@ def test_a_scheduler_change_is_applied_in_place(explicit, client, tiny_model) ->
     listing = httpx.get(f"{explicit.url}/v2/llumnix/models/first/instances").json()
     assert listing["dispatch_policy"] == "queue"
     assert instances(explicit, "first")["0"]["snapshot"]["engine_pid"] == engine_before  # not restarted
-    assert generate(explicit, "first").status_code == 200
+    assert short_generation(explicit, "first").status_code == 200
 
 
 def test_an_invalid_config_is_refused_and_the_loaded_version_keeps_serving(explicit, client) -> None:
     with pytest.raises(InferenceServerException, match="load request: parameters.config: colour: unknown key"):
         client.load_model("first", config=json.dumps({"instances": 1, "colour": "red"}))
-    assert client.is_model_ready("first") and generate(explicit, "first").status_code == 200
+    assert client.is_model_ready("first") and short_generation(explicit, "first").status_code == 200
     listed = index(client)["first"]
     assert listed["state"] == "READY" and "the previous one keeps serving" in listed["reason"], listed
     response = httpx.post(f"{explicit.url}/v2/repository/models/first/load",
