@@ -3,8 +3,9 @@
 One llumnix-serve with a model of two instances. For each sequence length L:
 
 - migration: a streaming request whose sequence has reached L tokens is migrated to the other
-  instance; downtime is the longest pause between two tokens its client receives around the
-  switch (and the server's own figure, last source token to first destination token);
+  instance; downtime is the pause its client sees between the source's last token and the
+  destination's first (and the server's own figure for it); separately, the longest pause
+  the client saw before the switch, while the earlier stages copied;
 - recompute baseline: what migrating by recomputation costs, i.e. the time to first token of
   an L-token prompt on an idle instance with nothing cached (abort on the source, prefill the
   prompt plus generated tokens on the destination).
@@ -103,13 +104,14 @@ class TimedStream:
     def join(self) -> None:
         self._thread.join(300)
 
-    def gap_around(self, start: float, end: float) -> float:
-        """The longest pause between consecutive tokens that arrived from `start` on, up to
-        the first token after `end` (the switch happens inside that window)."""
-        times = [t for t in self.arrivals if t >= start]
-        after_end = [i for i, t in enumerate(times) if t > end]
-        if after_end:
-            times = times[: after_end[0] + 1]
+    def switch_gap(self, switched_at_token: int) -> float:
+        """The pause before the destination's first token (generated token `switched_at_token`)."""
+        return self.arrivals[switched_at_token] - self.arrivals[switched_at_token - 1]
+
+    def longest_gap(self, start: float, switched_at_token: int) -> float:
+        """The longest pause between tokens that arrived from `start` on, before the switch:
+        how much the earlier stages stalled the source."""
+        times = [t for t in self.arrivals[:switched_at_token] if t >= start]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
     def typical_gap(self, start: float) -> float:
@@ -133,11 +135,12 @@ def measure_migration(server: ServerProcess, prompt: list[int], decode_after: in
     began = time.monotonic()
     report = httpx.post(server.url + f"/v2/llumnix/models/{MODEL}/migrate", timeout=120,
                         json={"request_id": stream.request_id, "to": {"0": "1", "1": "0"}[source]}).json()
-    ended = time.monotonic()
     stream.join()
     if not report.get("committed"):
         raise RuntimeError(f"migration not committed: {report}")
-    return {"client_downtime_s": stream.gap_around(began, ended), "inter_token_s": stream.typical_gap(began), "server_downtime_s": report["downtime_s"],
+    switched = report["switched_at_token"]
+    return {"client_downtime_s": stream.switch_gap(switched), "inter_token_s": stream.typical_gap(began),
+            "stage_stall_s": stream.longest_gap(began, switched), "server_downtime_s": report["downtime_s"],
             "final_copy_s": report["final_copy_s"],
             "total_s": report["duration_s"], "stages": report["stages"], "blocks": report["blocks"],
             "recomputed_tokens": report["recomputed_tokens"]}
@@ -191,7 +194,8 @@ def main() -> None:
         server = start_server(work, model_config(work, args, max(lengths) + args.decode_after + 64), args.transport,
                               args.server_log)
         try:
-            measure_migration(server, random_prompt(256), args.decode_after)  # warm both instances up
+            # Warm both instances up.
+            measure_migration(server, random_prompt(min(lengths) - DECODE_BEFORE), args.decode_after)
             wait_idle(server)
             for length in lengths:
                 migrations, recomputes = [], []
@@ -217,6 +221,7 @@ def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
     return {
         "client_downtime_ms": median("client_downtime_s") * 1000,
         "inter_token_ms": median("inter_token_s") * 1000,
+        "stage_stall_ms": median("stage_stall_s") * 1000,
         "server_downtime_ms": median("server_downtime_s") * 1000,
         "final_copy_ms": median("final_copy_s") * 1000,
         "migration_total_ms": median("total_s") * 1000,
@@ -254,9 +259,11 @@ def build_report(rows: dict[int, dict], args) -> dict:
 
 
 def report_table(report: dict) -> str:
-    header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)", "of which last copy ms", "migration ms", "stages", "blocks",
+    header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)",
+              "of which last copy ms", "longest pause before the switch ms", "migration ms", "stages", "blocks",
               "recomputed tokens", "recompute ms"]
-    rows = [[k, f"{r['inter_token_ms']:.1f}", f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}", f"{r['final_copy_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
+    rows = [[k, f"{r['inter_token_ms']:.1f}", f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}",
+             f"{r['final_copy_ms']:.1f}", f"{r['stage_stall_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
              f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), f"{r['recompute_ms']:.1f}"]
             for k, r in report["results"].items()]
     comparison = "; ".join(f"{k}: {v:.3f}" for k, v in report["comparison"].items())

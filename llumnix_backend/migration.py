@@ -2,11 +2,12 @@
 
 While the request keeps decoding on the source, its full KV blocks are handed to the
 destination stage by stage (the destination keeps them in its prefix cache); once few are
-left, one last copy takes the rest between two engine steps, and the destination admits the
-request with every token it has so far, computing only the last one. The client's stream
-switches to the destination when the destination produces its first token: until then the
-source keeps generating, so a failure before that point leaves the request where it was.
-After the switch the destination owns the request and the source stops it.
+left, the source stops the request and copies the rest in one go between two engine steps,
+and the destination admits the request with every token it has so far, computing only the
+last one. Stopped, the request keeps its blocks on the source (and the source's share of a
+GPU goes to the destination); the client's stream switches to the destination when that
+produces its first token. A failure before that point resumes the request on the source.
+After the switch the destination owns the request and the source aborts it.
 
 `migrate_request` drives the stages; `relay` is the request's own side: it delivers the
 stream and makes the switch, so no token is lost, repeated or reordered.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from llumnix_backend.config import MigrationSettings
 from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceView, blocks_for
+
+logger = logging.getLogger(__name__)
 
 
 class MigrationRejected(Exception):
@@ -50,6 +54,7 @@ class MigrationReport:
     blocks: int = 0  # KV blocks copied, all stages
     bytes: int = 0
     recomputed_tokens: int | None = None  # tokens the destination computed again on admission
+    switched_at_token: int | None = None  # generated tokens before the destination's first one
     downtime_s: float | None = None  # the stream's pause at the switch, as the client sees it
     final_copy_s: float | None = None  # of the downtime: the last copy, on the source
     duration_s: float = 0.0
@@ -68,14 +73,18 @@ def _future() -> asyncio.Future:
 
 @dataclass
 class Handover:
-    """A pending switch of one request's stream to a destination.
+    """A migration of one request's stream to a destination, from its first stage to the switch.
 
-    The migration resolves `destination_ready` with the destination's first delta and its
-    stream (or an exception); the relay decides and resolves `outcome`.
+    The relay resolves `watched` once it reads the source in a way that also notices the
+    destination (only then may the source stop the request). The migration sets
+    `generated_at_copy` after the final copy and resolves `destination_ready` with the
+    destination's first delta and its stream (or an exception); the relay decides and
+    resolves `outcome`.
     """
 
     destination_id: str
-    generated_at_copy: int  # generated tokens the final copy covers
+    generated_at_copy: int | None = None  # generated tokens the final copy covers
+    watched: asyncio.Future = field(default_factory=_future)
     destination_ready: asyncio.Future = field(default_factory=_future)
     outcome: asyncio.Future = field(default_factory=_future)
     held: list[GenerationDelta] = field(default_factory=list)  # source output past the copy
@@ -85,6 +94,10 @@ class Handover:
     def conclude(self, outcome: str) -> None:
         if not self.outcome.done():
             self.outcome.set_result(outcome)
+
+    def copied_past(self, generated: int) -> bool:
+        """Whether the final copy covers the first `generated` generated tokens."""
+        return self.generated_at_copy is None or generated <= self.generated_at_copy
 
 
 @dataclass
@@ -114,9 +127,11 @@ async def _stop(source: AsyncIterator[GenerationDelta], pending: asyncio.Future 
 async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
                 on_switch=None) -> AsyncIterator[GenerationDelta]:
     """Deliver the request's output from `source`, switching to a destination when a pending
-    handover's destination is ready. Source output up to the copied state is delivered while
-    the destination starts; output past it is held back, and dropped on a switch (the
-    destination produces those tokens again) or delivered if the switch is abandoned.
+    handover's destination is ready. While a handover is pending the source is read so that
+    the switch is noticed even once the source has stopped the request. Source output up to
+    the copied state is delivered while the destination starts; output past it (from a source
+    that did not stop) is held back, and dropped on a switch (the destination produces those
+    tokens again) or delivered if the switch is abandoned.
     `on_switch(old_instance_id, new_instance_id)` runs when the destination takes over."""
     pending: asyncio.Future | None = None  # a source read in flight during a handover
     try:
@@ -128,6 +143,8 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
             else:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(source, None))
+                if not handover.watched.done():
+                    handover.watched.set_result(None)
                 await asyncio.wait({pending, handover.destination_ready}, return_when=asyncio.FIRST_COMPLETED)
                 if handover.destination_ready.done():
                     stream.handover = None
@@ -164,9 +181,9 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
                 for held in handover.held + ([delta] if delta else []):
                     yield stream.deliver(held)
                 return
-            elif not handover.held and len(stream.generated) + len(delta.token_ids) <= handover.generated_at_copy:
+            elif not handover.held and handover.copied_past(len(stream.generated) + len(delta.token_ids)):
                 yield stream.deliver(delta)  # produced before the copy: the destination goes on after it
-            elif not handover.held and len(stream.generated) < handover.generated_at_copy:
+            elif not handover.held and handover.copied_past(len(stream.generated) + 1):
                 handover.conclude(SOURCE_AHEAD)  # it spans the copy point: its text cannot be split
                 stream.handover = None
                 yield stream.deliver(delta)
@@ -227,11 +244,8 @@ async def migrate_request(
     transfer = runtime.create_transfer(capacity, block_bytes, settings.transport)
     sent = 0
 
-    async def export(include_partial: bool, max_blocks: int | None = None) -> KvExport:
+    def copied(result: KvExport | None) -> KvExport:
         nonlocal sent
-        result = await asyncio.wait_for(
-            source.export_kv(request.request_id, transfer, sent, include_partial, max_blocks), settings.stage_timeout_s
-        )
         report.copies += 1
         if result is None:
             raise MigrationAborted("the request is not decoding on the source")
@@ -239,15 +253,22 @@ async def migrate_request(
         sent = result.blocks
         return result
 
+    async def export(max_blocks: int) -> KvExport:
+        return copied(await asyncio.wait_for(
+            source.export_kv(request.request_id, transfer, sent, max_blocks), settings.stage_timeout_s
+        ))
+
+    handover = stream.handover = Handover(destination.instance_id)
+    stopped = False  # the request is stopped on the source for the final stage
     try:
         if runtime.caches_prefixes:
             chunk = max(1, int(settings.stage_chunk_mib * 2**20) // max(1, block_bytes))
             preloaded = 0
             for _ in range(settings.max_stages):
                 # A stage: every block filled so far, a chunk per source step...
-                exported = await export(include_partial=False, max_blocks=chunk)
+                exported = await export(chunk)
                 while exported.blocks < (len(exported.token_ids) - 1) // block_size:
-                    exported = await export(include_partial=False, max_blocks=chunk)
+                    exported = await export(chunk)
                 report.stages += 1
                 # ...taken into the destination's prefix cache a chunk per destination step.
                 while preloaded < exported.blocks:
@@ -256,11 +277,17 @@ async def migrate_request(
                 left = blocks_for(len(exported.token_ids) - 1, block_size) - sent
                 if left <= settings.final_stage_blocks:
                     break
+        # Stopped, the source sends nothing more: the relay must be listening for the switch.
+        await asyncio.wait_for(asyncio.wait({handover.watched, handover.outcome}, return_when=asyncio.FIRST_COMPLETED),
+                               settings.stage_timeout_s)
+        if handover.outcome.done():
+            raise MigrationAborted(handover.outcome.result())
         final_began = time.monotonic()
-        final = await export(include_partial=True)
+        final = await _stop_and_export(source, request.request_id, transfer, sent, settings.stage_timeout_s)
+        stopped = final is not None
+        final = copied(final)
         report.final_copy_s = time.monotonic() - final_began
-        handover = Handover(destination.instance_id, len(final.token_ids) - len(request.prompt_token_ids))
-        stream.handover = handover
+        handover.generated_at_copy = len(final.token_ids) - len(request.prompt_token_ids)
         await _start_destination(destination, _continuation(request, final, transfer), handover, settings)
         outcome = await handover.outcome
         if outcome != COMMITTED:
@@ -268,17 +295,49 @@ async def migrate_request(
         report.committed = True
         report.downtime_s = handover.downtime_s
         report.recomputed_tokens = handover.recomputed_tokens
+        report.switched_at_token = handover.generated_at_copy
     except (MigrationAborted, asyncio.TimeoutError) as exc:
         report.reason = str(exc) or "a stage timed out"
     except Exception as exc:  # noqa: BLE001 - any failure before the switch only aborts it
         report.reason = f"{type(exc).__name__}: {exc}"
     finally:
-        if stream.handover is not None and not stream.handover.destination_ready.done():
-            stream.handover.destination_ready.set_exception(MigrationAborted(report.reason))
+        if not handover.destination_ready.done():
+            handover.destination_ready.set_exception(MigrationAborted(report.reason))
+        if stopped and not report.committed:
+            await _resume(source, request.request_id)
         transfer.close()
         report.bytes = report.blocks * block_bytes
         report.duration_s = time.monotonic() - began
     return report
+
+
+async def _resume(source: EngineInstance, request_id: str) -> None:
+    """Let the source decode a request it stopped for a final stage that came to nothing."""
+    try:
+        await source.resume_request(request_id)
+    except Exception:  # noqa: BLE001 - a dead source has nothing left to resume
+        logger.warning("could not resume request %s on instance %s", request_id, source.instance_id, exc_info=True)
+
+
+_late_resumes: set[asyncio.Task] = set()  # referenced until done, as asyncio asks
+
+
+async def _stop_and_export(source: EngineInstance, request_id: str, transfer, first_block: int,
+                           timeout_s: float) -> KvExport | None:
+    """The final copy. If it is not answered in time, the source may still stop the request
+    later; it resumes it then."""
+    stopping = asyncio.ensure_future(source.stop_and_export_kv(request_id, transfer, first_block))
+    try:
+        return await asyncio.wait_for(asyncio.shield(stopping), timeout_s)
+    except BaseException:
+        def resume_if_stopped(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None and done.result() is not None:
+                task = asyncio.ensure_future(_resume(source, request_id))
+                _late_resumes.add(task)
+                task.add_done_callback(_late_resumes.discard)
+
+        stopping.add_done_callback(resume_if_stopped)
+        raise
 
 
 async def _preload(destination: EngineInstance, request: GenerationRequest, token_ids: tuple[int, ...],

@@ -67,11 +67,21 @@ class EngineInstance(abc.ABC):
 
     @abc.abstractmethod
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        include_partial: bool, max_blocks: int | None = None) -> KvExport | None:
-        """Between two engine steps, copy the KV blocks of a decoding request from position
-        `first_block` on into `transfer`: its full blocks, and with `include_partial` also the
-        last one still being written; at most `max_blocks` of them. None if the request is not
-        decoding here (finished, preempted, still in prefill). The request keeps running."""
+                        max_blocks: int | None = None) -> KvExport | None:
+        """Between two engine steps, copy the full KV blocks of a decoding request from position
+        `first_block` on into `transfer`, at most `max_blocks` of them. None if the request is
+        not decoding here (finished, preempted, still in prefill). The request keeps running."""
+
+    @abc.abstractmethod
+    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer, first_block: int) -> KvExport | None:
+        """The final stage: between two engine steps, stop decoding the request here and copy
+        the rest of its KV blocks, the one still being written included. The request keeps its
+        blocks, unscheduled, until `resume_request` or its abort. None (and nothing stopped) if
+        it is not decoding here."""
+
+    @abc.abstractmethod
+    async def resume_request(self, request_id: str) -> None:
+        """Decode a request stopped by `stop_and_export_kv` again (a migration gave up)."""
 
     @property
     @abc.abstractmethod

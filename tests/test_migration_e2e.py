@@ -169,6 +169,8 @@ def test_a_request_that_finishes_during_its_migration_completes_on_its_source(se
         migrating = InBackground(lambda: migrate(serving, run.request_id, other(source)))
         run.result()  # the request ends on the source while its destination is stuck
     report = migrating.result().json()
-    assert not report["committed"] and report["reason"] == "the request is not decoding on the source", report
+    # Seen by the relay (it ended the stream) or by the next copy (nothing left to copy).
+    finished = {"the request finished on the source", "the request is not decoding on the source"}
+    assert not report["committed"] and report["reason"] in finished, report
     assert run.token_ids == baseline.token_ids[:300] and run.finish_reason == "length"
     assert wait_idle(serving) == {"0": 0, "1": 0}

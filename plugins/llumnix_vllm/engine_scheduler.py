@@ -6,6 +6,11 @@ finished, aborted or preempted; decode progress at most every 10 ms) it publishe
 idles, so the front end always holds a fresh view without ever asking the engine (and waiting
 on it).
 
+For a migration's final stage it stops a request: the request stays, holding its KV blocks,
+but is not scheduled, until the migration resumes it (it gave up) or aborts it (the
+destination took over). The front end reaches this through two EngineCore utility methods
+registered below, which run between engine steps.
+
 It also ends the engine process if the server that started it disappears without shutting it
 down (killed with SIGKILL, say), so no engine outlives its server.
 """
@@ -21,6 +26,7 @@ import time
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine.core import EngineCore
 
 from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
@@ -44,6 +50,7 @@ class LlumnixScheduler(Scheduler):
         kv_config = self.kv_cache_config
         self._block_bytes = sum(t.size for t in kv_config.kv_cache_tensors) // max(1, kv_config.num_blocks)
         self._heartbeat = _Heartbeat(self._publisher, server_pid(vllm_config.instance_id))
+        self._stopped: set[str] = set()  # internal ids of requests in a migration's final stage
         self._publish()
 
     # --- vLLM scheduler hooks: publish after each change of state -----------------------------
@@ -55,8 +62,33 @@ class LlumnixScheduler(Scheduler):
 
     def finish_requests(self, *args: Any, **kwargs: Any):
         result = super().finish_requests(*args, **kwargs)
+        self._stopped = {i for i in self._stopped if i in self.requests and not self.requests[i].is_finished()}
         self._publish()
         return result
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        stopped = [r for r in self.running if r.request_id in self._stopped]
+        if not stopped:
+            return super().schedule(*args, **kwargs)
+        # Out of `running` for the step, a stopped request is neither scheduled nor preempted;
+        # it still counts against the running limit, so it can come back into the batch.
+        self.running = [r for r in self.running if r.request_id not in self._stopped]
+        self.max_num_running_reqs -= len(stopped)
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_running_reqs += len(stopped)
+            self.running.extend(stopped)
+
+    def has_requests(self) -> bool:
+        # Stopped requests alone must not keep the engine stepping (empty steps, a busy loop):
+        # it then waits for its next message, which is the migration's resume or abort.
+        only_stopped = (
+            bool(self._stopped)
+            and self.get_num_unfinished_requests() == len(self._stopped)
+            and not self.has_finished_requests()
+        )
+        return super().has_requests() and not only_stopped
 
     def update_from_output(self, *args: Any, **kwargs: Any):
         result = super().update_from_output(*args, **kwargs)
@@ -76,6 +108,20 @@ class LlumnixScheduler(Scheduler):
         self._heartbeat.stop()
         self._publisher.close()
         super().shutdown()
+
+    # --- migration's final stage --------------------------------------------------------------
+
+    def llumnix_stop(self, request_id: str) -> bool:
+        """Stop scheduling the decoding request the front end calls `request_id`; False (and
+        nothing stopped) if it is not decoding here."""
+        request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
+        if request is None or not self._request_load(request, 0).decoding:
+            return False
+        self._stopped.add(request.request_id)
+        return True
+
+    def llumnix_resume(self, request_id: str) -> None:
+        self._stopped = {i for i in self._stopped if external_request_id(i) != request_id}
 
     # --- snapshot -----------------------------------------------------------------------------
 
@@ -129,6 +175,33 @@ class LlumnixScheduler(Scheduler):
             self._heartbeat.publish(self._snapshot())
         except Exception:  # noqa: BLE001
             logger.exception("llumnix: could not publish a load snapshot")
+
+
+def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: int,
+                        segment: dict[str, Any]) -> dict[str, Any] | None:
+    """Stop the request and copy the rest of its KV in one go between two engine steps, so that
+    no step can run in between (see `LlumnixWorkerExtension.llumnix_export_kv`)."""
+    scheduler = engine_core.scheduler
+    if not scheduler.llumnix_stop(request_id):
+        return None
+    try:
+        (result,) = engine_core.collective_rpc("llumnix_export_kv", args=(request_id, first_block, segment, True))
+    except BaseException:
+        scheduler.llumnix_resume(request_id)
+        raise
+    if result is None:
+        scheduler.llumnix_resume(request_id)
+    return result
+
+
+def _resume_request(engine_core: EngineCore, request_id: str) -> None:
+    engine_core.scheduler.llumnix_resume(request_id)
+
+
+# `engine_core.call_utility_async(name, ...)` reaches EngineCore methods by name; vLLM has no other
+# way for the front end to reach the scheduler.
+EngineCore.llumnix_stop_and_export_kv = _stop_and_export_kv
+EngineCore.llumnix_resume_request = _resume_request
 
 
 class _Heartbeat:

@@ -153,22 +153,34 @@ class VllmInstance(EngineInstance):
 
     # --- requests -----------------------------------------------------------------------------
 
-    async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        include_partial: bool, max_blocks: int | None = None) -> KvExport | None:
+    def _running_engine(self) -> AsyncLLM:
         engine = self._engine
         if engine is None or engine.errored:
             raise EngineDead(f"instance {self.instance_id} is not running")
+        return engine
+
+    async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
+                        max_blocks: int | None = None) -> KvExport | None:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
-        (result,) = await engine.collective_rpc(
-            "llumnix_export_kv", args=(request_id, first_block, segment, include_partial, max_blocks)
+        (result,) = await self._running_engine().collective_rpc(
+            "llumnix_export_kv", args=(request_id, first_block, segment, False, max_blocks)
         )
-        return None if result is None else KvExport(tuple(result["token_ids"]), result["blocks"])
+        return _kv_export(result)
+
+    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer, first_block: int) -> KvExport | None:
+        assert isinstance(transfer, SegmentTransfer)
+        segment = dataclasses.asdict(transfer.segment.spec)
+        result = await self._running_engine().engine_core.call_utility_async(
+            "llumnix_stop_and_export_kv", request_id, first_block, segment
+        )
+        return _kv_export(result)
+
+    async def resume_request(self, request_id: str) -> None:
+        await self._running_engine().engine_core.call_utility_async("llumnix_resume_request", request_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        engine = self._engine
-        if engine is None or engine.errored:
-            raise EngineDead(f"instance {self.instance_id} is not running")
+        engine = self._running_engine()
         extra_args = None
         if request.kv_transfer is not None:
             extra_args = {"kv_transfer_params": segment_params(request.kv_transfer.segment.spec)}
@@ -197,3 +209,8 @@ class VllmInstance(EngineInstance):
         finally:
             # Closing vLLM's generator aborts the request in the engine if it is unfinished.
             await outputs.aclose()
+
+
+def _kv_export(result: dict[str, Any] | None) -> KvExport | None:
+    """`llumnix_export_kv`'s answer, which travels as plain data."""
+    return None if result is None else KvExport(tuple(result["token_ids"]), result["blocks"])
