@@ -13,7 +13,7 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/pydeps${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 for pair in prometheus_client:prometheus_client httpx:httpx httpcore:httpcore h11:h11 anyio:anyio \
-            sniffio:sniffio certifi:certifi idna:idna yaml:pyyaml psutil:psutil; do
+            sniffio:sniffio certifi:certifi idna:idna yaml:pyyaml psutil:psutil watchdog:watchdog; do
     module=${pair%%:*} wheel=${pair##*:}
     python -c "import $module" 2>/dev/null || {
         echo "gpu_env: installing $wheel"

@@ -274,7 +274,8 @@ async def migrate_request(
                 while preloaded < exported.blocks:
                     preloaded = min(exported.blocks, preloaded + chunk)
                     await _preload(destination, request, exported.token_ids, preloaded, block_size, transfer, settings)
-                left = blocks_for(len(exported.token_ids) - 1, block_size) - sent
+                # The request grew while this stage ran: count what is left from its stream now.
+                left = blocks_for(len(request.prompt_token_ids) + len(stream.generated) - 1, block_size) - sent
                 if left <= settings.final_stage_blocks:
                     break
         # Stopped, the source sends nothing more: the relay must be listening for the switch.
