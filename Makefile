@@ -25,6 +25,7 @@ $(INSTALLED): pyproject.toml
 models: $(INSTALLED)
 	$(BIN)/python -m llumnix_backend.tiny_models $(REPOSITORY)/llama-tiny/weights --hidden-size 256 --layers 2 --heads 4 --seed 0
 	$(BIN)/python -m llumnix_backend.tiny_models $(REPOSITORY)/llama-small/weights --hidden-size 512 --layers 4 --heads 8 --intermediate-size 1024 --seed 1
+	$(BIN)/python -m llumnix_backend.tiny_models $(REPOSITORY)/llama-tiny-triton/1/weights --hidden-size 256 --layers 2 --heads 4 --seed 0
 
 serve: install
 	$(BIN)/llumnix-serve --model-repository $(REPOSITORY) --host $(HOST) --port $(PORT)
@@ -33,4 +34,4 @@ test: install
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(VENV) $(REPOSITORY)/*/weights
+	rm -rf $(VENV) $(REPOSITORY)/*/weights $(REPOSITORY)/*/*/weights

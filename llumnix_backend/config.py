@@ -13,11 +13,13 @@
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
       migration: {rescheduling: true, source_below: 10, destination_above: 30, max_stages: 3}
 
-Every error names the file and the field (`ConfigError`); unknown keys are errors.
+Every error names the file and the field (`ConfigError`); unknown keys are errors. A folder in
+Triton's format (config.pbtxt and version folders) is read by `triton_config` instead.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -136,11 +138,35 @@ def parse_model_config(data: Any, source: Path | str) -> ModelConfig:
         raise ConfigError(source, _field_path(first["loc"]), reason) from None
 
 
-def load_model_config(model_dir: Path) -> ModelConfig:
-    """Read and validate `model_dir/config.yaml`."""
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(path, None, "no config.yaml in the model folder")
+@dataclass(frozen=True)
+class ModelSource:
+    """A model's settings, and where they came from: errors name those files, and relative
+    paths in the engine arguments start from `engine_dir`."""
+
+    config: ModelConfig
+    config_file: str
+    engine_file: str  # the file of the engine arguments (config.yaml's `engine` or a model.json)
+    engine_dir: Path
+    engine_field_prefix: str = "engine."  # how an engine argument's field is named in engine_file
+    version: int = 1
+
+    def engine_field(self, key: str) -> str:
+        return f"{self.engine_field_prefix}{key}"
+
+    @property
+    def engine_section(self) -> str | None:
+        """The field naming all engine arguments at once (none in a file of their own)."""
+        return self.engine_field_prefix.rstrip(".") or None
+
+    def same_engine(self, other: ModelSource) -> bool:
+        """Whether both start the same engines: same backend, arguments and resources."""
+        kept = {"scheduler", "instances"}
+        return (self.engine_dir == other.engine_dir
+                and self.config.model_dump(exclude=kept) == other.config.model_dump(exclude=kept))
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Read and validate a config.yaml."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -25,10 +25,10 @@ from enum import Enum
 from pathlib import Path
 from typing import NoReturn
 
-from llumnix_backend.config import ConfigError, ModelConfig, load_model_config, parse_model_config
+from llumnix_backend.config import ConfigError, ModelSource, parse_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, load_backend
-from llumnix_backend.repository import is_valid_model_name, model_folders
+from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
 from llumnix_backend.repository_watcher import RepositoryWatcher
 from llumnix_backend.served_model import InstanceEvent, ProgressCallback, ServedModel
 
@@ -79,13 +79,6 @@ class ModelEntry:
 
 def _ignore(_: InstanceEvent) -> None:
     pass
-
-
-def _applies_in_place(old: ModelConfig, new: ModelConfig) -> bool:
-    """Whether a serving model can take `new` without a new version: only its scheduler
-    settings and instance count changed."""
-    kept = {"scheduler", "instances"}
-    return old.model_dump(exclude=kept) == new.model_dump(exclude=kept)
 
 
 class ModelRegistry:
@@ -141,29 +134,31 @@ class ModelRegistry:
                 self._mark_unavailable(entry, reason)
 
     @staticmethod
-    def _read_config(entry: ModelEntry, config_override: dict | None) -> ModelConfig:
-        """The model's config: its folder's, or `config_override`; raises ConfigError."""
+    def _read_config(entry: ModelEntry, config_override: dict | None) -> ModelSource:
+        """The model's settings: its folder's, or `config_override`; raises ConfigError."""
         if not is_valid_model_name(entry.name):
             raise ConfigError(entry.path, None, "the folder name is not a valid model name "
                                                 "(letters, digits, '.', '_' and '-', starting with a letter or digit)")
         if config_override is not None:
-            return parse_model_config(config_override, "load request: parameters.config")
-        return load_model_config(entry.path)
+            where = "load request: parameters.config"
+            return ModelSource(parse_model_config(config_override, where), where, where, entry.path)
+        return load_model_source(entry.path)
 
-    async def _start_model(self, entry: ModelEntry, config: ModelConfig | None) -> tuple[ServedModel | None, str]:
-        """Start a version of the model with `config` (read from its folder if None): the model
+    async def _start_model(self, entry: ModelEntry, source: ModelSource | None) -> tuple[ServedModel | None, str]:
+        """Start a version of the model from `source` (read from its folder if None): the model
         once it serves, else None and why."""
         try:
-            config = config or self._read_config(entry, None)
-            backend = await self._backend(config.backend, entry.path / "config.yaml")
-            runtime = await asyncio.to_thread(backend.load_model, entry.name, entry.path, config)
+            source = source or self._read_config(entry, None)
+            config = source.config
+            backend = await self._backend(config.backend, source.config_file)
+            runtime = await asyncio.to_thread(backend.load_model, entry.name, source)
         except ConfigError as exc:
             return None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not stop other models
             logger.exception("loading model %s failed", entry.name)
             return None, f"{type(exc).__name__}: {exc}"
         began = time.monotonic()
-        model = ServedModel(entry.name, config, runtime, self.metrics)
+        model = ServedModel(entry.name, source, runtime, self.metrics)
         await model.start(self._start_slots, self._progress)
         if model.ready:
             self.metrics.model_load_duration.labels(entry.name).observe(time.monotonic() - began)
@@ -219,20 +214,20 @@ class ModelRegistry:
         previous = entry.model if entry.state is ModelState.READY else None
         operation = "load" if previous is None else "reload"
         try:
-            config = self._read_config(entry, config_override)
+            source = self._read_config(entry, config_override)
         except ConfigError as exc:
             self._refuse_load(entry, operation, str(exc))
-        if previous is not None and previous.config == config:
+        if previous is not None and previous.source == source:
             entry.reason = ""  # nothing to do (a file was touched, or a failed edit undone)
             return
-        if previous is not None and _applies_in_place(previous.config, config):
+        if previous is not None and previous.source.same_engine(source):
             entry.reason = ""
-            await previous.reconfigure(config, self._start_slots, self._progress)
+            await previous.reconfigure(source, self._start_slots, self._progress)
             self._count(name, operation, True)
             return
         if previous is None:
             entry.state, entry.reason = ModelState.LOADING, ""
-        model, reason = await self._start_model(entry, config)
+        model, reason = await self._start_model(entry, source)
         if model is None:
             self._refuse_load(entry, operation, reason)
         self._count(name, operation, True)
@@ -281,7 +276,7 @@ class ModelRegistry:
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
         logger.error("model %s is unavailable: %s", entry.name, reason)
 
-    async def _backend(self, name: str, config_file: Path) -> Backend:
+    async def _backend(self, name: str, config_file: str) -> Backend:
         if name not in self._backends:
             self._backends[name] = await asyncio.to_thread(load_backend, name, config_file)
         return self._backends[name]

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from llumnix_backend.config import ConfigError, ModelConfig
+from llumnix_backend.config import ConfigError, ModelSource
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot
 
@@ -145,9 +145,10 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def load_model(self, name: str, model_dir: Path, config: ModelConfig) -> ModelRuntime:
+    def load_model(self, name: str, source: ModelSource) -> ModelRuntime:
         """Check the engine settings and load what the model needs in the front end (its
-        tokenizer). Raise `ConfigError` naming the file and field for a bad configuration.
+        tokenizer). Raise `ConfigError` naming the file and field for a bad configuration
+        (`source` says which files the settings came from).
         Blocking: called in a worker thread."""
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from llumnix_backend.config import CONFIG_FILE, ConfigError, ModelSource, load_model_config
+from llumnix_backend.triton_config import TRITON_CONFIG_FILE, load_triton_model
+
 # A model name is a plain folder name: it appears in URLs and metric labels.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -22,3 +25,15 @@ def model_folders(repository: Path) -> dict[str, Path]:
         for entry in sorted(repository.iterdir())
         if entry.is_dir() and not entry.name.startswith((".", "_"))
     }
+
+
+def load_model_source(model_dir: Path) -> ModelSource:
+    """Read and validate a model folder: `config.yaml`, or Triton's `config.pbtxt`."""
+    yaml_file, triton_file = model_dir / CONFIG_FILE, model_dir / TRITON_CONFIG_FILE
+    if triton_file.is_file():
+        if yaml_file.is_file():
+            raise ConfigError(model_dir, None, f"both {CONFIG_FILE} and {TRITON_CONFIG_FILE}: keep one")
+        return load_triton_model(model_dir)
+    if not yaml_file.is_file():
+        raise ConfigError(model_dir, None, f"no {CONFIG_FILE} (or Triton's {TRITON_CONFIG_FILE}) in the model folder")
+    return ModelSource(load_model_config(yaml_file), str(yaml_file), str(yaml_file), model_dir)

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llumnix_backend.config import ModelConfig
+from llumnix_backend.config import ModelSource
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -74,9 +74,10 @@ class _Instance:
 
 
 class ServedModel:
-    def __init__(self, name: str, config: ModelConfig, runtime: ModelRuntime, metrics: ServerMetrics) -> None:
+    def __init__(self, name: str, source: ModelSource, runtime: ModelRuntime, metrics: ServerMetrics) -> None:
         self.name = name
-        self.config = config
+        self.source = source  # the folder's settings it was started or last reconfigured with
+        self.config = source.config  # the settings in effect
         self.runtime = runtime
         self._metrics = metrics
         self._instances: dict[str, _Instance] = {}
@@ -96,12 +97,13 @@ class ServedModel:
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
         self._follow_rescheduling_setting()
 
-    async def reconfigure(self, config: ModelConfig, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
-        """Switch to `config`, which differs from the current one at most in its scheduler
-        settings and instance count, without restarting what keeps running. New scheduler
-        settings apply at once. Extra instances are started; surplus ones (the newest) take no
-        new requests, and once the requests they run have left (migrated by rescheduling, or
-        finished where they are if it is off) they are stopped."""
+    async def reconfigure(self, source: ModelSource, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+        """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
+        restarting what keeps running. New scheduler settings apply at once. Extra instances are
+        started; surplus ones (the newest) take no new requests, and once the requests they run
+        have left (migrated by rescheduling, or finished where they are if it is off) they are
+        stopped."""
+        self.source, config = source, source.config
         self.config = self.config.model_copy(update={"scheduler": config.scheduler})
         self._follow_rescheduling_setting()
         live = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED), key=int)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llumnix_backend.config import ConfigError, DispatchPolicyName, load_model_config, parse_model_config
+from llumnix_backend.config import ConfigError, DispatchPolicyName, parse_model_config
+from llumnix_backend.repository import load_model_source
 from llumnix_backend.repository import is_valid_model_name, model_folders
 
 
@@ -28,7 +29,7 @@ scheduler:
   dispatch_policy: kv_usage
   priority: {default: 1, min: 0, max: 5, high_below: 1, headroom_tokens: 64}
 """)
-    config = load_model_config(folder)
+    config = load_model_source(folder).config
     assert config.instances == 3
     assert config.engine == {"model": "weights", "max_model_len": 512}
     assert config.resources.cpu_kv_cache_gib == 0.5
@@ -37,7 +38,7 @@ scheduler:
 
 
 def test_defaults_for_an_almost_empty_config(tmp_path: Path) -> None:
-    config = load_model_config(write_config(tmp_path / "m", "engine: {model: x}\n"))
+    config = load_model_source(write_config(tmp_path / "m", "engine: {model: x}\n")).config
     assert config.backend == "vllm"
     assert config.instances == 1
     assert config.scheduler.dispatch_policy is DispatchPolicyName.LLUMNIX
@@ -58,7 +59,7 @@ def test_defaults_for_an_almost_empty_config(tmp_path: Path) -> None:
 def test_invalid_fields_are_named(tmp_path: Path, text: str, field: str, reason: str) -> None:
     folder = write_config(tmp_path / "m", text)
     with pytest.raises(ConfigError) as caught:
-        load_model_config(folder)
+        load_model_source(folder).config
     err = caught.value
     assert err.file == str(folder / "config.yaml")
     assert err.field == field
@@ -69,13 +70,13 @@ def test_invalid_fields_are_named(tmp_path: Path, text: str, field: str, reason:
 def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
     folder = write_config(tmp_path / "m", "instances: 1\nengine: {model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"invalid YAML: line \d+, column \d+"):
-        load_model_config(folder)
+        load_model_source(folder).config
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     with pytest.raises(ConfigError, match="no config.yaml"):
-        load_model_config(tmp_path / "m")
+        load_model_source(tmp_path / "m")
 
 
 def test_top_level_must_be_a_mapping() -> None:

@@ -1,7 +1,9 @@
 """The repository API with explicit model control, through `tritonclient` and httpx, on a real
 server whose models run on real vLLM CPU instances.
 
-The repository holds `first` (loaded at start with --load-model) and `second` (not loaded).
+The repository holds `first` (loaded at start with --load-model), `second` (not loaded), and
+two folders in Triton's format: `triton` (versions 1 and 2; version 1's model.json is broken, so
+serving it would fail) and `triton-typo` (config.pbtxt with a typo).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def explicit(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serv
     repository = tmp_path_factory.mktemp("explicit-repository")
     for name in ("first", "second"):
         write_model(repository, name, tiny_config(str(tiny_model), max_model_len=2048))
+    write_triton_model(repository / "triton", tiny_model)
+    write_triton_model(repository / "triton-typo", tiny_model, typo=True)
     server = llumnix_server(repository, repository.parent / "explicit-server.log",
                             extra_args=("--model-control-mode", "explicit", "--load-model", "first")).start()
     try:
@@ -33,6 +37,19 @@ def explicit(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serv
         yield server
     finally:
         server.stop()
+
+
+def write_triton_model(folder: Path, weights: Path, typo: bool = False) -> None:
+    folder.mkdir()
+    (folder / "config.pbtxt").write_text(
+        'backend: "vllm"\n'
+        f'instance_group [ {{ {"cuont" if typo else "count"}: 1, kind: KIND_MODEL }} ]\n'
+        'parameters { key: "scheduler.dispatch_policy" value: { string_value: "queue" } }\n'
+        'parameters { key: "resources.cpu_kv_cache_gib" value: { string_value: "0.25" } }\n')
+    for version, engine in (("1", '{"model": '), ("2", json.dumps({"model": "weights", "max_model_len": 512}))):
+        (folder / version).mkdir()
+        (folder / version / "model.json").write_text(engine)
+        (folder / version / "weights").symlink_to(weights)  # relative engine paths start here
 
 
 @pytest.fixture()
@@ -105,6 +122,26 @@ def test_an_invalid_config_is_refused_and_the_loaded_version_keeps_serving(expli
     assert response.status_code == 400 and "parameters.config is not valid JSON" in response.json()["error"]
     metrics = httpx.get(f"{explicit.url}/metrics").text
     assert 'llumnix:model_operations_total{model_name="first",operation="reload",outcome="failure"} 1.0' in metrics
+
+
+def test_a_triton_format_folder_serves_its_highest_version(explicit, client) -> None:
+    client.load_model("triton")
+    assert client.is_model_ready("triton")
+    assert index(client)["triton"]["version"] == "2"
+    assert client.get_model_metadata("triton")["versions"] == ["2"]
+    config = httpx.get(f"{explicit.url}/v2/models/triton/config").json()
+    assert config["instance_group"][0]["count"] == 1, config
+    assert config["parameters"]["dispatch_policy"]["string_value"] == "queue", config
+    assert config["engine"]["max_model_len"] == 512, config
+    response = short_generation(explicit, "triton")
+    assert response.status_code == 200 and response.json()["model_version"] == "2", response.text
+
+
+def test_a_typo_in_config_pbtxt_is_reported_with_its_line(explicit, client) -> None:
+    with pytest.raises(InferenceServerException, match=r"config.pbtxt: line 2, column \d+: .*no field named \"cuont\""):
+        client.load_model("triton-typo")
+    listed = index(client)["triton-typo"]
+    assert listed["state"] == "UNAVAILABLE" and "line 2, column" in listed["reason"], listed
 
 
 # ("/../" itself never reaches a server: clients resolve it; its encoded form does.)

@@ -12,14 +12,13 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 
-from llumnix_backend.config import ConfigError, ModelConfig
+from llumnix_backend.config import ConfigError, ModelSource
 from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.requests import RequestError
 from llumnix_vllm.instance import SegmentTransfer, VllmInstance
@@ -62,17 +61,17 @@ def _is_hub_id(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith(".")
 
 
-def _resolve_path_arg(key: str, value: Any, model_dir: Path, config_file: Path) -> Any:
+def _resolve_path_arg(key: str, value: Any, source: ModelSource) -> Any:
     if not isinstance(value, str):
         return value
-    local = (model_dir / value).resolve()
+    local = (source.engine_dir / value).resolve()
     if local.exists():
         if key == "model" and local.is_dir() and not (local / "config.json").is_file():
-            raise ConfigError(config_file, f"engine.{key}", f"no config.json in {local}")
+            raise ConfigError(source.engine_file, source.engine_field(key), f"no config.json in {local}")
         return str(local)
     if key == "download_dir" or (key in ("model", "tokenizer") and _is_hub_id(value)):
         return value
-    raise ConfigError(config_file, f"engine.{key}", f"{local} does not exist")
+    raise ConfigError(source.engine_file, source.engine_field(key), f"{local} does not exist")
 
 
 class VllmBackend(Backend):
@@ -85,16 +84,17 @@ class VllmBackend(Backend):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
-    def engine_args(self, model_dir: Path, config: ModelConfig, config_file: Path) -> AsyncEngineArgs:
+    def engine_args(self, source: ModelSource) -> AsyncEngineArgs:
+        config, engine_file = source.config, source.engine_file
         args: dict[str, Any] = {}
         for key, value in config.engine.items():
             if key in RESERVED_ENGINE_ARGS:
-                raise ConfigError(config_file, f"engine.{key}", f"not settable here: {RESERVED_ENGINE_ARGS[key]}")
+                raise ConfigError(engine_file, source.engine_field(key), f"not settable here: {RESERVED_ENGINE_ARGS[key]}")
             if key not in ENGINE_ARG_FIELDS:
-                raise ConfigError(config_file, f"engine.{key}", "not a vLLM engine argument")
-            args[key] = _resolve_path_arg(key, value, model_dir, config_file) if key in PATH_ENGINE_ARGS else value
+                raise ConfigError(engine_file, source.engine_field(key), "not a vLLM engine argument")
+            args[key] = _resolve_path_arg(key, value, source) if key in PATH_ENGINE_ARGS else value
         if "model" not in args:
-            raise ConfigError(config_file, "engine.model", "missing: a model folder or hub id")
+            raise ConfigError(engine_file, source.engine_field("model"), "missing: a model folder or hub id")
         args.setdefault("scheduling_policy", "priority")
         args["scheduler_cls"] = SCHEDULER_CLS
         args["worker_extension_cls"] = WORKER_EXTENSION_CLS
@@ -115,24 +115,24 @@ class VllmBackend(Backend):
         try:
             return AsyncEngineArgs(**args)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(config_file, "engine", str(exc)) from None
+            raise ConfigError(engine_file, source.engine_section, str(exc)) from None
 
-    def load_model(self, name: str, model_dir: Path, config: ModelConfig) -> ModelRuntime:
-        config_file = model_dir / "config.yaml"
-        engine_args = self.engine_args(model_dir, config, config_file)
+    def load_model(self, name: str, source: ModelSource) -> ModelRuntime:
+        config, engine_file = source.config, source.engine_file
+        engine_args = self.engine_args(source)
         try:
             vllm_config = engine_args.create_engine_config()
         except Exception as exc:  # noqa: BLE001 - vLLM raises many types for bad settings
-            raise ConfigError(config_file, "engine", f"{type(exc).__name__}: {exc}") from None
+            raise ConfigError(engine_file, source.engine_section, f"{type(exc).__name__}: {exc}") from None
         try:
             tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(config_file, "engine.tokenizer", f"cannot load the tokenizer: {exc}") from None
+            raise ConfigError(engine_file, source.engine_field("tokenizer"), f"cannot load the tokenizer: {exc}") from None
         cpu_threads = None
         if current_platform.is_cpu():
             cpu_threads = config.resources.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
             if config.scheduler.migration.transport == "device":
-                raise ConfigError(config_file, "scheduler.migration.transport",
+                raise ConfigError(source.config_file, "scheduler.migration.transport",
                                   "'device' needs GPU engines; this vLLM build runs on the CPU (use host or auto)")
         return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads)
 

@@ -23,7 +23,6 @@ from llumnix_server.errors import as_api_error, first_validation_problem
 from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 
-MODEL_VERSION = "1"
 SERVER_NAME = "llumnix-backend"
 EXTENSIONS = ["model_repository", "generate", "llumnix"]
 
@@ -71,7 +70,7 @@ class GenerateRequest(BaseModel):
 def _model_metadata(model: ServedModel) -> dict[str, Any]:
     return {
         "name": model.name,
-        "versions": [MODEL_VERSION],
+        "versions": [str(model.source.version)],
         "platform": model.config.backend,
         "inputs": [
             {"name": "text_input", "datatype": "BYTES", "shape": [1]},
@@ -137,7 +136,8 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
     @router.post("/v2/repository/index")
     async def repository_index() -> list[dict[str, Any]]:
         return [
-            {"name": e.name, "version": MODEL_VERSION, "state": e.state.value, "reason": e.reason}
+            {"name": e.name, "version": str(e.model.source.version) if e.model else "", "state": e.state.value,
+             "reason": e.reason}
             for e in registry.entries()
         ]
 
@@ -206,7 +206,7 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
         params.priority_or_default(model.config.scheduler.priority), arrival,
     )
     stream = await started(request, model.generate(gen_request))
-    envelope = {"id": request_id, "model_name": model.name, "model_version": MODEL_VERSION}
+    envelope = {"id": request_id, "model_name": model.name, "model_version": str(model.source.version)}
     if stream_route or params.stream:
         return StreamingResponse(_generate_events(envelope, stream), media_type="text/event-stream")
     texts = []
