@@ -8,9 +8,11 @@ with `poll`, the same, and then the registry follows the folder: a new model fol
 a changed one reloaded, a removed one unloaded; with `explicit`, only the models named at start
 are loaded, and `load_model`/`unload_model` (the repository API) do the rest. Reloading a model
 that serves applies a change confined to its scheduler settings and instance count in place
-(surplus instances are drained by migration, then stopped), and otherwise starts the new
-version beside the old one and switches traffic once it is ready; if the new one cannot
-be served, the old one keeps serving and the model's reason says why. Unloading stops new
+(surplus instances are drained by migration, then stopped). A change of engine settings starts
+new engines beside the old ones and switches traffic once they serve; if the new engines can
+take over the old ones' requests (same KV layout), those migrate to them, else the old version
+finishes them. If the new one cannot be served, the old one keeps serving and the model's
+reason says why. Unloading stops new
 requests, lets the running ones finish, then stops the instances.
 """
 
@@ -27,7 +29,7 @@ from typing import NoReturn
 
 from llumnix_backend.config import ConfigError, ModelSource, parse_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
-from llumnix_backend.plugin import Backend, InstanceState, load_backend
+from llumnix_backend.plugin import Backend, InstanceState, ModelRuntime, load_backend
 from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
 from llumnix_backend.repository_watcher import RepositoryWatcher
 from llumnix_backend.served_model import InstanceEvent, ProgressCallback, ServedModel
@@ -126,7 +128,7 @@ class ModelRegistry:
 
     async def _load(self, entry: ModelEntry) -> None:
         async with self._operations.setdefault(entry.name, asyncio.Lock()):
-            model, reason = await self._start_model(entry, None)
+            model, reason = await self._start_model(entry)
             self._count(entry.name, "load", model is not None)
             if model is not None:
                 entry.model, entry.state, entry.reason = model, ModelState.READY, ""
@@ -144,19 +146,30 @@ class ModelRegistry:
             return ModelSource(parse_model_config(config_override, where), where, where, entry.path)
         return load_model_source(entry.path)
 
-    async def _start_model(self, entry: ModelEntry, source: ModelSource | None) -> tuple[ServedModel | None, str]:
-        """Start a version of the model from `source` (read from its folder if None): the model
-        once it serves, else None and why."""
+    async def _load_runtime(self, entry: ModelEntry, source: ModelSource) -> tuple[ModelRuntime | None, str]:
+        """The backend's view of the model (engine settings checked, tokenizer loaded), or None
+        and why."""
         try:
-            source = source or self._read_config(entry, None)
-            config = source.config
-            backend = await self._backend(config.backend, source.config_file)
-            runtime = await asyncio.to_thread(backend.load_model, entry.name, source)
+            backend = await self._backend(source.config.backend, source.config_file)
+            return await asyncio.to_thread(backend.load_model, entry.name, source), ""
         except ConfigError as exc:
             return None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not stop other models
             logger.exception("loading model %s failed", entry.name)
             return None, f"{type(exc).__name__}: {exc}"
+
+    async def _start_model(self, entry: ModelEntry, source: ModelSource | None = None,
+                           runtime: ModelRuntime | None = None) -> tuple[ServedModel | None, str]:
+        """Start a version of the model from `source` (read from its folder if None): the model
+        once it serves, else None and why."""
+        try:
+            source = source or self._read_config(entry, None)
+        except ConfigError as exc:
+            return None, str(exc)
+        if runtime is None:
+            runtime, reason = await self._load_runtime(entry, source)
+            if runtime is None:
+                return None, reason
         began = time.monotonic()
         model = ServedModel(entry.name, source, runtime, self.metrics)
         await model.start(self._start_slots, self._progress)
@@ -227,7 +240,19 @@ class ModelRegistry:
             return
         if previous is None:
             entry.state, entry.reason = ModelState.LOADING, ""
-        model, reason = await self._start_model(entry, source)
+        runtime, reason = await self._load_runtime(entry, source)
+        if runtime is None:
+            self._refuse_load(entry, operation, reason)
+        if previous is not None and runtime.can_take_over_from(previous.runtime):
+            began = time.monotonic()
+            reason = await previous.replace_engines(source, runtime, self._start_slots, self._progress)
+            if reason:
+                self._refuse_load(entry, operation, reason)
+            self.metrics.model_load_duration.labels(name).observe(time.monotonic() - began)
+            self._count(name, operation, True)
+            entry.reason = ""
+            return
+        model, reason = await self._start_model(entry, source, runtime)
         if model is None:
             self._refuse_load(entry, operation, reason)
         self._count(name, operation, True)

@@ -136,6 +136,13 @@ class ModelRuntime(abc.ABC):
         migration can hand full blocks over stage by stage ahead of the final switch."""
         return False
 
+    def can_take_over_from(self, other: ModelRuntime) -> bool:
+        """Whether instances of this runtime can continue requests migrated from instances of
+        `other` (another version of the model): the same KV-cache layout, and room for what
+        those requests may grow to. A change of engine settings then moves running requests
+        to the new engines instead of letting them finish on the old ones."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """Engine settings worth showing in the model's config endpoint."""
         return {}

@@ -93,32 +93,53 @@ class ServedModel:
 
     async def start(self, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
         """Start the configured number of instances; failures are recorded, not raised."""
-        ids = [self._add_instance() for _ in range(self.config.instances)]
+        ids = [self._add_instance(self.runtime) for _ in range(self.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
         self._follow_rescheduling_setting()
 
     async def reconfigure(self, source: ModelSource, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
         """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
         restarting what keeps running. New scheduler settings apply at once. Extra instances are
-        started; surplus ones (the newest) take no new requests, and once the requests they run
-        have left (migrated by rescheduling, or finished where they are if it is off) they are
-        stopped."""
+        started; surplus ones (the newest) are retired (`_retire_instances`)."""
         self.source, config = source, source.config
         self.config = self.config.model_copy(update={"scheduler": config.scheduler})
         self._follow_rescheduling_setting()
         live = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED), key=int)
-        added = [self._add_instance() for _ in range(config.instances - len(live))]
+        added = [self._add_instance(self.runtime) for _ in range(config.instances - len(live))]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
-        surplus = live[config.instances:]
-        for instance_id in surplus:
-            self._instances[instance_id].state = InstanceState.DRAINING
-        self._follow_rescheduling_setting()
-        while any(self._hosts_requests(i) for i in surplus):
-            await asyncio.sleep(IDLE_POLL_S)
-        for instance_id in surplus:
-            await self._stop_instance(self._instances.pop(instance_id))
+        await self._retire_instances(live[config.instances:])
         self.config = config
         self._follow_rescheduling_setting()
+
+    async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, start_slots: asyncio.Semaphore,
+                              progress: ProgressCallback) -> str:
+        """Switch to engines of new settings (`source`, loaded as `runtime`) that can take over
+        requests from the current ones (`ModelRuntime.can_take_over_from`). The new instances
+        start beside the old ones; once one serves, new requests go to them, and the old ones
+        are retired: what they run migrates to the new ones. Returns "" once switched, or why
+        not (no new instance started; nothing changed then)."""
+        old = [i for i, s in self._instances.items() if s.state is not InstanceState.FAILED]
+        added = [self._add_instance(runtime) for _ in range(source.config.instances)]
+        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
+        if not any(self._instances[i].state is InstanceState.READY for i in added):
+            reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
+            await asyncio.gather(*(self._stop_instance(self._instances.pop(i)) for i in added))
+            return f"no instance started ({reasons})"
+        self.source, self.config, self.runtime = source, source.config, runtime
+        await self._retire_instances(old)
+        self._follow_rescheduling_setting()
+        return ""
+
+    async def _retire_instances(self, instance_ids: list[str]) -> None:
+        """Take instances out of dispatch, wait until the requests they run have left (migrated
+        away by rescheduling, or finished where they are if it is off), then stop them."""
+        for instance_id in instance_ids:
+            self._instances[instance_id].state = InstanceState.DRAINING
+        self._follow_rescheduling_setting()
+        while any(self._hosts_requests(i) for i in instance_ids):
+            await asyncio.sleep(IDLE_POLL_S)
+        for instance_id in instance_ids:
+            await self._stop_instance(self._instances.pop(instance_id))
 
     def _hosts_requests(self, instance_id: str) -> bool:
         return bool(self._instances[instance_id].in_flight) or any(
@@ -132,10 +153,10 @@ class ServedModel:
             self._rescheduler.cancel()
             self._rescheduler = None
 
-    def _add_instance(self) -> str:
+    def _add_instance(self, runtime: ModelRuntime) -> str:
         instance_id = str(self._next_index)
         self._next_index += 1
-        self._instances[instance_id] = _Instance(self.runtime.create_instance(instance_id))
+        self._instances[instance_id] = _Instance(runtime.create_instance(instance_id))
         return instance_id
 
     async def _start_instance(self, instance_id: str, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:

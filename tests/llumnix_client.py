@@ -74,6 +74,39 @@ class StreamedCompletion:
         return self
 
 
+class BoundedLoad:
+    """Streaming completions of `max_tokens` tokens against a model, `concurrency` at a time,
+    each started when the previous one ends, until `stop()` or `max_requests` were sent."""
+
+    def __init__(self, server: ServerProcess, model: str, concurrency: int = 2, max_tokens: int = 300,
+                 max_requests: int = 200) -> None:
+        self.runs: list[StreamedCompletion] = []
+        self._args = (server, model, max_tokens, max_requests)
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._work, daemon=True) for _ in range(concurrency)]
+        for worker in self._workers:
+            worker.start()
+
+    def _work(self) -> None:
+        server, model, max_tokens, max_requests = self._args
+        while not self._stopped.is_set():
+            with self._lock:
+                if len(self.runs) >= max_requests:
+                    return
+                run = StreamedCompletion(server, model, max_tokens=max_tokens)
+                self.runs.append(run)
+            with contextlib.suppress(BaseException):  # kept in run.error
+                run.result()
+
+    def stop(self) -> list[StreamedCompletion]:
+        """Send no more; wait for the requests in flight; all requests sent."""
+        self._stopped.set()
+        for worker in self._workers:
+            worker.join(180)
+        return self.runs
+
+
 class InBackground:
     """Runs `call()` on a thread; `result()` joins it and returns what it returned."""
 

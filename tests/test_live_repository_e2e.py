@@ -4,6 +4,7 @@ and a removed folder is unloaded once its requests end. Real vLLM CPU instances.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import StreamedCompletion, instances, short_generation
+from llumnix_client import BoundedLoad, StreamedCompletion, instances, short_generation
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -49,7 +50,7 @@ def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_model, tmp_path) -> None:
+def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live, tiny_model, tmp_path) -> None:
     server, repository = live
     # Drop a folder in (prepared elsewhere, then moved in, as `cp -r` then `mv` would).
     config = tiny_config(str(tiny_model), max_model_len=2048)
@@ -60,29 +61,36 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     assert index(server)["dropped"]["state"] == "READY"
     engine = instances(server, "dropped")["0"]["snapshot"]["engine_pid"]
     config_file = repository / "dropped" / "config.yaml"
+    listing = lambda: httpx.get(f"{server.url}/v2/llumnix/models/dropped/instances").json()  # noqa: E731
+    states = lambda: {i: s["state"] for i, s in instances(server, "dropped").items()}  # noqa: E731
+    # Every change below is made while streaming requests run, two at a time.
+    load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=300)
 
-    # A scheduler change, made while a request runs: applied in place, the request untouched.
-    running = StreamedCompletion(server, "dropped", max_tokens=300).wait_for_tokens(5)
+    # A scheduler change: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
     config_file.write_text(yaml.safe_dump(config))
-    listing = lambda: httpx.get(f"{server.url}/v2/llumnix/models/dropped/instances").json()  # noqa: E731
     eventually(lambda: listing()["dispatch_policy"] == "queue", 20, "the new dispatch policy")
     assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
-    assert len(running.result().token_ids) == 300
 
-    # More instances, then fewer, under load: instance 0 runs throughout; the surplus one is
-    # drained (its request migrates to instance 0) and stopped; no request fails.
+    # More instances, then fewer: instance 0 runs throughout; the surplus one is drained (its
+    # requests migrate to instance 0) and stopped.
     config["instances"] = 2
     config_file.write_text(yaml.safe_dump(config))
-    ready = lambda: {i: s["state"] for i, s in instances(server, "dropped").items()}  # noqa: E731
-    eventually(lambda: ready() == {"0": "ready", "1": "ready"}, ENGINE_START_TIMEOUT_S, "a second instance")
-    runs = [StreamedCompletion(server, "dropped", max_tokens=1000).wait_for_tokens(5) for _ in range(2)]
+    eventually(lambda: states() == {"0": "ready", "1": "ready"}, ENGINE_START_TIMEOUT_S, "a second instance")
+    eventually(lambda: instances(server, "dropped")["1"]["snapshot"]["running"], 30, "requests on instance 1")
     config["instances"] = 1
     config_file.write_text(yaml.safe_dump(config))
-    eventually(lambda: ready() == {"0": "ready"}, 60, "back to one instance")
-    for run in runs:
-        assert len(run.result().token_ids) == 1000
+    eventually(lambda: states() == {"0": "ready"}, 60, "back to one instance")
     assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+
+    # An engine argument: new engines start beside the old one; its requests migrate to them
+    # (same KV layout), then it stops.
+    migrated_before = committed_migrations(server, "dropped")
+    config["engine"]["max_num_seqs"] = 8
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: states() == {"2": "ready"}, ENGINE_START_TIMEOUT_S, "the new engine alone")
+    assert instances(server, "dropped")["2"]["snapshot"]["engine_pid"] != engine
+    assert committed_migrations(server, "dropped") > migrated_before
 
     # An invalid edit: refused with the file and the field; the model keeps serving.
     config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
@@ -92,7 +100,13 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     # Fixed again: the error goes, and nothing restarts (the config is what serves).
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: index(server)["dropped"]["reason"] == "", 20, "the error cleared")
-    assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+
+    runs = load.stop()
+    assert len(runs) >= 4
+    for run in runs:
+        assert run.error is None and run.finish_reason == "length" and len(run.token_ids) == 300, run.error
+    # The final state is the folder's: one instance of the new engine, the queue dispatcher.
+    assert states() == {"2": "ready"} and listing()["dispatch_policy"] == "queue"
 
     # Removed while a request runs: the request ends whole, then the model is gone.
     running = StreamedCompletion(server, "dropped", max_tokens=300).wait_for_tokens(5)
@@ -104,7 +118,31 @@ def test_a_dropped_folder_serves_edits_apply_and_removal_unloads(live, tiny_mode
     assert short_generation(server, "base").status_code == 200
     metrics = httpx.get(f"{server.url}/metrics").text
     for series in ('llumnix:model_operations_total{model_name="dropped",operation="load",outcome="success"} 1.0',
-                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 3.0',
+                   'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="success"} 4.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="failure"} 1.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="unload",outcome="success"} 1.0'):
         assert series in metrics, series
+
+
+def committed_migrations(server: ServerProcess, model: str) -> float:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    pattern = rf'^llumnix:migrations_committed_total{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, metrics, re.MULTILINE))
+
+
+def test_an_engine_that_fails_to_start_is_retried_on_the_next_change(live, tiny_model) -> None:
+    server, repository = live
+    config = tiny_config(str(tiny_model), max_model_len=2048)
+    config["resources"]["cpu_kv_cache_gib"] = 0.001  # too little for one 2048-token sequence
+    write_model(repository, "starved", config)
+    eventually(lambda: index(server).get("starved", {}).get("state") == "UNAVAILABLE", ENGINE_START_TIMEOUT_S,
+               "the failed start reported")
+    reason = index(server)["starved"]["reason"]
+    assert "no instance started (instance 0:" in reason, reason
+    assert short_generation(server, "base").status_code == 200  # other models never notice
+    config["resources"]["cpu_kv_cache_gib"] = 0.25
+    (repository / "starved" / "config.yaml").write_text(yaml.safe_dump(config))
+    eventually(lambda: short_generation(server, "starved").status_code == 200, ENGINE_START_TIMEOUT_S,
+               "the model serves after the fix")
+    assert index(server)["starved"] == {"name": "starved", "version": "1", "state": "READY", "reason": ""}
+    shutil.rmtree(repository / "starved")

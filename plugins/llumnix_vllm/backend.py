@@ -190,6 +190,17 @@ class VllmModelRuntime(ModelRuntime):
     def caches_prefixes(self) -> bool:
         return bool(self._vllm_config.cache_config.enable_prefix_caching)
 
+    def _kv_layout(self) -> tuple:
+        """What decides the bytes of a KV block and what they mean."""
+        model, cache, parallel = (self._vllm_config.model_config, self._vllm_config.cache_config,
+                                  self._vllm_config.parallel_config)
+        return (model.model, model.revision, str(model.dtype), model.quantization, cache.block_size,
+                cache.cache_dtype, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+
+    def can_take_over_from(self, other: ModelRuntime) -> bool:
+        return (isinstance(other, VllmModelRuntime) and self._kv_layout() == other._kv_layout()
+                and self.max_model_len >= other.max_model_len)
+
     def describe(self) -> dict[str, Any]:
         model_config = self._vllm_config.model_config
         cache_config = self._vllm_config.cache_config
