@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from llumnix_backend.config import MigrationSettings
 from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.snapshot import InstanceView, blocks_for
+from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -205,13 +205,17 @@ def check_destination(views: dict[str, InstanceView], source_id: str, destinatio
     view = views[destination_id]
     if not view.accepting or view.draining:
         raise MigrationRejected(400, f"instance {destination_id!r} does not accept requests now")
-    snapshot = view.snapshot
+    shortage = _shortage(view.snapshot, num_tokens)
+    if shortage:
+        raise MigrationRejected(400, f"instance {destination_id!r} has no room: {shortage}")
+
+
+def _shortage(snapshot: InstanceSnapshot, num_tokens: int) -> str:
+    """Why an instance cannot take a request of `num_tokens` tokens (and its next one), or "".
+    Free blocks include the prefix-cache blocks a migration's stages left there."""
     needed = blocks_for(num_tokens + 1, snapshot.block_size)
     room = snapshot.free_blocks - sum(r.demand_blocks for r in snapshot.waiting)
-    if needed > room:
-        raise MigrationRejected(
-            400, f"instance {destination_id!r} has no room: the request needs {needed} KV blocks, {max(0, room)} are free"
-        )
+    return f"the request needs {needed} KV blocks, {max(0, room)} are free" if needed > room else ""
 
 
 def _continuation(request: GenerationRequest, export: KvExport, transfer) -> GenerationRequest:
@@ -253,6 +257,13 @@ async def migrate_request(
         sent = result.blocks
         return result
 
+    def ensure_destination_room() -> None:
+        """Each stage, and the switch, needs room on the destination: give up at once without."""
+        snapshot = destination.latest_snapshot
+        shortage = snapshot and _shortage(snapshot, len(request.prompt_token_ids) + len(stream.generated))
+        if shortage:
+            raise MigrationAborted(f"the destination ran out of room: {shortage}")
+
     async def export(max_blocks: int) -> KvExport:
         return copied(await asyncio.wait_for(
             source.export_kv(request.request_id, transfer, sent, max_blocks), settings.stage_timeout_s
@@ -272,6 +283,7 @@ async def migrate_request(
                 report.stages += 1
                 # ...taken into the destination's prefix cache a chunk per destination step.
                 while preloaded < exported.blocks:
+                    ensure_destination_room()
                     preloaded = min(exported.blocks, preloaded + chunk)
                     await _preload(destination, request, exported.token_ids, preloaded, block_size, transfer, settings)
                 # The request grew while this stage ran: count what is left from its stream now.
@@ -283,6 +295,7 @@ async def migrate_request(
                                settings.stage_timeout_s)
         if handover.outcome.done():
             raise MigrationAborted(handover.outcome.result())
+        ensure_destination_room()
         final_began = time.monotonic()
         final = await _stop_and_export(source, request.request_id, transfer, sent, settings.stage_timeout_s)
         stopped = final is not None
