@@ -100,7 +100,7 @@ class ServerMetrics:
             ("model_name", "operation", "outcome"), registry=r,
         )
         self.model_load_duration = Histogram(
-            "llumnix:model_load_duration_seconds", "Time from starting to load a model version until it serves.",
+            "llumnix:model_load_duration_seconds", "Time from starting a model version's engines until it serves.",
             ("model_name",), buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600), registry=r,
         )
 

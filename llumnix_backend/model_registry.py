@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NoReturn
 
-from llumnix_backend.config import ConfigError, ModelSource, parse_model_config
+from llumnix_backend.config import ConfigError, ModelConfig, ModelSource, parse_model_config
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, ModelRuntime, load_backend
 from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
@@ -104,6 +104,7 @@ class ModelRegistry:
         self._start_slots = asyncio.Semaphore(max_parallel_starts)
         self._progress = progress
         self.initial_load_done = asyncio.Event()
+        self.loaded_at_start: frozenset[str] = frozenset()  # the models the server was to serve from the start
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -123,8 +124,19 @@ class ModelRegistry:
         to_load = [name for name in folders if not explicit or name in self._startup_models]
         for name in set(folders) - set(to_load):
             self._entries[name].state, self._entries[name].reason = ModelState.UNAVAILABLE, NOT_LOADED
+        self.loaded_at_start = frozenset(to_load)
+        await self._preload_default_backend()
         await asyncio.gather(*(self._load(self._entries[name]) for name in to_load))
         self.initial_load_done.set()
+
+    async def _preload_default_backend(self) -> None:
+        """Import the default backend now (vLLM's takes seconds), so that a model folder
+        dropped into the repository later does not wait for it."""
+        name = ModelConfig.model_fields["backend"].default
+        try:
+            await self._backend(name, "the default backend")
+        except ConfigError as exc:  # a model naming it will say so
+            logger.warning("%s", exc)
 
     async def _load(self, entry: ModelEntry) -> None:
         async with self._operations.setdefault(entry.name, asyncio.Lock()):

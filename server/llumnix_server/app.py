@@ -2,7 +2,7 @@
 
 The server answers as soon as it starts (liveness, repository index, metrics) while the
 models load in the background; `/v2/health/ready` turns 200 once loading has finished and at
-least one model serves.
+least one model serves (or there was nothing to load).
 """
 
 from __future__ import annotations

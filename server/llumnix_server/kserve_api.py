@@ -116,7 +116,10 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v2/health/ready")
     async def ready() -> Response:
-        is_ready = registry.initial_load_done.is_set() and bool(registry.ready_models())
+        # With models to serve from the start, at least one of them must serve; a server
+        # started with none (an empty repository to drop folders into) is ready at once.
+        is_ready = registry.initial_load_done.is_set() and (
+            bool(registry.ready_models()) or not registry.loaded_at_start)
         return Response(status_code=200 if is_ready else 503)
 
     @router.get("/v2/models/{model_name}")

@@ -110,7 +110,9 @@ def wait_for_repository(server: ServerProcess, timeout: float) -> list[dict]:
     while True:
         response = httpx.post(server.url + "/v2/repository/index", headers=server.headers, timeout=5)
         index = response.json()
-        if index and all(m["state"] != "LOADING" for m in index):
+        # An empty index is final only once the server says it has nothing more to load.
+        if all(m["state"] != "LOADING" for m in index) and (
+                index or httpx.get(server.url + "/v2/health/ready", headers=server.headers, timeout=5).is_success):
             return index
         if time.monotonic() > deadline:
             raise ServerFailed(f"models still loading after {timeout:.0f} s: {index}\n{server.log_tail()}")
