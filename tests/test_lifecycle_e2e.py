@@ -46,3 +46,15 @@ def test_no_engine_process_survives_the_server(tmp_path: Path, tiny_model: Path,
         assert time.monotonic() - began < 60
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_server_on_an_empty_repository_is_ready_at_once(tmp_path: Path) -> None:
+    """Nothing to load: ready, so that folders can be dropped in (poll mode, the default)."""
+    (tmp_path / "repo").mkdir()
+    server = llumnix_server(tmp_path / "repo", tmp_path / "server.log").start()
+    try:
+        assert wait_for_repository(server, ENGINE_START_TIMEOUT_S) == []
+        assert httpx.get(server.url + "/v2/health/ready", timeout=10).status_code == 200
+        assert httpx.post(server.url + "/v2/repository/index", timeout=10).json() == []
+    finally:
+        server.stop()
