@@ -85,8 +85,10 @@ class MigrationSettings(_Strict):
     # Copies made while the request keeps decoding, before the final one (Llumnix: 3).
     max_stages: int = Field(default=3, ge=0, le=16)
     # A stage copies at most this much KV per engine step: the source engine does not step while
-    # it copies, so a long sequence moves in chunks with decode steps in between.
-    stage_chunk_mib: float = Field(default=64, gt=0)
+    # it copies, so a long sequence moves in chunks with decode steps in between. Default: by
+    # transport (`KvTransfer.default_stage_chunk_mib`: 64 MiB through host memory, 1 GiB GPU to
+    # GPU, which copies that in about a millisecond).
+    stage_chunk_mib: float | None = Field(default=None, gt=0)
     # Go to the final stage once at most this many KV blocks are left to copy.
     final_stage_blocks: int = Field(default=2, ge=0)
     # Any stage (a copy, the destination's admission) taking longer aborts the migration.

@@ -273,7 +273,8 @@ async def migrate_request(
     stopped = False  # the request is stopped on the source for the final stage
     try:
         if runtime.caches_prefixes:
-            chunk = max(1, int(settings.stage_chunk_mib * 2**20) // max(1, block_bytes))
+            chunk_mib = settings.stage_chunk_mib or transfer.default_stage_chunk_mib
+            chunk = max(1, int(chunk_mib * 2**20) // max(1, block_bytes))
             preloaded = 0
             for _ in range(settings.max_stages):
                 # A stage: every block filled so far, a chunk per source step...

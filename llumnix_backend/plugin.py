@@ -47,6 +47,10 @@ class KvTransfer(abc.ABC):
     """Where one migration's KV blocks travel from source to destination (shared memory on
     one host, say). The front end creates it and closes it once the migration has ended."""
 
+    # How much a stage copies per engine step unless the model's settings say otherwise: as
+    # much as the path moves in a small fraction of a decode step.
+    default_stage_chunk_mib: float = 64
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -70,6 +70,8 @@ class _NoEngineMetrics(PrometheusStatLogger):
 class SegmentTransfer(KvTransfer):
     def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool) -> None:
         self.segment = TransferSegment(capacity_blocks, block_bytes, on_device)
+        if on_device:
+            self.default_stage_chunk_mib = 1024
 
     def close(self) -> None:
         self.segment.close()

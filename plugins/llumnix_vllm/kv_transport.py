@@ -4,7 +4,9 @@ A `TransferSegment` is the area one migration's blocks travel through. The sourc
 copies blocks of the request into it, by their position in the request (block 0 holds tokens
 0..block_size-1, ...); the destination's worker copies them out into the blocks its scheduler
 allocated. Blocks travel as opaque bytes, layer by layer, so any KV layout works as long as
-both engines run the same model, dtype, block size and layout.
+both engines run the same model, dtype, block size and layout. The segment is layer-major (all
+positions of layer 0, then layer 1, ...), so a run of consecutive positions of one layer is one
+contiguous range: one copy per layer, straight between the cache and the segment.
 
 Two paths, chosen per segment:
 - host: the segment is shared memory (a tmpfs file) the front end creates; works everywhere;
@@ -88,27 +90,26 @@ class KvBlockIO:
         self.block_bytes = sum(self._layer_bytes)
 
     def _split(self, area: torch.Tensor, spec: SegmentSpec) -> list[torch.Tensor]:
-        """A segment's [capacity, block_bytes] bytes, cut into one view per layer."""
+        """A segment's bytes, cut into one [capacity, layer block bytes] view per layer."""
         if spec.block_bytes != self.block_bytes:
             raise ValueError(f"segment blocks are {spec.block_bytes} bytes, this engine's are {self.block_bytes}")
-        area = area.view(spec.capacity_blocks, spec.block_bytes)
         views, offset = [], 0
         for size in self._layer_bytes:
-            views.append(area[:, offset:offset + size])
-            offset += size
+            views.append(area[offset:offset + spec.capacity_blocks * size].view(spec.capacity_blocks, size))
+            offset += spec.capacity_blocks * size
         return views
 
-    def save(self, spec: SegmentSpec, block_ids: list[int], positions: list[int]) -> None:
-        """Copy cache blocks `block_ids` into the segment at request positions `positions`."""
+    def save(self, spec: SegmentSpec, block_ids: list[int], first_position: int) -> None:
+        """Copy cache blocks `block_ids` into the segment at request positions `first_position` on."""
         if block_ids:
             with self._area(spec, owner=True) as area:
-                self._copy(area, spec, block_ids, positions, into_segment=True)
+                self._copy(area, spec, block_ids, first_position, into_segment=True)
 
-    def load(self, spec: SegmentSpec, positions: list[int], block_ids: list[int]) -> None:
-        """Copy segment positions `positions` into cache blocks `block_ids`."""
+    def load(self, spec: SegmentSpec, first_position: int, block_ids: list[int]) -> None:
+        """Copy the segment's positions from `first_position` on into cache blocks `block_ids`."""
         if block_ids:
             with self._area(spec, owner=False) as area:
-                self._copy(area, spec, block_ids, positions, into_segment=False)
+                self._copy(area, spec, block_ids, first_position, into_segment=False)
 
     @contextlib.contextmanager
     def _area(self, spec: SegmentSpec, owner: bool) -> Iterator[torch.Tensor]:
@@ -119,17 +120,16 @@ class KvBlockIO:
                 yield torch.frombuffer(mapped, dtype=torch.uint8, count=spec.capacity_blocks * spec.block_bytes)
 
     def _copy(self, area: torch.Tensor, spec: SegmentSpec, block_ids: list[int],
-              positions: list[int], into_segment: bool) -> None:
+              first_position: int, into_segment: bool) -> None:
         device = self._layers[0].device
+        count = len(block_ids)
         blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
-        slots = torch.tensor(positions, dtype=torch.long, device=area.device)
         for layer, view in zip(self._layers, self._split(area, spec)):
+            run = view[first_position:first_position + count]  # contiguous: the layout is layer-major
             if into_segment:
-                data = layer.index_select(0, blocks).contiguous().view(len(block_ids), -1).view(torch.uint8)
-                view[slots] = data.to(area.device)
+                run.copy_(layer.index_select(0, blocks).view(count, -1).view(torch.uint8))
             else:
-                data = view[slots].to(device).view(layer.dtype).view(len(block_ids), *layer.shape[1:])
-                layer.index_copy_(0, blocks, data)
+                layer.index_copy_(0, blocks, run.to(device).view(layer.dtype).view(count, *layer.shape[1:]))
         if into_segment and area.is_cuda:
             # The destination reads the area from another process as soon as this returns.
             torch.cuda.current_stream(area.device).synchronize()

@@ -30,8 +30,8 @@ SEGMENT_PARAM = "llumnix_segment"
 @dataclass(frozen=True)
 class BlockLoad:
     segment: SegmentSpec
-    positions: list[int]  # block positions within the request, as the segment holds them
-    block_ids: list[int]  # where they go in this engine's cache
+    first_position: int  # of the blocks within the request, as the segment holds them
+    block_ids: list[int]  # where they go in this engine's cache, from that position on
 
 
 @dataclass
@@ -75,8 +75,7 @@ class LlumnixMigrationConnector(KVConnectorBase_V1):
         first = (loaded_end - num_external_tokens) // self._block_size
         last = -(-loaded_end // self._block_size)  # the block holding the last loaded token
         block_ids = blocks.get_block_ids()[0]
-        positions = list(range(first, last))
-        self._pending.append(BlockLoad(spec, positions, [block_ids[p] for p in positions]))
+        self._pending.append(BlockLoad(spec, first, block_ids[first:last]))
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         metadata, self._pending = MigrationLoadMetadata(self._pending), []
@@ -95,7 +94,7 @@ class LlumnixMigrationConnector(KVConnectorBase_V1):
         if not isinstance(metadata, MigrationLoadMetadata) or self._io is None:
             return
         for load in metadata.loads:
-            self._io.load(load.segment, load.positions, load.block_ids)
+            self._io.load(load.segment, load.first_position, load.block_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass

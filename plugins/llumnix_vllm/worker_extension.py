@@ -56,8 +56,7 @@ class LlumnixWorkerExtension:
             end = min(end, first_block + max_blocks)
         if end > spec.capacity_blocks:
             raise ValueError(f"request {request_id} needs {end} blocks, the segment holds {spec.capacity_blocks}")
-        positions = list(range(first_block, end))
-        self._llumnix_block_io().save(spec, [state.block_ids[0][p] for p in positions], positions)
+        self._llumnix_block_io().save(spec, list(state.block_ids[0][first_block:end]), first_block)
         return {"token_ids": tokens, "blocks": end}
 
     def _llumnix_block_io(self) -> KvBlockIO:
