@@ -120,7 +120,10 @@ class ModelRegistry:
             self._entries[name] = ModelEntry(name, path)
         explicit = self.control_mode is ModelControlMode.EXPLICIT and "*" not in self._startup_models
         for missing in sorted(self._startup_models - {"*"} - set(folders)):
-            logger.error("--load-model %s: no such model folder in %s", missing, self.repository)
+            reason = f"--load-model {missing}: no such model folder in {self.repository}"
+            if is_valid_model_name(missing):  # listed, so that the index says why it is not served
+                self._entries[missing] = ModelEntry(missing, self.repository / missing, ModelState.UNAVAILABLE, reason)
+            logger.error("%s", reason)
         to_load = [name for name in folders if not explicit or name in self._startup_models]
         for name in set(folders) - set(to_load):
             self._entries[name].state, self._entries[name].reason = ModelState.UNAVAILABLE, NOT_LOADED

@@ -31,7 +31,8 @@ def explicit(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serv
     write_triton_model(repository / "triton", tiny_model)
     write_triton_model(repository / "triton-typo", tiny_model, typo=True)
     server = llumnix_server(repository, repository.parent / "explicit-server.log",
-                            extra_args=("--model-control-mode", "explicit", "--load-model", "first")).start()
+                            extra_args=("--model-control-mode", "explicit", "--load-model", "first",
+                                        "--load-model", "ghost")).start()
     try:
         wait_for_repository(server, ENGINE_START_TIMEOUT_S)
         yield server
@@ -68,6 +69,9 @@ def test_only_the_models_named_at_start_are_loaded(explicit, client) -> None:
     assert client.is_model_ready("first") and not client.is_model_ready("second")
     assert short_generation(explicit, "first").status_code == 200
     assert short_generation(explicit, "second").status_code == 503
+    # Named at start but without a folder: listed, with the reason.
+    ghost = listed["ghost"]
+    assert ghost["state"] == "UNAVAILABLE" and "--load-model ghost: no such model folder" in ghost["reason"], ghost
 
 
 def test_load_serve_and_unload_a_model_with_tritonclient(explicit, client) -> None:
