@@ -311,7 +311,7 @@ async def migrate_request(
         report.downtime_s = handover.downtime_s
         report.recomputed_tokens = handover.recomputed_tokens
         report.switched_at_token = handover.generated_at_copy
-    except (MigrationAborted, asyncio.TimeoutError) as exc:
+    except (TimeoutError, MigrationAborted) as exc:
         report.reason = str(exc) or "a stage timed out"
     except Exception as exc:  # noqa: BLE001 - any failure before the switch only aborts it
         report.reason = f"{type(exc).__name__}: {exc}"
