@@ -35,6 +35,10 @@ class EngineDead(RuntimeError):
     """The engine behind an instance stopped working; its requests cannot continue there."""
 
 
+class EngineStartFailed(RuntimeError):
+    """An engine did not start; the message is the engine's own account of why."""
+
+
 @dataclass(frozen=True)
 class KvExport:
     """What an engine reports after copying a request's KV blocks into a transfer."""

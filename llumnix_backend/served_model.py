@@ -25,7 +25,7 @@ from llumnix_backend.migration import (
     migrate_request,
     relay,
 )
-from llumnix_backend.plugin import EngineDead, EngineInstance, InstanceState, ModelRuntime
+from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, InstanceState, ModelRuntime
 from llumnix_backend.rescheduling import PlannedMigration, plan_migrations
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
@@ -167,7 +167,8 @@ class ServedModel:
             try:
                 await slot.engine.start()
             except Exception as exc:  # noqa: BLE001 - any start failure marks only this instance
-                slot.state, slot.error = InstanceState.FAILED, f"{type(exc).__name__}: {exc}"
+                error = str(exc) if isinstance(exc, EngineStartFailed) else f"{type(exc).__name__}: {exc}"
+                slot.state, slot.error = InstanceState.FAILED, error
                 logger.error("model %s instance %s failed to start: %s", self.name, instance_id, slot.error)
             else:
                 slot.state = InstanceState.READY

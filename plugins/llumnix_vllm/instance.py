@@ -22,9 +22,10 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-from llumnix_backend.plugin import EngineDead, EngineInstance, KvExport, KvTransfer
+from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot
+from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.kv_transport import TransferSegment
 from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
@@ -106,12 +107,15 @@ class VllmInstance(EngineInstance):
             await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
             if self._cpu_threads is not None:
                 await self._engine.collective_rpc("llumnix_set_cpu_threads", args=(self._cpu_threads,))
-        except BaseException:
+        except BaseException as exc:
             # A start cannot be interrupted inside vLLM: if cancelled, let it finish, then stop
             # the engine, so that no engine process outlives a cancelled start.
             with contextlib.suppress(Exception):
                 self._engine = self._engine or await building
             await self.shutdown()
+            cause = start_error(token)  # vLLM's own error only says to look in the log
+            if cause is not None and isinstance(exc, Exception):
+                raise EngineStartFailed(cause) from exc
             raise
 
     def _build_engine(self, token: str) -> AsyncLLM:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import uuid
 
@@ -21,6 +22,11 @@ from llumnix_backend.snapshot import InstanceSnapshot
 def new_instance_token() -> str:
     """A token naming one engine start: the starting server's pid, then random characters."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def is_instance_token(value: str) -> bool:
+    """Whether `value` was made by `new_instance_token` (vLLM fills instance_id in otherwise)."""
+    return re.fullmatch(r"\d+-[0-9a-f]{12}", value) is not None
 
 
 def server_pid(instance_token: str) -> int:
