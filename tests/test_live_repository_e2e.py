@@ -4,7 +4,6 @@ and a removed folder is unloaded once its requests end. Real vLLM CPU instances.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import BoundedLoad, StreamedCompletion, instances, short_generation
+from llumnix_client import BoundedLoad, StreamedCompletion, instances, migrations, short_generation
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -85,12 +84,12 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
 
     # An engine argument: new engines start beside the old one; its requests migrate to them
     # (same KV layout), then it stops.
-    migrated_before = committed_migrations(server, "dropped")
+    migrated_before = sum(migrations(server, "dropped").values())
     config["engine"]["max_num_seqs"] = 8
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: states() == {"2": "ready"}, ENGINE_START_TIMEOUT_S, "the new engine alone")
     assert instances(server, "dropped")["2"]["snapshot"]["engine_pid"] != engine
-    assert committed_migrations(server, "dropped") > migrated_before
+    assert sum(migrations(server, "dropped").values()) > migrated_before
 
     # An invalid edit: refused with the file and the field; the model keeps serving.
     config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
@@ -122,12 +121,6 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
                    'llumnix:model_operations_total{model_name="dropped",operation="reload",outcome="failure"} 1.0',
                    'llumnix:model_operations_total{model_name="dropped",operation="unload",outcome="success"} 1.0'):
         assert series in metrics, series
-
-
-def committed_migrations(server: ServerProcess, model: str) -> float:
-    metrics = httpx.get(f"{server.url}/metrics").text
-    pattern = rf'^llumnix:migrations_committed_total{{[^}}]*model_name="{model}"[^}}]*}} (\S+)$'
-    return sum(float(value) for value in re.findall(pattern, metrics, re.MULTILINE))
 
 
 def test_an_engine_that_fails_to_start_is_retried_on_the_next_change(live, tiny_model) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import traceback
 
+from llumnix_vllm.kv_transport import SEGMENT_DIR
 from llumnix_vllm.snapshot_channel import is_instance_token
 
 ENGINE_CORE_LOGGER = "vllm.v1.engine.core"
@@ -23,7 +24,7 @@ FAILED_TO_START = "EngineCore failed to start."
 
 
 def _error_file(token: str) -> str:
-    return os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp", f"llumnix-engine-error-{token}")
+    return os.path.join(SEGMENT_DIR, f"llumnix-engine-error-{token}")
 
 
 class _StartFailureReporter(logging.Handler):

@@ -67,9 +67,9 @@ class LlumnixScheduler(Scheduler):
         return result
 
     def schedule(self, *args: Any, **kwargs: Any):
-        stopped = [r for r in self.running if r.request_id in self._stopped]
-        if not stopped:
+        if not self._stopped:  # every step: nothing to look through unless a migration stopped one
             return super().schedule(*args, **kwargs)
+        stopped = [r for r in self.running if r.request_id in self._stopped]
         # Out of `running` for the step, a stopped request is neither scheduled nor preempted;
         # it still counts against the running limit, so it can come back into the batch.
         self.running = [r for r in self.running if r.request_id not in self._stopped]
