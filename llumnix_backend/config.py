@@ -11,7 +11,7 @@
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
-      migration: {rescheduling: true, source_below: 10, destination_above: 30, max_stages: 3}
+      migration: {rescheduling: true, source_below_tokens: 160, destination_above_tokens: 480}
 
 Every error names the file and the field (`ConfigError`); unknown keys are errors. A folder in
 Triton's format (config.pbtxt and version folders) is read by `triton_config` instead.
@@ -72,13 +72,18 @@ class PrioritySettings(_Strict):
 
 class MigrationSettings(_Strict):
     """Live migration of running requests between a model's instances, and the rescheduling
-    that triggers it (freeness: free KV blocks per request, see `rescheduling.py`)."""
+    that triggers it (freeness: free KV room in tokens per request, i.e. the decode steps an
+    instance can sustain, whatever its block size; see `dispatch.py` and `rescheduling.py`)."""
 
     rescheduling: bool = True  # migrate continuously by the policy below (the API always works)
     interval_s: float = Field(default=0.1, gt=0)  # how often the policy looks at the snapshots
-    source_below: float = 10.0  # instances less free than this send requests away...
-    destination_above: float = 30.0  # ...to instances freer than this
-    max_in_flight_per_instance: int = Field(default=1, ge=1)
+    # Instances less free than this send requests away (so do instances that hold a preempted
+    # request or cannot admit their next one)...
+    source_below_tokens: float = 160.0
+    destination_above_tokens: float = 480.0  # ...to instances freer than this
+    # Each instance takes part in at most this many migrations at a time; the policy starts only
+    # moves that leave the pair better balanced.
+    max_in_flight_per_instance: int = Field(default=2, ge=1)
     # How KV blocks travel: "host" (shared memory), "device" (GPU to GPU, CUDA IPC), or "auto"
     # (device on GPU engines, host on CPU ones).
     transport: Literal["auto", "host", "device"] = "auto"
@@ -93,6 +98,23 @@ class MigrationSettings(_Strict):
     final_stage_blocks: int = Field(default=2, ge=0)
     # Any stage (a copy, the destination's admission) taking longer aborts the migration.
     stage_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_thresholds(cls, data: Any) -> Any:
+        for old in ("source_below", "destination_above"):
+            if isinstance(data, dict) and old in data:
+                raise ValueError(
+                    f"{old} (free KV blocks per request) was replaced by {old}_tokens (free KV tokens per "
+                    f"request, the same whatever the block size: the old value times the block size)")
+        return data
+
+    @model_validator(mode="after")
+    def _destination_freer_than_source(self) -> MigrationSettings:
+        if self.destination_above_tokens < self.source_below_tokens:
+            raise ValueError("destination_above_tokens must be at least source_below_tokens, got "
+                             f"{self.destination_above_tokens} < {self.source_below_tokens}")
+        return self
 
 
 class SchedulerSettings(_Strict):

@@ -8,9 +8,17 @@ is a function of its inputs alone.
 - `queue`: fewest requests (running + waiting).
 - `kv_usage`: lowest fraction of KV blocks in use, counting what queued requests will need.
 - `llumnix`: highest freeness, Llumnix's (OSDI '24) measure of how many more decode steps an
-  instance can sustain: (total blocks - virtual usage) / batch size, where virtual usage is the
-  physical usage, plus what queued requests need, plus KV headroom kept for each high-priority
-  request; a draining instance has infinite virtual usage.
+  instance can sustain: free virtual KV room in tokens per request in the batch, where virtual
+  usage is the physical usage, plus what queued requests need, plus KV headroom kept for each
+  high-priority request; a draining instance has infinite virtual usage.
+
+Freeness is counted in tokens (a decode step adds one token per request), so it means the same
+whatever the engine's block size (16 tokens on GPUs, 128 on CPUs). An overloaded instance (more
+virtual usage than blocks) has negative freeness: its deficit times its batch, so that a bigger
+deficit and a bigger batch both rank it lower (dividing would make the busier one look freer).
+
+Every figure a policy reads comes from the snapshot's `totals`, summed once per snapshot, so a
+decision costs O(instances).
 """
 
 from __future__ import annotations
@@ -31,33 +39,38 @@ def headroom_blocks(snapshot: InstanceSnapshot, priority: PrioritySettings) -> i
     if priority.headroom_tokens == 0:
         return 0
     per_request = blocks_for(priority.headroom_tokens, snapshot.block_size)
-    high = sum(1 for r in snapshot.running + snapshot.waiting if r.priority < priority.high_below)
-    return high * per_request
+    return snapshot.totals.count_below(priority.high_below) * per_request
 
 
 def virtual_usage(view: InstanceView, priority: PrioritySettings) -> float:
     if view.draining:
         return math.inf
     snap = view.snapshot
-    queued_demand = sum(r.demand_blocks for r in snap.waiting)
-    return snap.used_blocks + queued_demand + headroom_blocks(snap, priority)
+    return snap.used_blocks + snap.totals.queued_demand + headroom_blocks(snap, priority)
+
+
+def freeness_from(free_blocks: float, block_size: int, batch: int) -> float:
+    """Free virtual room in tokens per request (decode steps left); see the module's notes on
+    an overloaded instance."""
+    tokens = free_blocks * block_size
+    batch = max(1, batch)
+    return tokens / batch if tokens >= 0 else tokens * batch
 
 
 def freeness(view: InstanceView, priority: PrioritySettings) -> float:
-    """Llumnix freeness: free virtual blocks per request in the batch (higher is freer)."""
+    """Llumnix freeness: free virtual KV room in tokens per request in the batch (higher is
+    freer)."""
     snap = view.snapshot
-    batch = max(1, len(snap.running) + len(snap.waiting))
-    return (snap.total_blocks - virtual_usage(view, priority)) / batch
+    return freeness_from(snap.total_blocks - virtual_usage(view, priority), snap.block_size, snap.totals.num_requests)
 
 
 def _queue_length(view: InstanceView) -> int:
-    return len(view.snapshot.running) + len(view.snapshot.waiting)
+    return view.snapshot.totals.num_requests
 
 
 def _kv_usage(view: InstanceView) -> float:
     snap = view.snapshot
-    demand = sum(r.demand_blocks for r in snap.waiting)
-    return (snap.used_blocks + demand) / max(1, snap.total_blocks)
+    return (snap.used_blocks + snap.totals.queued_demand) / max(1, snap.total_blocks)
 
 
 def _round_robin(candidates: Sequence[InstanceView], last_choice: str | None) -> InstanceView:

@@ -1,10 +1,22 @@
 """Continuous rescheduling: which running requests to migrate, and where (Llumnix, OSDI '24).
 
-A pure function of instance views, called every interval. Sources are instances whose
-migration freeness is below a threshold (or that are draining); destinations are accepting
-instances above another threshold. The least free source is paired with the freest
-destination, the next with the next, and each source sends one request: the least urgent
-(highest priority value), then the one holding the fewest blocks (cheapest to move).
+A pure function of instance views, called every interval. It returns every migration worth
+starting now, planned one at a time against a projection of the load each earlier choice leaves
+behind, so several can be in flight at once without overshooting.
+
+- Sources: instances whose migration freeness is below `source_below_tokens`, that are
+  draining, or that are in trouble now: they hold a preempted request waiting for
+  recomputation, or cannot admit their next queued request. An instance in trouble stays a
+  source until it is comfortably free (above `destination_above_tokens`) and is never a
+  destination.
+- Destinations: accepting instances above `destination_above_tokens`.
+- The least free source sends to the freest destination: its least urgent request (highest
+  priority value), then the one holding the fewest blocks (cheapest to move, and the shortest
+  running: Llumnix's default). A move is made only if the destination has room for it and
+  stays clear of being a source itself, and the gap between the two shrinks (Llumnix's balanced
+  pairing).
+- Each instance takes part in at most `max_in_flight_per_instance` migrations, counting those
+  already in flight.
 
 Migration freeness differs from dispatch freeness in what it counts of the queue: only the
 head-of-line request's demand, so an instance whose next request cannot be admitted looks
@@ -16,11 +28,11 @@ as infinitely loaded (so everything leaves it).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from llumnix_backend.config import MigrationSettings, PrioritySettings
-from llumnix_backend.dispatch import headroom_blocks
+from llumnix_backend.dispatch import freeness_from, headroom_blocks
 from llumnix_backend.snapshot import InstanceView, RequestLoad
 
 
@@ -32,11 +44,13 @@ class PlannedMigration:
 
 
 def migration_freeness(view: InstanceView, priority: PrioritySettings) -> float:
-    if view.draining:
-        return -math.inf
+    return _Projection.of(view, priority).freeness
+
+
+def in_trouble(view: InstanceView) -> bool:
+    """The instance preempted a request that still waits, or cannot admit its next one."""
     snap = view.snapshot
-    usage = snap.used_blocks + snap.head_of_line_demand + headroom_blocks(snap, priority)
-    return (snap.total_blocks - usage) / max(1, len(snap.running) + len(snap.waiting))
+    return snap.totals.num_preempted > 0 or snap.head_of_line_blocked
 
 
 def pick_request(running: Iterable[RequestLoad], exclude: frozenset[str] = frozenset()) -> RequestLoad | None:
@@ -46,40 +60,99 @@ def pick_request(running: Iterable[RequestLoad], exclude: frozenset[str] = froze
     return max(candidates, key=lambda r: (r.priority, -r.num_blocks), default=None)
 
 
+@dataclass
+class _Projection:
+    """An instance's load as the migrations planned so far will leave it."""
+
+    view: InstanceView
+    fixed_blocks: float  # head-of-line demand and priority headroom (infinite when draining)
+    used_blocks: int
+    num_requests: int
+    trouble: bool
+    slots: int = 0  # migrations it may still take part in
+    leaving: set[str] = field(default_factory=set)
+
+    @staticmethod
+    def of(view: InstanceView, priority: PrioritySettings, slots: int = 0) -> _Projection:
+        snap = view.snapshot
+        fixed = math.inf if view.draining else snap.head_of_line_demand + headroom_blocks(snap, priority)
+        return _Projection(view, fixed, snap.used_blocks, snap.totals.num_requests, in_trouble(view), slots)
+
+    @property
+    def id(self) -> str:
+        return self.view.instance_id
+
+    def freeness_with(self, blocks: int, requests: int) -> float:
+        snap = self.view.snapshot
+        free = snap.total_blocks - (self.used_blocks + blocks) - self.fixed_blocks
+        return freeness_from(free, snap.block_size, self.num_requests + requests)
+
+    @property
+    def freeness(self) -> float:
+        return self.freeness_with(0, 0)
+
+    def room(self) -> float:
+        return self.view.snapshot.total_blocks - self.used_blocks - self.fixed_blocks
+
+    def is_source(self, settings: MigrationSettings) -> bool:
+        threshold = settings.destination_above_tokens if self.trouble else settings.source_below_tokens
+        return self.view.draining or self.freeness < threshold
+
+    def is_destination(self, settings: MigrationSettings) -> bool:
+        view = self.view
+        return (view.accepting and not view.draining and not self.trouble
+                and self.freeness > settings.destination_above_tokens)
+
+    def move(self, request: RequestLoad, sign: int) -> None:
+        self.used_blocks += sign * request.num_blocks
+        self.num_requests += sign
+        self.slots -= 1
+
+
 def plan_migrations(
     views: Sequence[InstanceView],
     priority: PrioritySettings,
     settings: MigrationSettings,
-    busy: frozenset[str] = frozenset(),
+    in_flight: Mapping[str, int] | None = None,
     migrating: frozenset[str] = frozenset(),
 ) -> list[PlannedMigration]:
-    """Migrations to start now. `busy` instances already have as many migrations in flight as
-    allowed and take part in no other; `migrating` requests are already on their way."""
-    free = {v.instance_id: migration_freeness(v, priority) for v in views}
-    sources = sorted(
-        (v for v in views if v.instance_id not in busy and v.snapshot.running
-         and (v.draining or free[v.instance_id] < settings.source_below)),
-        key=lambda v: free[v.instance_id],
-    )
-    destinations = sorted(
-        (v for v in views if v.instance_id not in busy and v.accepting and not v.draining
-         and free[v.instance_id] > settings.destination_above),
-        key=lambda v: -free[v.instance_id],
-    )
-    plans = []
-    used: set[str] = set()
-    for source in sources:
-        request = pick_request(source.snapshot.running, migrating)
-        if request is None:
+    """Migrations to start now. `in_flight` counts the migrations each instance already takes
+    part in; `migrating` requests are already on their way and are not picked again."""
+    in_flight = in_flight or {}
+    limit = settings.max_in_flight_per_instance
+    load = [_Projection.of(v, priority, limit - in_flight.get(v.instance_id, 0)) for v in views]
+    plans: list[PlannedMigration] = []
+    taken = set(migrating)
+    dead_ends: set[str] = set()  # sources with nothing that can go anywhere
+    while True:
+        sources = [p for p in load if p.slots > 0 and p.id not in dead_ends and p.view.snapshot.running
+                   and p.is_source(settings)]
+        destinations = [p for p in load if p.slots > 0 and p.is_destination(settings)]
+        if not sources or not destinations:
+            return plans
+        source = min(sources, key=lambda p: p.freeness)
+        request = pick_request(source.view.snapshot.running, frozenset(taken))
+        destination = None if request is None else next(
+            (d for d in sorted(destinations, key=lambda p: -p.freeness) if _worth_it(source, d, request, settings)),
+            None)
+        if request is None or destination is None:
+            dead_ends.add(source.id)
             continue
-        for destination in destinations:
-            if destination.instance_id in used or destination.instance_id == source.instance_id:
-                continue
-            room = destination.snapshot.free_blocks - destination.snapshot.head_of_line_demand
-            # Moving must help: the destination stays freer than the source was.
-            if request.num_blocks + 1 > room or free[destination.instance_id] <= free[source.instance_id]:
-                continue
-            plans.append(PlannedMigration(request.request_id, source.instance_id, destination.instance_id))
-            used.update((source.instance_id, destination.instance_id))
-            break
-    return plans
+        plans.append(PlannedMigration(request.request_id, source.id, destination.id))
+        taken.add(request.request_id)
+        source.move(request, -1)
+        destination.move(request, +1)
+
+
+def _worth_it(source: _Projection, destination: _Projection, request: RequestLoad,
+              settings: MigrationSettings) -> bool:
+    if destination.id == source.id or request.num_blocks + 1 > destination.room():
+        return False
+    after = destination.freeness_with(request.num_blocks + 1, 1)
+    if after < settings.source_below_tokens:  # the destination would become a source: ping-pong
+        return False
+    if source.view.draining:  # always worth emptying
+        return True
+    # Llumnix's balanced pairing: the gap between the pair's freeness must shrink.
+    gap_after = abs(source.freeness_with(-request.num_blocks, -1) - after)
+    return gap_after < abs(source.freeness - destination.freeness)

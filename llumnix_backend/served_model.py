@@ -56,18 +56,32 @@ class _Instance:
     engine: EngineInstance
     state: InstanceState = InstanceState.STARTING
     error: str | None = None
-    # Requests dispatched here and not finished, with their demand at dispatch time.
-    in_flight: dict[str, RequestLoad] = field(default_factory=dict)
+    # Requests dispatched here and not finished.
+    in_flight: set[str] = field(default_factory=set)
+    # Those of them no snapshot has shown yet (as of `_seen`, the latest snapshot looked at),
+    # with their demand at dispatch time: kept apart so that a view costs O(unseen requests).
+    _unseen: dict[str, RequestLoad] = field(default_factory=dict)
+    _seen: InstanceSnapshot | None = None
+
+    def track(self, load: RequestLoad) -> None:
+        self.in_flight.add(load.request_id)
+        self._unseen[load.request_id] = load
+
+    def untrack(self, request_id: str) -> None:
+        self.in_flight.discard(request_id)
+        self._unseen.pop(request_id, None)
 
     def view(self, instance_id: str) -> InstanceView | None:
         snapshot = self.engine.latest_snapshot
         if snapshot is None:
             return None
-        known = snapshot.request_ids
-        pending = tuple(load for rid, load in self.in_flight.items() if rid not in known)
+        if snapshot is not self._seen:
+            known = snapshot.request_ids
+            self._unseen = {rid: load for rid, load in self._unseen.items() if rid not in known}
+            self._seen = snapshot
         return InstanceView(
             instance_id=instance_id,
-            snapshot=snapshot.with_pending(pending),
+            snapshot=snapshot.with_pending(tuple(self._unseen.values())),
             accepting=self.state is InstanceState.READY and self.engine.alive,
             draining=self.state is InstanceState.DRAINING,
         )
@@ -223,6 +237,15 @@ class ServedModel:
             for i, s in self._instances.items()
         ]
 
+    @property
+    def rescheduling_active(self) -> bool:
+        """The rescheduling loop runs (it is on in the config and there are instances to pair)."""
+        return self._rescheduler is not None
+
+    def migrations_in_flight(self) -> dict[str, int]:
+        """Migrations each instance takes part in now (as source or destination)."""
+        return {i: n for i, n in self._migrations_at.items() if n > 0}
+
     def instance_errors(self) -> dict[str, str]:
         """Why each failed instance failed, by instance id."""
         return {i: s.error for i, s in self._instances.items() if s.error}
@@ -288,7 +311,7 @@ class ServedModel:
             raise
         finally:
             del self._streams[request.request_id]
-            self._instances[stream.instance_id].in_flight.pop(request.request_id, None)
+            self._instances[stream.instance_id].untrack(request.request_id)
             tracker.finish()
 
     def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
@@ -296,12 +319,10 @@ class ServedModel:
         slot = self._instances[instance_id]
         block_size = (slot.engine.latest_snapshot or InstanceSnapshot(0, 0, DEFAULT_BLOCK_SIZE)).block_size
         n_tokens = len(request.prompt_token_ids)
-        slot.in_flight[request.request_id] = RequestLoad(
-            request.request_id, request.priority, n_tokens, 0, blocks_for(n_tokens, block_size)
-        )
+        slot.track(RequestLoad(request.request_id, request.priority, n_tokens, 0, blocks_for(n_tokens, block_size)))
 
     def _moved(self, request: GenerationRequest, old: str, new: str) -> None:
-        self._instances[old].in_flight.pop(request.request_id, None)
+        self._instances[old].untrack(request.request_id)
         self._track_in_flight(request, new)
 
     # --- migration ----------------------------------------------------------------------------
@@ -363,9 +384,9 @@ class ServedModel:
         while True:
             settings = self.config.scheduler.migration  # settings may change while it runs
             await asyncio.sleep(settings.interval_s)
-            busy = frozenset(i for i, n in self._migrations_at.items() if n >= settings.max_in_flight_per_instance)
             live = [v for v in self.views() if self._instances[v.instance_id].engine.alive]
-            plans = plan_migrations(live, self.config.scheduler.priority, settings, busy, frozenset(self._migrating))
+            plans = plan_migrations(live, self.config.scheduler.priority, settings, self._migrations_at,
+                                    frozenset(self._migrating))
             for plan in plans:
                 task = asyncio.create_task(self._planned_migration(plan))
                 self._planned.add(task)

@@ -7,7 +7,10 @@ the front end; policies (dispatch, and later migration and scaling) read nothing
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,43 @@ class RequestLoad:
     # Past its prefill and generating: only such a request can migrate (chunked prefill and
     # recomputation after preemption are not).
     decoding: bool = False
+    # Waiting because the engine preempted it (its KV was freed; it will be recomputed).
+    preempted: bool = False
+
+
+@dataclass(frozen=True)
+class LoadTotals:
+    """What the policies need of an instance's requests, summed once per snapshot, so that a
+    decision costs O(instances), not O(requests)."""
+
+    num_requests: int = 0
+    queued_demand: int = 0  # blocks the waiting requests still need
+    num_preempted: int = 0  # waiting requests that were preempted
+    priorities: tuple[tuple[int, int], ...] = ()  # (priority, number of requests), by priority
+
+    @staticmethod
+    def of(requests: Iterable[RequestLoad]) -> LoadTotals:
+        requests = tuple(requests)
+        return LoadTotals(
+            num_requests=len(requests),
+            queued_demand=sum(r.demand_blocks for r in requests),
+            num_preempted=sum(r.preempted for r in requests),
+            priorities=tuple(sorted(Counter(r.priority for r in requests).items())),
+        )
+
+    def plus(self, other: LoadTotals) -> LoadTotals:
+        priorities = Counter(dict(self.priorities))
+        priorities.update(dict(other.priorities))
+        return LoadTotals(
+            self.num_requests + other.num_requests,
+            self.queued_demand + other.queued_demand,
+            self.num_preempted + other.num_preempted,
+            tuple(sorted(priorities.items())),
+        )
+
+    def count_below(self, priority: int) -> int:
+        """Requests more urgent than `priority` (a lower value is more urgent)."""
+        return sum(n for p, n in self.priorities if p < priority)
 
 
 @dataclass(frozen=True)
@@ -53,14 +93,29 @@ class InstanceSnapshot:
         return self.waiting[0].demand_blocks if self.waiting else 0
 
     @property
+    def head_of_line_blocked(self) -> bool:
+        """The first waiting request needs more blocks than are free: it cannot be admitted
+        until something leaves (what migration can fix: de-fragmentation)."""
+        return self.head_of_line_demand > self.free_blocks
+
+    # Cached: a snapshot is immutable, and policies look at it once per decision.
+    # (`cached_property` writes the instance's __dict__, which a frozen dataclass allows.)
+    @cached_property
     def request_ids(self) -> frozenset[str]:
         return frozenset(r.request_id for r in self.running + self.waiting)
 
+    @cached_property
+    def totals(self) -> LoadTotals:
+        return LoadTotals.of(self.running + self.waiting)
+
     def with_pending(self, pending: tuple[RequestLoad, ...]) -> InstanceSnapshot:
-        """The snapshot as it will look once requests already sent to it arrive (queued last)."""
+        """The snapshot as it will look once requests already sent to it arrive (queued last).
+        Its totals are this snapshot's plus the pending requests', without a second pass."""
         if not pending:
             return self
-        return dataclasses.replace(self, waiting=self.waiting + pending)
+        combined = dataclasses.replace(self, waiting=self.waiting + pending)
+        combined.__dict__["totals"] = self.totals.plus(LoadTotals.of(pending))
+        return combined
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -54,6 +54,9 @@ def test_defaults_for_an_almost_empty_config(tmp_path: Path) -> None:
         ("scheduler: {priority: {colour: red}}\n", "scheduler.priority.colour", "unknown key"),
         ("resources: {cpu_kv_cache_gib: -1}\n", "resources.cpu_kv_cache_gib", "greater than 0"),
         ("scheduler: {priority: {min: 5, max: 1}}\n", "scheduler.priority", "min <= default <= max"),
+        ("scheduler: {migration: {source_below: 10}}\n", "scheduler.migration", "source_below_tokens"),
+        ("scheduler: {migration: {source_below_tokens: 500, destination_above_tokens: 100}}\n",
+         "scheduler.migration", "at least source_below_tokens"),
     ],
 )
 def test_invalid_fields_are_named(tmp_path: Path, text: str, field: str, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from llumnix_backend.config import DispatchPolicyName, PrioritySettings
 from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness, virtual_usage
-from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
+from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, LoadTotals, RequestLoad
 
 PRIORITY = PrioritySettings(high_below=0, headroom_tokens=64)
 BLOCK = 16
@@ -52,8 +53,55 @@ def eligible(views):
 
 def test_freeness_counts_usage_queued_demand_and_batch() -> None:
     v = view("a", total=100, running=[request(0, 10), request(1, 20)], waiting=[request(2, 0, demand=10)])
-    # (100 - 30 used - 10 demand) / 3 requests
-    assert freeness(v, PrioritySettings(headroom_tokens=0)) == pytest.approx(20.0)
+    # (100 - 30 used - 10 demand) blocks of 16 tokens / 3 requests: decode steps left
+    assert freeness(v, PrioritySettings(headroom_tokens=0)) == pytest.approx(20.0 * BLOCK)
+
+
+def test_an_overloaded_instance_with_more_requests_is_less_free() -> None:
+    """Both are over their blocks; the busier one (12 requests, 60 blocks short) must rank below
+    the other (3 requests, 20 short). Dividing the deficit by the batch had it backwards."""
+    busier = view("a", total=100, used=100, waiting=[request(i, 0, demand=5) for i in range(12)])
+    lighter = view("b", total=100, used=100, waiting=[request(i, 0, demand=20 if i == 0 else 0) for i in range(3)])
+    no_headroom = PrioritySettings(headroom_tokens=0)
+    assert freeness(busier, no_headroom) < freeness(lighter, no_headroom) < 0
+    assert choose_instance(DispatchPolicyName.LLUMNIX, [busier, lighter], no_headroom) == "b"
+
+
+@given(deficit=st.integers(1, 500), batch=st.integers(1, 200), more_deficit=st.integers(0, 100),
+       more_requests=st.integers(0, 100))
+def test_overload_ranks_by_deficit_and_batch(deficit, batch, more_deficit, more_requests) -> None:
+    """Among overloaded instances, a larger deficit or a larger batch is never freer."""
+    def overloaded(d: int, n: int) -> InstanceView:
+        return view("x", total=100, used=100, waiting=[request(i, 0, demand=d if i == 0 else 0) for i in range(n)])
+
+    no_headroom = PrioritySettings(headroom_tokens=0)
+    base = freeness(overloaded(deficit, batch), no_headroom)
+    assert freeness(overloaded(deficit + more_deficit, batch + more_requests), no_headroom) <= base < 0
+    assert base < freeness(view("y", total=100, used=100), no_headroom) == 0
+
+
+@given(instance_views())
+def test_freeness_means_the_same_whatever_the_block_size(views) -> None:
+    """The same load in tokens with 8x coarser blocks gives the same freeness."""
+    for v in views:
+        coarse = dataclasses.replace(v, snapshot=dataclasses.replace(v.snapshot, block_size=BLOCK * 8))
+        coarse_priority = PRIORITY.model_copy(update={"headroom_tokens": PRIORITY.headroom_tokens * 8})
+        # 8x the tokens per block, the same blocks: 8x the freeness, the same ordering.
+        assert freeness(coarse, coarse_priority) == pytest.approx(8 * freeness(v, PRIORITY))
+
+
+@given(instance_views(), instance_views())
+def test_totals_match_the_requests(views, extra) -> None:
+    """The per-snapshot totals the policies read (and their sum with pending requests) are what
+    walking the requests gives."""
+    for v, e in zip(views, extra):
+        pending = e.snapshot.running + e.snapshot.waiting
+        snap = v.snapshot.with_pending(pending)
+        everyone = snap.running + snap.waiting
+        assert snap.totals == LoadTotals.of(everyone)
+        assert snap.totals.num_requests == len(everyone)
+        assert snap.totals.queued_demand == sum(r.demand_blocks for r in everyone)
+        assert snap.totals.count_below(0) == sum(r.priority < 0 for r in everyone)
 
 
 def test_high_priority_requests_carry_headroom() -> None:

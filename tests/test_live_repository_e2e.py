@@ -67,15 +67,20 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
 
     # A scheduler change: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
+    config["scheduler"]["migration"] = {"source_below_tokens": 256, "destination_above_tokens": 1024}
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: listing()["dispatch_policy"] == "queue", 20, "the new dispatch policy")
     assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+    # Rescheduling is on in the config, but with one instance there is nothing to pair.
+    assert listing()["rescheduling"] == {"enabled": True, "active": False, "interval_s": 0.1, "source_below_tokens": 256,
+                                         "destination_above_tokens": 1024, "max_in_flight_per_instance": 2}
 
     # More instances, then fewer: instance 0 runs throughout; the surplus one is drained (its
     # requests migrate to instance 0) and stopped.
     config["instances"] = 2
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: states() == {"0": "ready", "1": "ready"}, ENGINE_START_TIMEOUT_S, "a second instance")
+    eventually(lambda: listing()["rescheduling"]["active"] is True, 5, "rescheduling between the two")
     eventually(lambda: instances(server, "dropped")["1"]["snapshot"]["running"], 30, "requests on instance 1")
     config["instances"] = 1
     config_file.write_text(yaml.safe_dump(config))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llumnix_backend.config import MigrationSettings, PrioritySettings
-from llumnix_backend.rescheduling import migration_freeness, pick_request, plan_migrations
+from llumnix_backend.rescheduling import in_trouble, migration_freeness, pick_request, plan_migrations
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 BLOCK = 16
 PRIORITY = PrioritySettings(high_below=0, headroom_tokens=32 * BLOCK)
-SETTINGS = MigrationSettings(source_below=10, destination_above=30)
+SETTINGS = MigrationSettings(source_below_tokens=10 * BLOCK, destination_above_tokens=30 * BLOCK)
 
 
 def req(name: str, blocks: int, priority: int = 0, demand: int = 0, decoding: bool = True) -> RequestLoad:
@@ -47,11 +50,11 @@ def test_defragmentation_makes_room_for_a_queued_request() -> None:
 
 
 def test_high_priority_headroom_moves_low_priority_work_away() -> None:
-    """Same physical load on both; the instance serving an urgent request keeps headroom for it,
-    so its least urgent request leaves, never the urgent one."""
+    """The instance serving an urgent request keeps headroom for it, so its least urgent request
+    leaves, never the urgent one."""
     mixed = view("a", [req("urgent", 20, priority=-5), req("background", 20, priority=5)])
-    plain = view("b", [req("b1", 20), req("b2", 20)])
-    settings = MigrationSettings(source_below=25, destination_above=25)
+    plain = view("b", [req("b1", 10)])
+    settings = MigrationSettings(source_below_tokens=25 * BLOCK, destination_above_tokens=25 * BLOCK)
     assert migration_freeness(mixed, PRIORITY) < migration_freeness(plain, PRIORITY)
     (plan,) = plan_migrations([mixed, plain], PRIORITY, settings)
     assert (plan.request_id, plan.source) == ("background", "a")
@@ -69,7 +72,7 @@ def test_a_draining_instance_is_emptied_whatever_its_load() -> None:
 def test_no_room_no_move() -> None:
     crowded = view("a", [req("huge", 90)])
     small = view("b", total=60)  # freer, but cannot hold 90 blocks
-    assert plan_migrations([crowded, small], PRIORITY, MigrationSettings(source_below=20, destination_above=5)) == []
+    assert plan_migrations([crowded, small], PRIORITY, MigrationSettings(source_below_tokens=5 * BLOCK, destination_above_tokens=20 * BLOCK)) == []
 
 
 def test_a_request_still_in_prefill_is_never_picked() -> None:
@@ -83,8 +86,9 @@ def test_a_request_still_in_prefill_is_never_picked() -> None:
 def test_busy_instances_and_migrating_requests_are_left_alone() -> None:
     crowded = view("a", [req("r1", 45), req("r2", 45)])  # (100 - 90) / 2 = 5
     empty = view("b")
-    assert plan_migrations([crowded, empty], PRIORITY, SETTINGS, busy=frozenset({"b"})) == []
-    (plan,) = plan_migrations([crowded, empty], PRIORITY, SETTINGS, migrating=frozenset({"r1"}))
+    full = {"b": SETTINGS.max_in_flight_per_instance}
+    assert plan_migrations([crowded, empty], PRIORITY, SETTINGS, in_flight=full) == []
+    (plan,) = plan_migrations([crowded, empty], PRIORITY, SETTINGS, in_flight={"b": 1}, migrating=frozenset({"r1"}))
     assert plan.request_id == "r2"
 
 
@@ -101,19 +105,79 @@ def cluster(draw):
     return views
 
 
-@given(cluster())
-def test_every_plan_is_safe(views) -> None:
-    """Whatever the cluster: each instance takes part in at most one migration, requests come
-    from their own source, destinations accept work and have room, and moves go to freer
-    instances."""
-    plans = plan_migrations(views, PRIORITY, SETTINGS)
+@given(cluster(), st.integers(1, 3))
+def test_every_plan_is_safe(views, limit) -> None:
+    """Whatever the cluster: no instance takes part in more migrations than allowed, no request
+    moves twice, requests come from their own source and are decoding, destinations accept
+    work, are not in trouble, and have room for everything sent to them, and every move goes
+    to an instance freer than its source."""
+    settings = SETTINGS.model_copy(update={"max_in_flight_per_instance": limit})
+    plans = plan_migrations(views, PRIORITY, settings)
     by_id = {v.instance_id: v for v in views}
-    involved = [p.source for p in plans] + [p.destination for p in plans]
-    assert len(involved) == len(set(involved))
+    involved = Counter([p.source for p in plans] + [p.destination for p in plans])
+    assert all(n <= limit for n in involved.values())
+    assert len({p.request_id for p in plans}) == len(plans)
+    received: Counter[str] = Counter()
     for plan in plans:
         source, destination = by_id[plan.source], by_id[plan.destination]
         moved = next(r for r in source.snapshot.running if r.request_id == plan.request_id)
-        assert destination.accepting and not destination.draining
-        assert moved.num_blocks < destination.snapshot.free_blocks
+        assert moved.decoding
+        assert destination.accepting and not destination.draining and not in_trouble(destination)
+        received[plan.destination] += moved.num_blocks + 1
+        assert received[plan.destination] <= destination.snapshot.free_blocks
         assert migration_freeness(destination, PRIORITY) > migration_freeness(source, PRIORITY)
-        assert moved.decoding and moved == pick_request(source.snapshot.running)
+
+
+@given(cluster())
+def test_plans_are_the_same_whatever_the_block_size(views) -> None:
+    """Thresholds are in tokens: the same load in tokens gives the same plan with 16-token and
+    128-token blocks."""
+    def rescaled(v: InstanceView, factor: int) -> InstanceView:
+        snap = dataclasses.replace(v.snapshot, block_size=v.snapshot.block_size * factor)
+        return dataclasses.replace(v, snapshot=snap)
+
+    settings = SETTINGS.model_copy(update={"max_in_flight_per_instance": 2})
+    # Scaling block size by 8 and thresholds by 8 is the same cluster seen with coarser blocks.
+    coarse = MigrationSettings(source_below_tokens=settings.source_below_tokens * 8,
+                               destination_above_tokens=settings.destination_above_tokens * 8,
+                               max_in_flight_per_instance=2)
+    priority = PrioritySettings(high_below=0, headroom_tokens=32 * BLOCK * 8)
+    assert plan_migrations(views, PRIORITY, settings) == plan_migrations(
+        [rescaled(v, 8) for v in views], priority, coarse)
+
+
+# --- instances in trouble: a preempted request waits, or the queue's head cannot be admitted -----
+
+def test_an_instance_that_preempted_is_a_source_even_when_it_looks_free() -> None:
+    """Preemption frees the victim's blocks, so the instance may look free; it is still the one
+    whose requests do not fit, so it sends work away, and never receives any."""
+    victim = req("victim", 0, demand=10)
+    preempting = view("a", [req("a1", 20), req("a2", 20)], waiting=[dataclasses.replace(victim, preempted=True)])
+    idle = view("b")
+    assert migration_freeness(preempting, PRIORITY) > SETTINGS.source_below_tokens  # free by the numbers
+    (plan,) = plan_migrations([preempting, idle], PRIORITY, SETTINGS)
+    assert (plan.source, plan.destination) == ("a", "b")
+    # Never a destination, however free it is.
+    crowded = view("c", [req("c1", 45), req("c2", 45)])
+    spacious_but_preempting = view("d", total=1000, waiting=[dataclasses.replace(victim, preempted=True)])
+    assert plan_migrations([crowded, spacious_but_preempting], PRIORITY, SETTINGS) == []
+
+
+def test_a_blocked_head_of_line_makes_a_source_until_it_fits() -> None:
+    stuck = view("a", [req(f"r{i}", 10) for i in range(6)], waiting=[req("long-prompt", 0, demand=50)])
+    plans = plan_migrations([stuck, view("b", total=200), view("c", total=200)], PRIORITY,
+                            SETTINGS.model_copy(update={"max_in_flight_per_instance": 4}))
+    assert {p.source for p in plans} == {"a"} and len(plans) >= 2
+    assert {p.destination for p in plans} == {"b", "c"}
+    # Afterwards the queued request fits: 100 - 60 used + what left >= 50.
+    assert 100 - 60 + 10 * len(plans) >= 50
+
+
+def test_several_migrations_in_flight_but_never_overshooting() -> None:
+    """An overloaded instance sends as many requests as bring it towards the others, and stops
+    before the destination would be the overloaded one."""
+    crowded = view("a", [req(f"r{i}", 10) for i in range(9)], total=100)
+    empty = view("b", total=100)
+    plans = plan_migrations([crowded, empty], PRIORITY, SETTINGS.model_copy(update={"max_in_flight_per_instance": 8}))
+    assert 2 <= len(plans) <= 5
+    assert all((p.source, p.destination) == ("a", "b") for p in plans)

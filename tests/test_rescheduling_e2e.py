@@ -2,8 +2,8 @@
 deliberately, causes the migrations it should and none it should not.
 
 `gamma` runs two instances of 63 KV blocks each (128 tokens a block) with rescheduling on:
-instances with fewer than 10 free blocks per request send requests to instances with more
-than 30. Setups steer requests onto instance 0 by draining instance 1 while they arrive, then
+instances with fewer than 10 free blocks (1,280 tokens) per request send requests to instances
+with more than 30 (3,840 tokens), one migration at a time per instance. Setups steer requests onto instance 0 by draining instance 1 while they arrive, then
 let the policy act by resuming it. The arithmetic in each test follows `migration_freeness`.
 """
 
@@ -51,7 +51,8 @@ def gamma(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerP
     config["resources"]["cpu_kv_cache_gib"] = (TOTAL_BLOCKS + 1) * 256 / 2**20  # bf16 KV: 256 KiB a block
     config["scheduler"]["priority"] = {"high_below": 0, "headroom_tokens": 32 * BLOCK_SIZE}
     # Tests freeze a destination for a few seconds on purpose; a stage gives up after 10.
-    config["scheduler"]["migration"] = {"source_below": 10, "destination_above": 30, "stage_timeout_s": 10}
+    config["scheduler"]["migration"] = {"source_below_tokens": 10 * BLOCK_SIZE, "destination_above_tokens": 30 * BLOCK_SIZE,
+                                        "max_in_flight_per_instance": 1, "stage_timeout_s": 10}
     write_model(repository, MODEL, config)
     server = llumnix_server(repository, repository.parent / "rescheduling-server.log").start()
     try:

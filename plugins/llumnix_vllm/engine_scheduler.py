@@ -27,6 +27,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
+from vllm.v1.request import RequestStatus
 
 from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
@@ -135,6 +136,7 @@ class LlumnixScheduler(Scheduler):
             demand_blocks=max(0, needed - blocks_held),
             # Decoding: every token but the newest sampled one has its KV computed.
             decoding=request.num_output_tokens > 0 and request.num_computed_tokens >= request.num_tokens - 1,
+            preempted=request.status == RequestStatus.PREEMPTED,
         )
 
     def _blocks_held(self, request_id: str) -> int:

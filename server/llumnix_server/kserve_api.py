@@ -98,6 +98,7 @@ def _model_config(model: ServedModel) -> dict[str, Any]:
         "parameters": {
             "dispatch_policy": {"string_value": scheduler.dispatch_policy.value},
             "priority": {"string_value": scheduler.priority.model_dump_json()},
+            "migration": {"string_value": scheduler.migration.model_dump_json()},
         },
         "engine": model.runtime.describe(),
     }

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
+from llumnix_backend.served_model import ServedModel
 
 
 def _number(value: float | None) -> float | str | None:
@@ -17,6 +18,17 @@ def _number(value: float | None) -> float | str | None:
     if value is not None and math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
+
+
+def _rescheduling(model: ServedModel) -> dict[str, Any]:
+    """Whether the rescheduler is configured and running, and the settings it follows."""
+    settings = model.config.scheduler.migration
+    return {
+        "enabled": settings.rescheduling,
+        "active": model.rescheduling_active,
+        **settings.model_dump(include={"interval_s", "source_below_tokens", "destination_above_tokens",
+                                       "max_in_flight_per_instance"}),
+    }
 
 
 def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
@@ -28,16 +40,19 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
         model = entry.model
         reports = model.reports() if model is not None else []
         errors = model.instance_errors() if model is not None else {}
+        in_flight = model.migrations_in_flight() if model is not None else {}
         return {
             "model": model_name,
             "state": entry.state.value,
             "dispatch_policy": model.config.scheduler.dispatch_policy.value if model else None,
+            "rescheduling": _rescheduling(model) if model else None,
             "instances": [
                 {
                     "id": r.instance_id,
                     "state": r.state,
                     "error": errors.get(r.instance_id),
                     "freeness": _number(r.freeness),
+                    "migrations_in_flight": in_flight.get(r.instance_id, 0),
                     "snapshot": dataclasses.asdict(r.snapshot) if r.snapshot is not None else None,
                 }
                 for r in reports
