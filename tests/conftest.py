@@ -36,7 +36,11 @@ def tiny_config(model: str, instances: int = 1, dispatch: str = "llumnix", max_m
     return {
         "backend": "vllm",
         "instances": instances,
-        "engine": {"model": model, "max_model_len": max_model_len, "enforce_eager": True},
+        # float32: vLLM's CPU build picks bf16 by default, and on CPUs with AMX its bf16 attention
+        # kernel for a prefill over cached context (a migrated request's recomputed token) does
+        # not give bit-identical results to its decode kernel, so greedy tokens can differ after
+        # a switch. float32 takes the same kernels on every CPU.
+        "engine": {"model": model, "max_model_len": max_model_len, "enforce_eager": True, "dtype": "float32"},
         "resources": {"cpu_kv_cache_gib": 0.125},
         "scheduler": {"dispatch_policy": dispatch},
     }

@@ -48,7 +48,7 @@ def gamma(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerP
     config = tiny_config(str(tiny_model), instances=2, max_model_len=TOTAL_BLOCKS * BLOCK_SIZE)
     # A whole long prompt is prefilled in one step: a request that does not fit waits whole.
     config["engine"]["max_num_batched_tokens"] = TOTAL_BLOCKS * BLOCK_SIZE
-    config["resources"]["cpu_kv_cache_gib"] = (TOTAL_BLOCKS + 1) * 256 / 2**20  # bf16 KV: 256 KiB a block
+    config["resources"]["cpu_kv_cache_gib"] = (TOTAL_BLOCKS + 1) * 512 / 2**20  # float32 KV: 512 KiB a block
     config["scheduler"]["priority"] = {"high_below": 0, "headroom_tokens": 32 * BLOCK_SIZE}
     # Tests freeze a destination for a few seconds on purpose; a stage gives up after 10.
     config["scheduler"]["migration"] = {"source_below_tokens": 10 * BLOCK_SIZE, "destination_above_tokens": 30 * BLOCK_SIZE,

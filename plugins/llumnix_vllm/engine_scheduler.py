@@ -13,6 +13,10 @@ registered below, which run between engine steps.
 
 It also ends the engine process if the server that started it disappears without shutting it
 down (killed with SIGKILL, say), so no engine outlives its server.
+
+With `LLUMNIX_STEP_TRACE_DIR` set, each engine appends one CSV row per step to a file there
+(what the step computed and how long it took): the data the simulator's step-time profiles
+are fitted to (`benchmarks/step_profile.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.05
 STEP_REPORT_INTERVAL_S = 0.01
+STEP_TRACE_ENV = "LLUMNIX_STEP_TRACE_DIR"
+STEP_TRACE_HEADER = "step_s,prefill_tokens,decode_seqs,context_tokens\n"
+
+
 class LlumnixScheduler(Scheduler):
     def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
@@ -52,6 +60,7 @@ class LlumnixScheduler(Scheduler):
         self._block_bytes = sum(t.size for t in kv_config.kv_cache_tensors) // max(1, kv_config.num_blocks)
         self._heartbeat = _Heartbeat(self._publisher, server_pid(vllm_config.instance_id))
         self._stopped: set[str] = set()  # internal ids of requests in a migration's final stage
+        self._trace = _StepTrace.from_env()
         self._publish()
 
     # --- vLLM scheduler hooks: publish after each change of state -----------------------------
@@ -68,6 +77,8 @@ class LlumnixScheduler(Scheduler):
         return result
 
     def schedule(self, *args: Any, **kwargs: Any):
+        if self._trace is not None:
+            self._trace.began = time.perf_counter()
         if not self._stopped:  # every step: nothing to look through unless a migration stopped one
             return super().schedule(*args, **kwargs)
         stopped = [r for r in self.running if r.request_id in self._stopped]
@@ -91,8 +102,10 @@ class LlumnixScheduler(Scheduler):
         )
         return super().has_requests() and not only_stopped
 
-    def update_from_output(self, *args: Any, **kwargs: Any):
-        result = super().update_from_output(*args, **kwargs)
+    def update_from_output(self, scheduler_output, *args: Any, **kwargs: Any):
+        if self._trace is not None:
+            self._trace.record(scheduler_output, self.requests)
+        result = super().update_from_output(scheduler_output, *args, **kwargs)
         # A decode step that only grew the running requests by a token each changes little:
         # report it at most every STEP_REPORT_INTERVAL_S. Any change of who runs or waits (a
         # request finished, admitted or preempted) is reported at once.
@@ -106,6 +119,8 @@ class LlumnixScheduler(Scheduler):
         return super()._preempt_request(*args, **kwargs)
 
     def shutdown(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
         self._heartbeat.stop()
         self._publisher.close()
         super().shutdown()
@@ -204,6 +219,39 @@ def _resume_request(engine_core: EngineCore, request_id: str) -> None:
 # way for the front end to reach the scheduler.
 EngineCore.llumnix_stop_and_export_kv = _stop_and_export_kv
 EngineCore.llumnix_resume_request = _resume_request
+
+
+class _StepTrace:
+    """One CSV row per engine step: its duration (from scheduling to its output), the prompt
+    tokens it computed, and the decoding requests with the context they attend to."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the engine's life
+        if self._file.tell() == 0:
+            self._file.write(STEP_TRACE_HEADER)
+        self.began: float | None = None
+
+    @staticmethod
+    def from_env() -> _StepTrace | None:
+        folder = os.environ.get(STEP_TRACE_ENV)
+        return _StepTrace(os.path.join(folder, f"steps-{os.getpid()}.csv")) if folder else None
+
+    def record(self, scheduler_output, requests: dict) -> None:
+        if self.began is None or not scheduler_output.total_num_scheduled_tokens:
+            return
+        prefill = decodes = context = 0
+        for request_id, n in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(request_id)
+            if request is not None and n == 1 and request.num_output_tokens > 0:
+                decodes += 1
+                context += request.num_computed_tokens
+            else:
+                prefill += n
+        self._file.write(f"{time.perf_counter() - self.began:.6f},{prefill},{decodes},{context}\n")
+        self.began = None
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class _Heartbeat:

@@ -106,7 +106,7 @@ class VllmInstance(EngineInstance):
             self._engine = await asyncio.shield(building)
             await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
             if self._cpu_threads is not None:
-                await self._engine.collective_rpc("llumnix_set_cpu_threads", args=(self._cpu_threads,))
+                await self._engine.collective_rpc("llumnix_prepare_cpu_worker", args=(self._cpu_threads,))
         except BaseException as exc:
             # A start cannot be interrupted inside vLLM: if cancelled, let it finish, then stop
             # the engine, so that no engine process outlives a cancelled start.

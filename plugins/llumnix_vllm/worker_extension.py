@@ -21,12 +21,20 @@ def external_request_id(internal_id: str) -> str:
 
 
 class LlumnixWorkerExtension:
-    def llumnix_set_cpu_threads(self, num_threads: int) -> int:
-        """Size the worker's intra-op thread pool (CPU engines). vLLM's CPU worker disables
-        `torch.set_num_threads` once threads are bound; with binding off (`nobind`) the pool
-        defaults to every core, which starves the engine's own scheduler and the HTTP server
-        on small hosts. Returns the size now in effect."""
+    def llumnix_prepare_cpu_worker(self, num_threads: int) -> int:
+        """Ready a CPU engine's worker for serving; returns its intra-op thread count.
+
+        - Size the thread pool: vLLM's CPU worker disables `torch.set_num_threads` once threads
+          are bound; with binding off (`nobind`) the pool defaults to every core, which starves
+          the engine's own scheduler and the HTTP server on small hosts.
+        - On CPUs with AMX, ask Linux for the AMX tile state. vLLM picks its AMX attention
+          kernel there, but nothing in the worker requests the permission before that kernel
+          first runs on a prefill with cached context (a prefix-cache hit, or a migrated
+          request): the worker then dies of SIGILL.
+        """
         torch._C.set_num_threads(num_threads)  # torch.set_num_threads itself is patched out
+        if torch.cpu._is_amx_tile_supported() and not torch.cpu._init_amx():
+            raise RuntimeError("this CPU has AMX, but Linux refused this process its tile state")
         return torch.get_num_threads()
 
     def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
