@@ -6,8 +6,9 @@ Pure policy code over synthetic snapshots (no engines): N instances with 128 req
 - `dispatch`: `choose_instance` over views the server already holds (each snapshot is looked at
   by many decisions until the next one arrives, every ~10 ms under load), two of them with a
   request dispatched but not yet reported;
-- `dispatch_fresh`: the same with every snapshot new, so its totals are summed first (the worst
-  case: one decision per snapshot);
+- `dispatch_fresh`: the same with every snapshot just received (the worst case: one decision per
+  snapshot, as at 64 instances each reporting every 10 ms). Snapshots arrive as the engines
+  pickle them, with their request totals already summed in the engine process;
 - `rescheduling`: one `plan_migrations` pass over fresh snapshots.
 
     python benchmarks/dispatch_cost.py [--instances 16,64,256] [--requests 128] [--repeats 2000]
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import sys
 import time
@@ -54,9 +56,14 @@ def views(snapshots: list[InstanceSnapshot]) -> list[InstanceView]:
 
 
 def fresh_copies(snapshots: list[InstanceSnapshot]) -> list[InstanceSnapshot]:
-    """New snapshot objects with the same content: nothing summed yet, as when just received."""
-    return [InstanceSnapshot(s.total_blocks, s.used_blocks, s.block_size, running=s.running, waiting=s.waiting)
-            for s in snapshots]
+    """The snapshots as the front end receives them: unpickled, totals summed by the engine,
+    nothing derived from them yet."""
+    received = []
+    for s in snapshots:
+        sent = InstanceSnapshot(s.total_blocks, s.used_blocks, s.block_size, running=s.running, waiting=s.waiting)
+        _ = sent.totals  # as the engine does before sending
+        received.append(pickle.loads(pickle.dumps(sent)))
+    return received
 
 
 def timed(fn, repeats: int) -> dict[str, float]:

@@ -5,7 +5,8 @@ any number of instances (Llumnix's paper studies 16). It is a simulator (see
 
     python benchmarks/simulate.py [--profile cpu-tiny] [--instances 16] [--lengths azure-conv]
         [--arrivals trace] [--rates 20,30] [--requests 2000] [--seeds 0,1] [--high-share 0.1]
-        [--policies ...] [--name simulate] [--compare docs/benchmarks/policy_eval.json]
+        [--policies ...] [--migration KEY=VALUE ...] [--name simulate]
+        [--compare docs/benchmarks/policy_eval_cpu.json]
 
 `--compare REAL.json` runs the settings of a `policy_eval.py` report instead (its instances,
 workload, rates and seeds) and prints, per run, the simulated over the real P50 and P99 TTFT
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from llumnix_backend.config import DispatchPolicyName, MigrationSettings, PrioritySettings, SchedulerSettings
 from llumnix_backend.simulator import Simulation, load_profile
 
@@ -33,16 +36,17 @@ from workloads import WorkloadSpec, generate  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
-def scheduler(policy: str, headroom_tokens: int) -> SchedulerSettings:
+def scheduler(policy: str, headroom_tokens: int, migration: dict) -> SchedulerSettings:
     return SchedulerSettings(dispatch_policy=DispatchPolicyName(policy.removesuffix("-norescheduling")),
                              priority=PrioritySettings(high_below=0, headroom_tokens=headroom_tokens),
-                             migration=MigrationSettings(rescheduling=policy == "llumnix"))
+                             migration=MigrationSettings(**{**migration, "rescheduling": policy == "llumnix"}))
 
 
-def simulate(profile, instances: int, policy: str, spec: WorkloadSpec, headroom_tokens: int) -> tuple[RunSummary, float]:
+def simulate(profile, instances: int, policy: str, spec: WorkloadSpec, headroom_tokens: int,
+             migration: dict) -> tuple[RunSummary, float]:
     requests = generate(spec)
     began = time.perf_counter()
-    result = Simulation(profile, instances, scheduler(policy, headroom_tokens)).run(requests)
+    result = Simulation(profile, instances, scheduler(policy, headroom_tokens, migration)).run(requests)
     elapsed = time.perf_counter() - began
     high = {f"r{i}": r.high for i, r in enumerate(requests)}
     outcomes = [Outcome(r.first_token_at - r.arrival, r.finished_at - r.arrival, r.generated, tuple(r.token_gaps),
@@ -55,7 +59,7 @@ def simulate(profile, instances: int, policy: str, spec: WorkloadSpec, headroom_
                      result.migrations["committed"], duration), elapsed
 
 
-def compare(real_path: Path, profile, headroom_tokens: int) -> tuple[list[RunSummary], list[list[str]]]:
+def compare(real_path: Path, profile, headroom_tokens: int, migration: dict) -> tuple[list[RunSummary], list[list[str]]]:
     real = json.loads(real_path.read_text())
     s = real["settings"]
     profile = dataclasses.replace(profile, total_blocks=s["blocks"], max_num_seqs=s["max_num_seqs"])
@@ -63,7 +67,7 @@ def compare(real_path: Path, profile, headroom_tokens: int) -> tuple[list[RunSum
     for run in (r for r in real["runs"] if r["class"] == "all" and "priorities off" not in r["policy"]):
         spec = WorkloadSpec(s["lengths"], s["arrivals"], run["rate"], s["requests"], s["high_share"],
                             length_scale=s["length_scale"], max_len=s["max_len"], seed=run["seed"])
-        summary, _ = simulate(profile, s["instances"], run["policy"], spec, headroom_tokens)
+        summary, _ = simulate(profile, s["instances"], run["policy"], spec, headroom_tokens, migration)
         summaries.append(summary)
         sim = summary.row()
         ratio = lambda key: f"{sim[key] / run[key]:.2f}" if run.get(key) else "-"  # noqa: E731
@@ -92,7 +96,10 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--name", default="simulate")
     parser.add_argument("--compare", type=Path)
+    parser.add_argument("--migration", action="append", default=[], metavar="KEY=VALUE",
+                        help="a scheduler.migration setting for llumnix (repeatable), e.g. max_in_flight_per_instance=4")
     args = parser.parse_args()
+    migration = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.migration)}
     profile = load_profile(args.profile)
     if args.blocks:
         profile = dataclasses.replace(profile, total_blocks=args.blocks)
@@ -100,7 +107,7 @@ def main() -> None:
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "name"}}
     extra = ""
     if args.compare:
-        summaries, rows = compare(args.compare, profile, args.headroom_tokens)
+        summaries, rows = compare(args.compare, profile, args.headroom_tokens, migration)
         extra = "\n\nSimulated against real (real / simulated, and their ratio):\n\n" + markdown_table(
             ["policy", "rate", "seed", "P50 TTFT s", "ratio", "P99 TTFT s", "ratio", "preemptions", "ratio"], rows)
         result["comparison"] = rows
@@ -114,7 +121,7 @@ def main() -> None:
                 if args.priority_baseline and args.high_share:
                     specs.append(("llumnix", dataclasses.replace(spec, priorities=False)))
                 for policy, s in specs:
-                    summary, elapsed = simulate(profile, args.instances, policy, s, args.headroom_tokens)
+                    summary, elapsed = simulate(profile, args.instances, policy, s, args.headroom_tokens, migration)
                     summaries.append(summary)
                     timings.append({"policy": summary.policy, "rate": rate, "seed": seed, "wall_s": round(elapsed, 2)})
                     print(f"  {summary.policy:24s} rate {rate:g} seed {seed}: {elapsed:.1f} s", file=sys.stderr)

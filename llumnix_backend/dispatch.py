@@ -60,8 +60,15 @@ def freeness_from(free_blocks: float, block_size: int, batch: int) -> float:
 def freeness(view: InstanceView, priority: PrioritySettings) -> float:
     """Llumnix freeness: free virtual KV room in tokens per request in the batch (higher is
     freer)."""
-    snap = view.snapshot
-    return freeness_from(snap.total_blocks - virtual_usage(view, priority), snap.block_size, snap.totals.num_requests)
+    if view.draining:
+        return -math.inf
+    return view.snapshot.derived(("freeness", priority.high_below, priority.headroom_tokens),
+                                 lambda snap: _snapshot_freeness(snap, priority))
+
+
+def _snapshot_freeness(snap: InstanceSnapshot, priority: PrioritySettings) -> float:
+    usage = snap.used_blocks + snap.totals.queued_demand + headroom_blocks(snap, priority)
+    return freeness_from(snap.total_blocks - usage, snap.block_size, snap.totals.num_requests)
 
 
 def _queue_length(view: InstanceView) -> int:

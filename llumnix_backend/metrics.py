@@ -156,7 +156,7 @@ class _InstanceCollector:
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued in the engine.", labels=labels)
         kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels=labels)
         kv_total = GaugeMetricFamily("llumnix:kv_blocks_total", "KV blocks of the instance.", labels=labels)
-        freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual blocks per request).", labels=labels)
+        freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual KV room in tokens per request: decode steps left).", labels=labels)
         preemptions = GaugeMetricFamily("vllm:num_preemptions", "Preemptions since the instance started.", labels=labels)
         state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
         count: dict[str, int] = {}

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,9 @@ class LoadTotals:
         )
 
     def plus(self, other: LoadTotals) -> LoadTotals:
-        priorities = Counter(dict(self.priorities))
-        priorities.update(dict(other.priorities))
+        priorities = dict(self.priorities)
+        for priority, n in other.priorities:
+            priorities[priority] = priorities.get(priority, 0) + n
         return LoadTotals(
             self.num_requests + other.num_requests,
             self.queued_demand + other.queued_demand,
@@ -107,6 +111,14 @@ class InstanceSnapshot:
     @cached_property
     def totals(self) -> LoadTotals:
         return LoadTotals.of(self.running + self.waiting)
+
+    def derived(self, key: Hashable, compute: Callable[[InstanceSnapshot], T]) -> T:
+        """`compute(self)`, computed once per `key` and kept: a snapshot serves many decisions
+        until the next one arrives, and each looks at the same figures."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = compute(self)
+        return memo[key]
 
     def with_pending(self, pending: tuple[RequestLoad, ...]) -> InstanceSnapshot:
         """The snapshot as it will look once requests already sent to it arrive (queued last).

@@ -14,7 +14,9 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
 from llumnix_client import (
@@ -43,8 +45,13 @@ SETTLE_S = 1.5
 
 
 @pytest.fixture(scope="module")
-def gamma(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
-    repository = tmp_path_factory.mktemp("rescheduling-repository")
+def gamma_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rescheduling-repository")
+
+
+@pytest.fixture(scope="module")
+def gamma(gamma_repository: Path, tiny_model: Path) -> ServerProcess:
+    repository = gamma_repository
     config = tiny_config(str(tiny_model), instances=2, max_model_len=TOTAL_BLOCKS * BLOCK_SIZE)
     # A whole long prompt is prefilled in one step: a request that does not fit waits whole.
     config["engine"]["max_num_batched_tokens"] = TOTAL_BLOCKS * BLOCK_SIZE
@@ -211,6 +218,59 @@ def test_a_request_preempted_during_its_migration_stays_and_completes_on_its_sou
 
 def waiting_on(server: ServerProcess, instance: str) -> list[str]:
     return [r["request_id"] for r in instances(server, MODEL)[instance]["snapshot"]["waiting"]]
+
+
+def preemptions(server: ServerProcess) -> int:
+    return sum(i["snapshot"]["num_preemptions"] for i in instances(server, MODEL).values())
+
+
+def apply_scheduler(server: ServerProcess, repository: Path, dispatch: str, rescheduling: bool) -> None:
+    """Edit gamma's scheduler section in its folder and wait for the server to apply it live."""
+    config_file = repository / MODEL / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["scheduler"]["dispatch_policy"] = dispatch
+    config["scheduler"]["migration"]["rescheduling"] = rescheduling
+    config_file.write_text(yaml.safe_dump(config))
+    deadline = time.monotonic() + 20
+    while True:
+        listing = httpx.get(f"{server.url}/v2/llumnix/models/{MODEL}/instances").json()
+        if (listing["dispatch_policy"], listing["rescheduling"]["active"]) == (dispatch, rescheduling):
+            return
+        assert time.monotonic() < deadline, f"the scheduler change was not applied: {listing}"
+        time.sleep(0.1)
+
+
+def skewed_load(server: ServerProcess, salt: int) -> tuple[list[StreamedCompletion], int, dict]:
+    """Round robin with big and small requests alternating puts all four big ones on one
+    instance: 4 x 12 blocks at first, 4 x 18 by the end, on 63 blocks, so that instance must
+    preempt unless work moves; the small ones leave the other instance idle. Returns the runs
+    (all finished whole), the preemptions they caused and the migrations committed meanwhile."""
+    before_preemptions, before_migrations = preemptions(server), migrations(server, MODEL)
+    runs = []
+    for i in range(8):
+        big = i % 2 == 0
+        body = {"prompt": prompt(1500 if big else 100, salt + i), "max_tokens": 800 if big else 20}
+        runs.append(StreamedCompletion(server, MODEL, **body).wait_for_tokens(1))
+    for run in runs:
+        run.result()
+        assert run.finish_reason == "length" and len(run.token_ids) == run.body["max_tokens"]
+    assert wait_idle(server, MODEL) == {"0": 0, "1": 0}
+    return runs, preemptions(server) - before_preemptions, migrations_since(server, before_migrations)
+
+
+def test_rescheduling_saves_the_preemptions_of_a_skewed_load(gamma, gamma_repository) -> None:
+    """The same skewed load, without and then with rescheduling: without, the crowded instance
+    preempts; with it, requests migrate to the idle instance and fewer preemptions happen."""
+    try:
+        apply_scheduler(gamma, gamma_repository, "round_robin", rescheduling=False)
+        _, preempted_without, moved_without = skewed_load(gamma, 100)
+        apply_scheduler(gamma, gamma_repository, "round_robin", rescheduling=True)
+        _, preempted_with, moved_with = skewed_load(gamma, 200)
+    finally:
+        apply_scheduler(gamma, gamma_repository, "llumnix", rescheduling=True)
+    assert moved_without == {} and preempted_without > 0
+    assert sum(moved_with.values()) >= 1
+    assert preempted_with < preempted_without, (preempted_with, preempted_without)
 
 
 # Last: it kills one of gamma's instances.

@@ -211,6 +211,8 @@ class VllmModelRuntime(ModelRuntime):
             "block_size": cache_config.block_size,
             "enable_prefix_caching": cache_config.enable_prefix_caching,
             "scheduling_policy": self._vllm_config.scheduler_config.policy,
+            "max_num_seqs": self._vllm_config.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": self._vllm_config.scheduler_config.max_num_batched_tokens,
             "device": "cpu" if current_platform.is_cpu() else current_platform.device_name,
             "cpu_threads": self._cpu_threads,
         }

@@ -170,7 +170,7 @@ class LlumnixScheduler(Scheduler):
             self._request_load(r, self._blocks_held(r.request_id)) for q in queues for r in q
         )
         self._sequence += 1
-        return InstanceSnapshot(
+        snapshot = InstanceSnapshot(
             total_blocks=self._total_blocks,
             used_blocks=self._total_blocks - self._block_pool.get_num_free_blocks(),
             block_size=self.block_size,
@@ -182,6 +182,8 @@ class LlumnixScheduler(Scheduler):
             sequence=self._sequence,
             engine_pid=os.getpid(),
         )
+        _ = snapshot.totals  # summed here, in the engine process, and pickled along with it
+        return snapshot
 
     def _publish(self) -> None:
         self._reported_shape = (len(self.running), len(self.waiting), self._num_preemptions)
