@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -103,6 +104,11 @@ class Bench:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             listing = self.instances()
+            # A run on fewer instances than the others would compare nothing: stop the sweep.
+            broken = [f"instance {i['id']}: {i['state']} {i['error'] or ''}" for i in listing["instances"]
+                      if i["state"] != "ready"]
+            if broken:
+                raise RuntimeError(f"not every instance serves, the sweep stops: {'; '.join(broken)}")
             if ((listing["dispatch_policy"], listing["rescheduling"]["enabled"]) == want
                     and not any(i["snapshot"]["running"] or i["snapshot"]["waiting"] for i in listing["instances"])):
                 return
@@ -209,23 +215,29 @@ def main() -> None:
             for rate in map(float, args.rates.split(",")):
                 spec = WorkloadSpec(args.lengths, args.arrivals, rate, args.requests, args.high_share,
                                     length_scale=args.length_scale, max_len=args.max_len, seed=seed)
-                summaries += [run_policy(bench, policy, spec) for policy in policies]
+                runs = [(policy, spec) for policy in policies]
                 if args.priority_baseline and args.high_share:
-                    off = WorkloadSpec(**{**spec.__dict__, "priorities": False})
-                    summaries.append(run_policy(bench, "llumnix", off))
-    result = {"benchmark": "policy_eval", "command": command_line(),
+                    runs.append(("llumnix", dataclasses.replace(spec, priorities=False)))
+                for policy, run_spec in runs:
+                    summaries.append(run_policy(bench, policy, run_spec))
+                    report(summaries, args, final=False)  # kept as it goes: a long run may be cut short
+    report(summaries, args, final=True)
+
+
+def report(summaries: list[RunSummary], args, final: bool) -> None:
+    result = {"benchmark": "policy_eval", "command": command_line(), "complete": final,
               "settings": {k: v for k, v in vars(args).items() if k != "name"},
               "runs": [s.row(k) for s in summaries for k in s.figures]}
-    print(json.dumps(result, indent=2))
     text = table(summaries)
-    print(text)
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (DOCS / f"{args.name}.md").write_text(f"# Policy evaluation: {args.shape}, {args.instances} instances\n\n"
                                           f"    {result['command']}\n\n{text}\n")
-    plot(summaries, DOCS / f"{args.name}.png", f"{args.lengths} / {args.arrivals}, {args.instances} instances "
-                                               f"of {args.shape}, {args.blocks} KV blocks each")
-
+    if final:
+        print(json.dumps(result, indent=2))
+        print(text)
+        plot(summaries, DOCS / f"{args.name}.png", f"{args.lengths} / {args.arrivals}, {args.instances} instances "
+                                                   f"of {args.shape}, {args.blocks} KV blocks each")
 
 if __name__ == "__main__":
     main()

@@ -247,6 +247,7 @@ async def migrate_request(
     capacity = blocks_for(min(runtime.max_model_len, len(request.prompt_token_ids) + max_tokens), block_size)
     transfer = runtime.create_transfer(capacity, block_bytes, settings.transport)
     sent = 0
+    handed: set[str] = set()  # ids of the destination requests that read the transfer
 
     def copied(result: KvExport | None) -> KvExport:
         nonlocal sent
@@ -286,7 +287,9 @@ async def migrate_request(
                 while preloaded < exported.blocks:
                     ensure_destination_room()
                     preloaded = min(exported.blocks, preloaded + chunk)
-                    await _preload(destination, request, exported.token_ids, preloaded, block_size, transfer, settings)
+                    handed.add(preload_id := f"{request.request_id}-preload-{preloaded}")
+                    await _preload(destination, preload_id, request, exported.token_ids, preloaded, block_size,
+                                   transfer, settings)
                 # The request grew while this stage ran: count what is left from its stream now.
                 left = blocks_for(len(request.prompt_token_ids) + len(stream.generated) - 1, block_size) - sent
                 if left <= settings.final_stage_blocks:
@@ -303,6 +306,7 @@ async def migrate_request(
         final = copied(final)
         report.final_copy_s = time.monotonic() - final_began
         handover.generated_at_copy = len(final.token_ids) - len(request.prompt_token_ids)
+        handed.add(request.request_id)
         await _start_destination(destination, _continuation(request, final, transfer), handover, settings)
         outcome = await handover.outcome
         if outcome != COMMITTED:
@@ -320,7 +324,10 @@ async def migrate_request(
             handover.destination_ready.set_exception(MigrationAborted(report.reason))
         if stopped and not report.committed:
             await _resume(source, request.request_id)
-        transfer.close()
+        if report.committed or not handed:
+            transfer.close()
+        else:
+            _close_once_released(transfer, destination, frozenset(handed), settings.stage_timeout_s)
         report.bytes = report.blocks * block_bytes
         report.duration_s = time.monotonic() - began
     return report
@@ -334,7 +341,31 @@ async def _resume(source: EngineInstance, request_id: str) -> None:
         logger.warning("could not resume request %s on instance %s", request_id, source.instance_id, exc_info=True)
 
 
-_late_resumes: set[asyncio.Task] = set()  # referenced until done, as asyncio asks
+_background_tasks: set[asyncio.Task] = set()  # background tasks, referenced until done as asyncio asks
+
+
+def _close_once_released(transfer, destination: EngineInstance, request_ids: frozenset[str], timeout_s: float) -> None:
+    """Remove an abandoned migration's transfer once the destination holds none of the requests
+    that read it. Their aborts are on the way, but one may still be queued there and get
+    scheduled first: its KV load must find the transfer (what it loads is the request's own,
+    correct KV), or the engine fails. A dead destination loads nothing."""
+    async def close_when_released() -> None:
+        deadline = time.monotonic() + timeout_s
+        seen = destination.latest_snapshot
+        try:
+            while destination.alive and time.monotonic() < deadline:
+                snapshot = destination.latest_snapshot
+                # A snapshot newer than the aborts' (higher sequence), without the requests.
+                if snapshot is not None and (seen is None or snapshot.sequence > seen.sequence) \
+                        and not request_ids & snapshot.request_ids:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            transfer.close()
+
+    task = asyncio.ensure_future(close_when_released())
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
 
 
 async def _stop_and_export(source: EngineInstance, request_id: str, transfer, first_block: int,
@@ -348,20 +379,21 @@ async def _stop_and_export(source: EngineInstance, request_id: str, transfer, fi
         def resume_if_stopped(done: asyncio.Future) -> None:
             if not done.cancelled() and done.exception() is None and done.result() is not None:
                 task = asyncio.ensure_future(_resume(source, request_id))
-                _late_resumes.add(task)
-                task.add_done_callback(_late_resumes.discard)
+                _background_tasks.add(task)
+                task.add_done_callback(_background_tasks.discard)
 
         stopping.add_done_callback(resume_if_stopped)
         raise
 
 
-async def _preload(destination: EngineInstance, request: GenerationRequest, token_ids: tuple[int, ...],
-                   blocks: int, block_size: int, transfer, settings: MigrationSettings) -> None:
+async def _preload(destination: EngineInstance, preload_id: str, request: GenerationRequest,
+                   token_ids: tuple[int, ...], blocks: int, block_size: int, transfer,
+                   settings: MigrationSettings) -> None:
     """Have the destination take the request's first `blocks` blocks (all full, all copied) into
     its prefix cache: a one-token request whose prompt ends one token past them loads those it
     does not hold yet and computes only that token."""
     preload = GenerationRequest(
-        f"{request.request_id}-preload-{blocks}", token_ids[: blocks * block_size + 1],
+        preload_id, token_ids[: blocks * block_size + 1],
         {"max_tokens": 1, "temperature": 0.0}, request.priority, kv_transfer=transfer,
     )
 

@@ -53,3 +53,48 @@ def test_room_is_exactly_the_free_blocks(total: int, used: int, tokens: int) -> 
         assert fits
     except MigrationRejected:
         assert not fits
+
+
+class _Transfer:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Destination:
+    """Only what the transfer's release looks at (a stand-in, not an engine)."""
+
+    def __init__(self, snapshot: InstanceSnapshot) -> None:
+        self.latest_snapshot = snapshot
+        self.alive = True
+
+
+def test_an_abandoned_transfer_outlives_the_destination_requests_that_read_it() -> None:
+    """The preload's abort is on its way, but the destination still lists it: the transfer
+    stays until a newer snapshot shows it gone (its KV load must find the transfer)."""
+    import asyncio
+
+    from llumnix_backend.migration import _close_once_released
+
+    async def scenario() -> None:
+        preload = RequestLoad("r1-preload-4", 0, 65, 0, 5)
+        destination = _Destination(InstanceSnapshot(100, 0, BLOCK, waiting=(preload,), sequence=7))
+        transfer = _Transfer()
+        _close_once_released(transfer, destination, frozenset({"r1-preload-4"}), timeout_s=30)
+        await asyncio.sleep(0.2)
+        assert not transfer.closed
+        destination.latest_snapshot = InstanceSnapshot(100, 0, BLOCK, sequence=8)  # the abort went through
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if transfer.closed:
+                break
+        assert transfer.closed
+        # A destination that dies loads nothing: its transfer goes at once.
+        dead, other = _Destination(InstanceSnapshot(100, 0, BLOCK, waiting=(preload,), sequence=3)), _Transfer()
+        dead.alive = False
+        _close_once_released(other, dead, frozenset({"r1-preload-4"}), timeout_s=30)
+        await asyncio.sleep(0.1)
+        assert other.closed
+
+    asyncio.run(scenario())

@@ -287,5 +287,6 @@ class _Heartbeat:
                 now = time.monotonic()
                 if self._latest is not None and now - self._last_sent >= HEARTBEAT_INTERVAL_S:
                     self._latest = dataclasses.replace(self._latest, timestamp=now)
+                    _ = self._latest.totals  # as `_snapshot` does: summed here, not in the front end
                     self._last_sent = now
                     self._publisher.send(self._latest)
