@@ -63,28 +63,38 @@ class _Instance:
     _unseen: dict[str, RequestLoad] = field(default_factory=dict)
     _seen: InstanceSnapshot | None = None
 
+    # The latest view, and what it was built from: rebuilt only when one of them changes.
+    _view: InstanceView | None = None
+    _view_inputs: tuple = ()
+
     def track(self, load: RequestLoad) -> None:
         self.in_flight.add(load.request_id)
         self._unseen[load.request_id] = load
+        self._view = None
 
     def untrack(self, request_id: str) -> None:
         self.in_flight.discard(request_id)
-        self._unseen.pop(request_id, None)
+        if self._unseen.pop(request_id, None) is not None:
+            self._view = None
 
     def view(self, instance_id: str) -> InstanceView | None:
         snapshot = self.engine.latest_snapshot
         if snapshot is None:
             return None
+        inputs = (snapshot, self.state, self.engine.alive)
+        if self._view is not None and all(a is b for a, b in zip(inputs, self._view_inputs)):
+            return self._view
         if snapshot is not self._seen:
             known = snapshot.request_ids
             self._unseen = {rid: load for rid, load in self._unseen.items() if rid not in known}
             self._seen = snapshot
-        return InstanceView(
+        self._view, self._view_inputs = InstanceView(
             instance_id=instance_id,
             snapshot=snapshot.with_pending(tuple(self._unseen.values())),
             accepting=self.state is InstanceState.READY and self.engine.alive,
             draining=self.state is InstanceState.DRAINING,
-        )
+        ), inputs
+        return self._view
 
 
 class ServedModel:

@@ -116,9 +116,11 @@ class InstanceSnapshot:
         """`compute(self)`, computed once per `key` and kept: a snapshot serves many decisions
         until the next one arrives, and each looks at the same figures."""
         memo = self.__dict__.setdefault("_derived", {})
-        if key not in memo:
-            memo[key] = compute(self)
-        return memo[key]
+        try:
+            return memo[key]
+        except KeyError:
+            memo[key] = value = compute(self)
+            return value
 
     def with_pending(self, pending: tuple[RequestLoad, ...]) -> InstanceSnapshot:
         """The snapshot as it will look once requests already sent to it arrive (queued last).

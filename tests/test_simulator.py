@@ -63,7 +63,7 @@ def test_priority_decides_admission_and_the_victim() -> None:
     """The urgent request queued last is admitted first, and it is never the one preempted."""
     items = [Item(0.0, 16, 12, priority=0), Item(0.0005, 16, 12, priority=5), Item(0.0006, 16, 12, priority=-5)]
     result = Simulation(PROFILE, 1, settings()).run(items)
-    normal, background, urgent = result.requests
+    _, background, urgent = result.requests
     assert urgent.num_preemptions == 0
     assert urgent.first_token_at < background.first_token_at
 

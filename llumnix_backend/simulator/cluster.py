@@ -165,6 +165,7 @@ class Simulation:
             self._pending_switch.setdefault(source.instance_id, []).append(migration)
         else:
             self._commit(migration)
+            self._wake(source)
 
     def _commit(self, migration: _Migration) -> None:
         plan, request = migration.plan, migration.request
@@ -181,5 +182,6 @@ class Simulation:
         destination.take_over(request, self.now + self.profile.downtime(blocks))
         self._where[request.request_id] = destination
         self._migrations["committed"] += 1
+        # Only the destination is woken: the source may have more switches to make before its
+        # next step (its caller wakes it).
         self._wake(destination)
-        self._wake(source)
