@@ -82,7 +82,8 @@ class Bench:
         self.config = model_config(work, args)
         (self.folder / "config.yaml").write_text(yaml.safe_dump(self.config))
         env = {"LLUMNIX_STEP_TRACE_DIR": str(Path(args.step_trace).resolve())} if args.step_trace else {}
-        self.server = llumnix_server(work / "repository", work / "server.log", extra_args=("--log-level", "warning"))
+        log = Path(args.server_log) if args.server_log else work / "server.log"
+        self.server = llumnix_server(work / "repository", log, extra_args=("--log-level", "warning"))
         self.server.env.update(env)
 
     def __enter__(self) -> Bench:
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--name", default="policy_eval")
     parser.add_argument("--step-trace")
+    parser.add_argument("--server-log", help="keep the server's log there (default: dropped with the run)")
     args = parser.parse_args()
     policies = args.policies.split(",")
     unknown = set(policies) - set(POLICIES)

@@ -113,3 +113,60 @@ def plot(summaries: list[RunSummary], path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def target_ratios(runs: list[dict]) -> list[dict]:
+    """Per rate and seed, llumnix (with rescheduling) over each baseline, as issue 9's targets
+    ask: P99 TTFT against queue and round robin, preemptions and throughput against round
+    robin, and with a high-priority share, the high-priority and normal requests' P99 TTFT
+    against the same requests with priorities off."""
+    by_key = {(r["policy"], r["rate"], r["seed"], r["class"]): r for r in runs}
+    ratio = lambda a, b: a / b if b else (0.0 if a == 0 else float("inf"))  # noqa: E731
+    out = []
+    for rate, seed in sorted({(r["rate"], r["seed"]) for r in runs}):
+        get = lambda policy, klass="all": by_key.get((policy, rate, seed, klass))  # noqa: E731
+        ours, rr, queue = get("llumnix"), get("round_robin"), get("queue")
+        if not (ours and rr and queue):
+            continue
+        row = {"rate": rate, "seed": seed, "rr_completed_all": rr["failed"] == 0,
+               "p99_ttft_vs_queue": ratio(ours["p99_ttft_s"], queue["p99_ttft_s"]),
+               "p99_ttft_vs_round_robin": ratio(ours["p99_ttft_s"], rr["p99_ttft_s"]),
+               "preemptions_vs_round_robin": ratio(ours["preemptions"], rr["preemptions"]),
+               "throughput_vs_round_robin": ratio(ours["throughput_tok_s"], rr["throughput_tok_s"])}
+        for klass in ("high", "normal"):
+            on, off = get("llumnix", klass), get("llumnix (priorities off)", klass)
+            if on and off:
+                row[f"{klass}_p99_ttft_vs_priorities_off"] = ratio(on["p99_ttft_s"], off["p99_ttft_s"])
+        out.append(row)
+    return out
+
+
+def ratios_table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("rate", "seed")))
+    cell = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return markdown_table(["rate", "seed", *keys],
+                          [[f"{r['rate']:g}", str(r["seed"]), *(cell(r.get(k)) for k in keys)] for r in rows])
+
+
+def summaries_from_rows(runs: list[dict]) -> list[RunSummary]:
+    """The summaries a report's rows were made from (its figures per class)."""
+    summaries: dict[tuple, RunSummary] = {}
+    for r in runs:
+        key = (r["policy"], r["workload"], r["rate"], r["seed"])
+        if key not in summaries:
+            summaries[key] = RunSummary(*key, r["completed"], r["failed"], r["preemptions"], r["migrations"], 0.0)
+        summaries[key].figures[r["class"]] = {k: v for k, v in r.items() if k.endswith(("_s", "_tok_s"))}
+    return list(summaries.values())
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    # python benchmarks/policy_report.py docs/benchmarks/NAME.json: a report's target ratios, and
+    # its plot drawn again (NAME.png), e.g. for a sweep that was cut short.
+    path = Path(sys.argv[1])
+    report = json.loads(path.read_text())
+    print(ratios_table(target_ratios(report["runs"])))
+    plot(summaries_from_rows(report["runs"]), path.with_suffix(".png"), report["command"][:120])
