@@ -98,3 +98,18 @@ def test_an_abandoned_transfer_outlives_the_destination_requests_that_read_it() 
         assert other.closed
 
     asyncio.run(scenario())
+
+
+def test_a_migrated_request_loads_its_kv_only_on_its_first_admission() -> None:
+    """Preempted on its destination after it has generated there, a migrated request is
+    recomputed: loading again would read a segment that is gone, and that never held the
+    tokens generated since the switch."""
+    from types import SimpleNamespace
+
+    from llumnix_vllm.kv_transport import SegmentSpec
+    from llumnix_vllm.migration_connector import _segment_of, segment_params
+
+    params = segment_params(SegmentSpec("/dev/shm/llumnix-kv-x", 9, 262144, False))
+    assert _segment_of(SimpleNamespace(kv_transfer_params=params, num_output_tokens=0)) is not None
+    assert _segment_of(SimpleNamespace(kv_transfer_params=params, num_output_tokens=288)) is None
+    assert _segment_of(SimpleNamespace(kv_transfer_params=None, num_output_tokens=0)) is None

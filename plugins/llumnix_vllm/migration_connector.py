@@ -6,8 +6,9 @@ segment (see `kv_transport`): its prompt is the original prompt plus every token
 far, and all of those tokens but the last already have their KV in the segment. The connector
 tells the scheduler so (a synchronous load), records which blocks the scheduler allocated for
 them, and the worker copies the blocks in before the step's forward pass. Tokens the local
-prefix cache already holds (earlier stages of the same migration) are not copied again.
-Every other request passes through untouched.
+prefix cache already holds (earlier stages of the same migration) are not copied again. A
+migrated request that is preempted here later is recomputed like any other. Every other
+request passes through untouched.
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def segment_params(spec: SegmentSpec) -> dict[str, Any]:
 
 
 def _segment_of(request: Any) -> SegmentSpec | None:
+    """The segment a request's KV comes from, only while it has generated nothing here: once a
+    migrated request has run on this engine and is then preempted, its recomputation must not
+    load again (the segment is gone, and it never held the tokens generated since)."""
     params = getattr(request, "kv_transfer_params", None) or {}
     spec = params.get(SEGMENT_PARAM)
-    return SegmentSpec(**spec) if spec else None
+    return SegmentSpec(**spec) if spec and request.num_output_tokens == 0 else None
 
 
 class LlumnixMigrationConnector(KVConnectorBase_V1):
