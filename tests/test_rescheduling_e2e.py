@@ -275,7 +275,8 @@ def test_rescheduling_saves_the_preemptions_of_a_skewed_load(gamma, gamma_reposi
 
 # Last: it kills one of gamma's instances.
 def test_a_destination_that_dies_mid_migration_leaves_the_request_on_its_source(gamma) -> None:
-    run = StreamedCompletion(gamma, MODEL, prompt=prompt(300, 12), max_tokens=1000).wait_for_tokens(20)
+    # Long enough to outlast the migration's abort on a fast machine (about 2 ms a token).
+    run = StreamedCompletion(gamma, MODEL, prompt=prompt(300, 12), max_tokens=4000).wait_for_tokens(20)
     source = running_on(gamma, run.request_id, MODEL)
     doomed = engine_pid(gamma, other(source), MODEL)
     with frozen(doomed):
@@ -286,7 +287,7 @@ def test_a_destination_that_dies_mid_migration_leaves_the_request_on_its_source(
     assert not report["committed"], report
     assert running_on(gamma, run.request_id, MODEL) == source
     run.result()
-    assert run.finish_reason == "length" and len(run.token_ids) == 1000
+    assert run.finish_reason == "length" and len(run.token_ids) == 4000
     listed = instances(gamma, MODEL)
     assert listed[other(source)]["state"] == "failed", listed[other(source)]
     deadline = time.monotonic() + 10
