@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import random
 import re
@@ -45,7 +44,7 @@ from llumnix_server.launcher import llumnix_server, wait_for_repository
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import command_line  # noqa: E402
 from policy_report import Outcome, RunSummary, plot, summarize, table  # noqa: E402
-from workloads import WorkloadSpec, generate  # noqa: E402
+from workloads import WorkloadSpec, add_sweep_arguments, generate, sweep  # noqa: E402
 
 MODEL = "bench"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -189,17 +188,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=("tiny", "llama-2-7b"), default="tiny")
     parser.add_argument("--instances", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=127, help="KV blocks per instance")
-    parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
-    parser.add_argument("--lengths", default="sharegpt")
-    parser.add_argument("--arrivals", default="poisson")
-    parser.add_argument("--length-scale", type=float, default=1.0)
-    parser.add_argument("--rates", default="2,3")
-    parser.add_argument("--requests", type=int, default=120)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--high-share", type=float, default=0.0)
-    parser.add_argument("--priority-baseline", action="store_true")
+    add_sweep_arguments(parser, lengths="sharegpt", arrivals="poisson", rates="2,3", requests=120, max_len=2048)
     parser.add_argument("--headroom-tokens", type=int, default=1024)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--request-timeout", type=float, default=600)
@@ -213,16 +204,9 @@ def main() -> None:
         parser.error(f"unknown policies {sorted(unknown)}; choose from {', '.join(POLICIES)}")
     summaries: list[RunSummary] = []
     with tempfile.TemporaryDirectory(prefix="policy-eval-") as tmp, Bench(Path(tmp), args) as bench:
-        for seed in map(int, args.seeds.split(",")):
-            for rate in map(float, args.rates.split(",")):
-                spec = WorkloadSpec(args.lengths, args.arrivals, rate, args.requests, args.high_share,
-                                    length_scale=args.length_scale, max_len=args.max_len, seed=seed)
-                runs = [(policy, spec) for policy in policies]
-                if args.priority_baseline and args.high_share:
-                    runs.append(("llumnix", dataclasses.replace(spec, priorities=False)))
-                for policy, run_spec in runs:
-                    summaries.append(run_policy(bench, policy, run_spec))
-                    report(summaries, args, final=False)  # kept as it goes: a long run may be cut short
+        for policy, spec in sweep(args, policies):
+            summaries.append(run_policy(bench, policy, spec))
+            report(summaries, args, final=False)  # kept as it goes: a long run may be cut short
     report(summaries, args, final=True)
 
 

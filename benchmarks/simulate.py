@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import command_line, markdown_table  # noqa: E402
 from policy_eval import POLICIES  # noqa: E402
 from policy_report import Outcome, RunSummary, plot, summarize, table  # noqa: E402
-from workloads import WorkloadSpec, generate  # noqa: E402
+from workloads import WorkloadSpec, add_sweep_arguments, generate, sweep  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -83,15 +83,7 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu-tiny")
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--blocks", type=int, help="KV blocks per instance (default: the profile's)")
-    parser.add_argument("--lengths", default="azure-conv")
-    parser.add_argument("--arrivals", default="trace")
-    parser.add_argument("--length-scale", type=float, default=1.0)
-    parser.add_argument("--max-len", type=int, default=8192)
-    parser.add_argument("--rates", default="20")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--high-share", type=float, default=0.0)
-    parser.add_argument("--priority-baseline", action="store_true")
+    add_sweep_arguments(parser, lengths="azure-conv", arrivals="trace", rates="20", requests=2000, max_len=8192)
     parser.add_argument("--headroom-tokens", type=int, default=1024)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--name", default="simulate")
@@ -113,18 +105,11 @@ def main() -> None:
         result["comparison"] = rows
     else:
         summaries, timings = [], []
-        for seed in map(int, args.seeds.split(",")):
-            for rate in map(float, args.rates.split(",")):
-                spec = WorkloadSpec(args.lengths, args.arrivals, rate, args.requests, args.high_share,
-                                    length_scale=args.length_scale, max_len=args.max_len, seed=seed)
-                specs = [(p, spec) for p in args.policies.split(",")]
-                if args.priority_baseline and args.high_share:
-                    specs.append(("llumnix", dataclasses.replace(spec, priorities=False)))
-                for policy, s in specs:
-                    summary, elapsed = simulate(profile, args.instances, policy, s, args.headroom_tokens, migration)
-                    summaries.append(summary)
-                    timings.append({"policy": summary.policy, "rate": rate, "seed": seed, "wall_s": round(elapsed, 2)})
-                    print(f"  {summary.policy:24s} rate {rate:g} seed {seed}: {elapsed:.1f} s", file=sys.stderr)
+        for policy, spec in sweep(args, args.policies.split(",")):
+            summary, elapsed = simulate(profile, args.instances, policy, spec, args.headroom_tokens, migration)
+            summaries.append(summary)
+            timings.append({"policy": summary.policy, "rate": spec.rate, "seed": spec.seed, "wall_s": round(elapsed, 2)})
+            print(f"  {summary.policy:24s} rate {spec.rate:g} seed {spec.seed}: {elapsed:.1f} s", file=sys.stderr)
         result["wall_time"] = timings
     result["runs"] = [s.row(k) for s in summaries for k in s.figures]
     print(json.dumps(result, indent=2))

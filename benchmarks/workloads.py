@@ -19,9 +19,12 @@ Every length is scaled by `length_scale` and clipped so that prompt + output fit
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -131,3 +134,30 @@ def generate(spec: WorkloadSpec) -> list[Request]:
         priority = HIGH_PRIORITY if high and spec.priorities else 0
         requests.append(Request(round(now, 6), prompt, max(1, output), priority, high))
     return requests
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, lengths: str, arrivals: str, rates: str,
+                        requests: int, max_len: int) -> None:
+    """The options that say which workloads a policy sweep replays (defaults per benchmark)."""
+    parser.add_argument("--lengths", default=lengths, help=f"one of {', '.join(LENGTHS)}")
+    parser.add_argument("--arrivals", default=arrivals, help="poisson, gamma-cvN or trace")
+    parser.add_argument("--length-scale", type=float, default=1.0)
+    parser.add_argument("--max-len", type=int, default=max_len)
+    parser.add_argument("--rates", default=rates)
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--high-share", type=float, default=0.0)
+    parser.add_argument("--priority-baseline", action="store_true",
+                        help="with --high-share, also run llumnix on the same requests with priorities off")
+
+
+def sweep(args: argparse.Namespace, policies: list[str]) -> Iterator[tuple[str, WorkloadSpec]]:
+    """(policy, workload) for every seed and rate of a sweep: each policy on the same requests,
+    then, with --priority-baseline, llumnix on them with priorities off."""
+    for seed in map(int, args.seeds.split(",")):
+        for rate in map(float, args.rates.split(",")):
+            spec = WorkloadSpec(args.lengths, args.arrivals, rate, args.requests, args.high_share,
+                                length_scale=args.length_scale, max_len=args.max_len, seed=seed)
+            yield from ((policy, spec) for policy in policies)
+            if args.priority_baseline and args.high_share:
+                yield "llumnix", dataclasses.replace(spec, priorities=False)
