@@ -11,7 +11,8 @@ recomputation, and a step time fitted to steps measured on real engines (`profil
 profiles in `profiles/`); a migration costs what `benchmarks/migration_downtime.py` measured.
 """
 
-from llumnix_backend.simulator.cluster import SimulatedRequest, Simulation, SimulationResult, WorkloadItem
+from llumnix_backend.simulator.cluster import Simulation, SimulationResult, WorkloadItem
+from llumnix_backend.simulator.instance import SimRequest
 from llumnix_backend.simulator.profile import EngineProfile, load_profile
 
-__all__ = ["EngineProfile", "SimulatedRequest", "Simulation", "SimulationResult", "WorkloadItem", "load_profile"]
+__all__ = ["EngineProfile", "SimRequest", "Simulation", "SimulationResult", "WorkloadItem", "load_profile"]

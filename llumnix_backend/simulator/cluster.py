@@ -37,9 +37,6 @@ class WorkloadItem(Protocol):
     priority: int
 
 
-SimulatedRequest = SimRequest
-
-
 @dataclass
 class SimulationResult:
     requests: list[SimRequest]
@@ -76,7 +73,7 @@ class Simulation:
 
     def run(self, workload: Iterable[WorkloadItem], max_sim_time_s: float = 3600.0) -> SimulationResult:
         """Replay the workload until every request finishes (or `max_sim_time_s`)."""
-        capacity = min(self.profile.total_blocks * self.profile.block_size, 10**9)
+        capacity = self.profile.total_blocks * self.profile.block_size
         requests, rejected = [], 0
         for i, item in enumerate(workload):
             if item.prompt_tokens + item.output_tokens > capacity or item.prompt_tokens < 1:
