@@ -68,6 +68,20 @@ class _NoEngineMetrics(PrometheusStatLogger):
         pass
 
 
+def build_engine(engine_args: AsyncEngineArgs, token: str) -> AsyncLLM:
+    """Start one engine (blocking). `token` (`new_instance_token`) names it to the scheduler in
+    its process; vLLM's own Prometheus metrics stay off (see `_NoEngineMetrics`)."""
+    vllm_config = engine_args.create_engine_config()
+    vllm_config.instance_id = token
+    return AsyncLLM(
+        vllm_config=vllm_config,
+        executor_class=Executor.get_class(vllm_config),
+        log_stats=False,
+        log_requests=False,
+        stat_loggers=[_NoEngineMetrics],
+    )
+
+
 class SegmentTransfer(KvTransfer):
     def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool) -> None:
         self.segment = TransferSegment(capacity_blocks, block_bytes, on_device)
@@ -101,7 +115,7 @@ class VllmInstance(EngineInstance):
         token = new_instance_token()
         self._subscriber = SnapshotSubscriber(snapshot_address(token))
         self._follow_task = asyncio.create_task(self._follow_snapshots(), name=f"snapshots-{self.instance_id}")
-        building = asyncio.ensure_future(asyncio.to_thread(self._build_engine, token))
+        building = asyncio.ensure_future(asyncio.to_thread(build_engine, self._engine_args, token))
         try:
             self._engine = await asyncio.shield(building)
             await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
@@ -118,16 +132,6 @@ class VllmInstance(EngineInstance):
                 raise EngineStartFailed(cause) from exc
             raise
 
-    def _build_engine(self, token: str) -> AsyncLLM:
-        vllm_config = self._engine_args.create_engine_config()
-        vllm_config.instance_id = token
-        return AsyncLLM(
-            vllm_config=vllm_config,
-            executor_class=Executor.get_class(vllm_config),
-            log_stats=False,
-            log_requests=False,
-            stat_loggers=[_NoEngineMetrics],
-        )
 
     async def shutdown(self) -> None:
         if self._follow_task is not None:

@@ -1,0 +1,217 @@
+"""What vLLM's async scheduling is worth, and what Llumnix's engine hooks cost.
+
+Three engines of the same model with the same memory, started one after another in this
+process and driven through vLLM's own `AsyncLLM` by the same loads:
+
+- `vllm`: what `vllm serve` runs: vLLM's scheduler, FCFS, async scheduling wherever the
+  platform has it (GPU; the CPU build turns it off);
+- `vllm-sync`: the same with async scheduling off (`--no-async-scheduling`);
+- `llumnix`: the engine arguments this project's backend gives every instance
+  (`LlumnixScheduler`, the migration connector, priority scheduling, async scheduling off).
+
+All three keep Llumnix's worker extension, which only adds methods (on the CPU it sizes the
+thread pool, so that the engines compare on equal threads).
+
+Loads, after a warm-up request: one stream, `--streams` concurrent streams (mean time per
+output token, TPOT), and a burst of `--burst` requests at once (output tokens per second).
+Prompts are random token ids, outputs forced to their length (`ignore_eos`).
+
+    python benchmarks/async_scheduling.py [--shape tiny|llama-2-7b] [--variants vllm,vllm-sync,llumnix]
+        [--prompt 512] [--output 256] [--streams 16] [--burst 128] [--name async_scheduling]
+
+Prints JSON and a table with each variant's figures over `vllm`'s, and writes
+docs/benchmarks/NAME.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from llumnix_backend.repository import load_model_source
+from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
+from llumnix_vllm.backend import VllmBackend
+from llumnix_vllm.instance import build_engine
+from llumnix_vllm.snapshot_channel import new_instance_token
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import command_line, markdown_table  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+VARIANTS = ("vllm", "vllm-sync", "llumnix")
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}
+# What the backend adds for Llumnix, beyond its worker extension.
+LLUMNIX_ONLY = ("scheduler_cls", "kv_transfer_config", "scheduling_policy", "async_scheduling")
+
+
+def backend_engine_args(work: Path, args) -> tuple[AsyncEngineArgs, int | None]:
+    """The engine arguments (and CPU threads) the backend derives from a model folder."""
+    folder = work / "model-repository" / "bench"
+    folder.mkdir(parents=True)
+    if args.shape == "tiny":
+        engine = {"model": str(ensure_model(work / "model", TinyLlamaRecipe(seed=0))), "enforce_eager": True}
+        resources = {"cpu_kv_cache_gib": 1.0, "cpu_threads": 1}
+    else:
+        engine = {"model": str(write_llama_2_7b_shape(work / "model")), "load_format": "dummy"}
+        resources = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    engine["max_model_len"] = args.prompt + args.output + 16
+    (folder / "config.yaml").write_text(yaml.safe_dump({"engine": engine, "resources": resources}))
+    source = load_model_source(folder)
+    return VllmBackend().engine_args(source), source.config.resources.cpu_threads
+
+
+def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineArgs:
+    if variant == "llumnix":
+        return llumnix
+    plain = dataclasses.replace(llumnix, **{k: FIELD_DEFAULTS[k] for k in LLUMNIX_ONLY})
+    return dataclasses.replace(plain, async_scheduling=False) if variant == "vllm-sync" else plain
+
+
+async def one_stream(engine, prompt: list[int], max_tokens: int, request_id: str) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds from the first token to the last, tokens)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                            output_kind=RequestOutputKind.DELTA)
+    sent = time.perf_counter()
+    first = last = sent
+    tokens = 0
+    async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
+        n = sum(len(c.token_ids) for c in output.outputs)
+        if n and tokens == 0:
+            first = time.perf_counter()
+        tokens += n
+        last = time.perf_counter()
+    return first - sent, last - first, tokens
+
+
+async def load(engine, rng: random.Random, vocab: int, count: int, args, label: str) -> dict:
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt)] for _ in range(count)]
+    began = time.perf_counter()
+    results = await asyncio.gather(*(one_stream(engine, p, args.output, f"{label}-{i}")
+                                     for i, p in enumerate(prompts)))
+    elapsed = time.perf_counter() - began
+    tokens = sum(r[2] for r in results)
+    if tokens != count * args.output:
+        raise RuntimeError(f"{label}: {tokens} of {count * args.output} tokens came back")
+    return {"requests": count, "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
+            "mean_ttft_ms": 1000 * statistics.fmean(r[0] for r in results),
+            "mean_tpot_ms": 1000 * statistics.fmean(r[1] / (r[2] - 1) for r in results)}
+
+
+async def measure(variant: str, engine_args: AsyncEngineArgs, cpu_threads: int | None, args) -> dict:
+    began = time.perf_counter()
+    engine = await asyncio.to_thread(build_engine, engine_args, new_instance_token())
+    try:
+        started_s = time.perf_counter() - began
+        if cpu_threads is not None:
+            await engine.collective_rpc("llumnix_prepare_cpu_worker", args=(cpu_threads,))
+        vllm_config = engine.vllm_config
+        vocab = vllm_config.model_config.get_vocab_size()
+        rng = random.Random(0)  # the same prompts for every variant
+        await load(engine, rng, vocab, 1, args, "warmup")
+        figures = {"single": await load(engine, rng, vocab, 1, args, "single"),
+                   "streams": await load(engine, rng, vocab, args.streams, args, "streams"),
+                   "burst": await load(engine, rng, vocab, args.burst, args, "burst")}
+        return {"variant": variant, "engine_start_s": started_s,
+                "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
+                "scheduler": vllm_config.scheduler_config.get_scheduler_cls().__name__,
+                "policy": vllm_config.scheduler_config.policy, **figures}
+    finally:
+        engine.shutdown()
+
+
+def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Each variant over `vllm` (if measured): throughput and TPOT per load."""
+    base = next((r for r in results if r["variant"] == "vllm"), None)
+    if base is None:
+        return {}
+    return {r["variant"]: {f"{load}_{key}": r[load][key] / base[load][key]
+                           for load in ("single", "streams", "burst")
+                           for key in ("output_tokens_per_s", "mean_tpot_ms")}
+            for r in results if r is not base}
+
+
+def table(results: list[dict], over: dict[str, dict[str, float]]) -> str:
+    rows = []
+    for r in results:
+        ratio = over.get(r["variant"], {})
+        rows.append([r["variant"], r["scheduler"], "on" if r["async_scheduling"] else "off", r["policy"],
+                     f"{r['single']['mean_tpot_ms']:.2f}", f"{r['streams']['mean_tpot_ms']:.2f}",
+                     f"{r['burst']['output_tokens_per_s']:.0f}",
+                     f"{ratio['burst_output_tokens_per_s']:.3f}" if ratio else "1",
+                     f"{ratio['single_mean_tpot_ms']:.3f}" if ratio else "1"])
+    return markdown_table(["variant", "scheduler", "async", "policy", "TPOT ms (1 stream)",
+                           "TPOT ms (streams)", "burst output tok/s", "burst tok/s over vllm",
+                           "1-stream TPOT over vllm"], rows)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(names, [r["single"]["mean_tpot_ms"] for r in results], label="1 stream")
+    axes[0].bar(names, [r["streams"]["mean_tpot_ms"] for r in results], alpha=0.5, label="streams")
+    axes[0].set_ylabel("mean TPOT (ms)")
+    axes[0].legend()
+    axes[1].bar(names, [r["burst"]["output_tokens_per_s"] for r in results])
+    axes[1].set_ylabel("burst output tokens/s")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=("tiny", "llama-2-7b"), default="tiny")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--output", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--burst", type=int, default=128)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    parser.add_argument("--name", default="async_scheduling")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {', '.join(VARIANTS)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="async-scheduling-") as tmp:
+        llumnix_args, cpu_threads = backend_engine_args(Path(tmp), args)
+        for variant in variants:
+            results.append(asyncio.run(measure(variant, variant_engine_args(llumnix_args, variant),
+                                               cpu_threads, args)))
+            print(f"  {variant}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+    over = ratios(results)
+    device = "cpu" if current_platform.is_cpu() else current_platform.get_device_name()
+    result = {"benchmark": "async_scheduling", "command": command_line(), "device": device,
+              "settings": {k: v for k, v in vars(args).items() if k != "name"}, "results": results,
+              "over_vllm": over}
+    text = table(results, over)
+    print(json.dumps(result, indent=2))
+    print(text)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (DOCS / f"{args.name}.md").write_text(f"# Async scheduling: {args.shape} on {device}\n\n"
+                                          f"    {result['command']}\n\n{text}\n")
+    plot(results, DOCS / f"{args.name}.png", f"{args.shape} on {device}: prompt {args.prompt}, "
+                                              f"output {args.output}")
+
+
+if __name__ == "__main__":
+    main()
