@@ -1,15 +1,19 @@
 """What vLLM's async scheduling is worth, and what Llumnix's engine hooks cost.
 
-Three engines of the same model with the same memory, started one after another in this
-process and driven through vLLM's own `AsyncLLM` by the same loads:
+Engines of the same model with the same memory, started one after another in this process
+and driven through vLLM's own `AsyncLLM` by the same loads:
 
 - `vllm`: what `vllm serve` runs: vLLM's scheduler, FCFS, async scheduling wherever the
-  platform has it (GPU; the CPU build turns it off);
-- `vllm-sync`: the same with async scheduling off (`--no-async-scheduling`);
+  platform has it (GPU; the CPU build turns it off), vLLM's choice of model runner (0.26 on
+  GPU picks its V2 runner for dense models);
+- `vllm-v1`: the same on vLLM's V1 model runner, the one migration reads block tables from;
+- `vllm-sync`: V1 runner, async scheduling off (`--no-async-scheduling`);
+- `vllm-sync-priority`, `vllm-sync-connector`: `vllm-sync` plus one of what Llumnix adds
+  (priority scheduling; the migration connector), to tell their costs apart;
 - `llumnix`: the engine arguments this project's backend gives every instance
   (`LlumnixScheduler`, the migration connector, priority scheduling, async scheduling off).
 
-All three keep Llumnix's worker extension, which only adds methods (on the CPU it sizes the
+All keep Llumnix's worker extension, which only adds methods (on the CPU it sizes the
 thread pool, so that the engines compare on equal threads).
 
 Loads, after a warm-up request: one stream, `--streams` concurrent streams (mean time per
@@ -19,7 +23,7 @@ Prompts are random token ids, outputs forced to their length (`ignore_eos`).
     python benchmarks/async_scheduling.py [--shape tiny|llama-2-7b] [--variants vllm,vllm-sync,llumnix]
         [--prompt 512] [--output 256] [--streams 16] [--burst 128] [--name async_scheduling]
 
-Prints JSON and a table with each variant's figures over `vllm`'s, and writes
+Prints JSON and a table with each variant's figures over the first variant's, and writes
 docs/benchmarks/NAME.{json,md,png}.
 """
 
@@ -29,6 +33,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -51,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import command_line, markdown_table  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
-VARIANTS = ("vllm", "vllm-sync", "llumnix")
+VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix")
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # read by each engine process as it starts
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}
 # What the backend adds for Llumnix, beyond its worker extension.
 LLUMNIX_ONLY = ("scheduler_cls", "kv_transfer_config", "scheduling_policy", "async_scheduling")
@@ -63,7 +69,7 @@ def backend_engine_args(work: Path, args) -> tuple[AsyncEngineArgs, int | None]:
     folder.mkdir(parents=True)
     if args.shape == "tiny":
         engine = {"model": str(ensure_model(work / "model", TinyLlamaRecipe(seed=0))), "enforce_eager": True}
-        resources = {"cpu_kv_cache_gib": 1.0, "cpu_threads": 1}
+        resources = {"cpu_kv_cache_gib": args.cpu_kv_cache_gib, "cpu_threads": 1}
     else:
         engine = {"model": str(write_llama_2_7b_shape(work / "model")), "load_format": "dummy"}
         resources = {"gpu_memory_utilization": args.gpu_memory_utilization}
@@ -77,7 +83,14 @@ def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineAr
     if variant == "llumnix":
         return llumnix
     plain = dataclasses.replace(llumnix, **{k: FIELD_DEFAULTS[k] for k in LLUMNIX_ONLY})
-    return dataclasses.replace(plain, async_scheduling=False) if variant == "vllm-sync" else plain
+    if variant in ("vllm", "vllm-v1"):
+        return plain
+    sync = dataclasses.replace(plain, async_scheduling=False)
+    if variant == "vllm-sync-priority":
+        return dataclasses.replace(sync, scheduling_policy=llumnix.scheduling_policy)
+    if variant == "vllm-sync-connector":
+        return dataclasses.replace(sync, kv_transfer_config=llumnix.kv_transfer_config)
+    return sync
 
 
 async def one_stream(engine, prompt: list[int], max_tokens: int, request_id: str) -> tuple[float, float, int]:
@@ -111,6 +124,10 @@ async def load(engine, rng: random.Random, vocab: int, count: int, args, label: 
 
 
 async def measure(variant: str, engine_args: AsyncEngineArgs, cpu_threads: int | None, args) -> dict:
+    if variant == "vllm":
+        os.environ.pop(RUNNER_ENV, None)
+    else:
+        os.environ[RUNNER_ENV] = "0"  # as the backend sets it
     began = time.perf_counter()
     engine = await asyncio.to_thread(build_engine, engine_args, new_instance_token())
     try:
@@ -127,34 +144,35 @@ async def measure(variant: str, engine_args: AsyncEngineArgs, cpu_threads: int |
         return {"variant": variant, "engine_start_s": started_s,
                 "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
                 "scheduler": vllm_config.scheduler_config.get_scheduler_cls().__name__,
+                "model_runner": "vLLM's choice" if variant == "vllm" else "V1",
                 "policy": vllm_config.scheduler_config.policy, **figures}
     finally:
         engine.shutdown()
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:
-    """Each variant over `vllm` (if measured): throughput and TPOT per load."""
-    base = next((r for r in results if r["variant"] == "vllm"), None)
-    if base is None:
-        return {}
+    """Each variant over the first one measured: throughput and TPOT per load."""
+    base = results[0]
     return {r["variant"]: {f"{load}_{key}": r[load][key] / base[load][key]
                            for load in ("single", "streams", "burst")
                            for key in ("output_tokens_per_s", "mean_tpot_ms")}
-            for r in results if r is not base}
+            for r in results[1:]}
 
 
 def table(results: list[dict], over: dict[str, dict[str, float]]) -> str:
+    base = results[0]["variant"]
     rows = []
     for r in results:
         ratio = over.get(r["variant"], {})
-        rows.append([r["variant"], r["scheduler"], "on" if r["async_scheduling"] else "off", r["policy"],
+        rows.append([r["variant"], r["scheduler"], r["model_runner"], "on" if r["async_scheduling"] else "off",
+                     r["policy"],
                      f"{r['single']['mean_tpot_ms']:.2f}", f"{r['streams']['mean_tpot_ms']:.2f}",
                      f"{r['burst']['output_tokens_per_s']:.0f}",
                      f"{ratio['burst_output_tokens_per_s']:.3f}" if ratio else "1",
                      f"{ratio['single_mean_tpot_ms']:.3f}" if ratio else "1"])
-    return markdown_table(["variant", "scheduler", "async", "policy", "TPOT ms (1 stream)",
-                           "TPOT ms (streams)", "burst output tok/s", "burst tok/s over vllm",
-                           "1-stream TPOT over vllm"], rows)
+    return markdown_table(["variant", "scheduler", "model runner", "async", "policy", "TPOT ms (1 stream)",
+                           "TPOT ms (streams)", "burst output tok/s", f"burst tok/s over {base}",
+                           f"1-stream TPOT over {base}"], rows)
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -185,6 +203,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--burst", type=int, default=128)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    parser.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--name", default="async_scheduling")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -201,7 +220,7 @@ def main() -> None:
     device = "cpu" if current_platform.is_cpu() else current_platform.get_device_name()
     result = {"benchmark": "async_scheduling", "command": command_line(), "device": device,
               "settings": {k: v for k, v in vars(args).items() if k != "name"}, "results": results,
-              "over_vllm": over}
+              f"over_{results[0]['variant']}": over}
     text = table(results, over)
     print(json.dumps(result, indent=2))
     print(text)
