@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from llumnix_backend.config import DispatchPolicyName, MigrationSettings, PrioritySettings
-from llumnix_backend.dispatch import choose_instance
-from llumnix_backend.rescheduling import plan_migrations
+from llumnix_backend.policies.dispatch import choose_instance
+from llumnix_backend.policies.rescheduling import plan_migrations
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 sys.path.insert(0, str(Path(__file__).parent))

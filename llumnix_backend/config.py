@@ -73,7 +73,7 @@ class PrioritySettings(_Strict):
 class MigrationSettings(_Strict):
     """Live migration of running requests between a model's instances, and the rescheduling
     that triggers it (freeness: free KV room in tokens per request, i.e. the decode steps an
-    instance can sustain, whatever its block size; see `dispatch.py` and `rescheduling.py`)."""
+    instance can sustain, whatever its block size; see `policies/dispatch.py` and `policies/rescheduling.py`)."""
 
     rescheduling: bool = True  # migrate continuously by the policy below (the API always works)
     interval_s: float = Field(default=0.1, gt=0)  # how often the policy looks at the snapshots
@@ -117,10 +117,30 @@ class MigrationSettings(_Strict):
         return self
 
 
+class HealthSettings(_Strict):
+    """How a model's control loop finds failed instances and brings them back."""
+
+    # An instance whose engine sent no load report for this long is hung: it gets no new
+    # requests, its requests continue elsewhere and it is restarted. Engines report at least
+    # every 50 ms (a heartbeat while idle), so this only has to outlast the longest engine step.
+    stale_after_s: float = Field(default=30.0, gt=0)
+    # Restart an instance that died or hung after serving (not one that failed to start: its
+    # settings need fixing). Waits restart_backoff_s, doubling after each failure in a row up
+    # to max_restart_backoff_s.
+    restart: bool = True
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    max_restart_backoff_s: float = Field(default=60.0, ge=0)
+    # Requests of a failed instance continue on another (replay); with no instance to take
+    # one, the request waits this long for one to come back, then fails.
+    replay: bool = True
+    replay_timeout_s: float = Field(default=120.0, gt=0)
+
+
 class SchedulerSettings(_Strict):
     dispatch_policy: DispatchPolicyName = DispatchPolicyName.LLUMNIX
     priority: PrioritySettings = PrioritySettings()
     migration: MigrationSettings = MigrationSettings()
+    health: HealthSettings = HealthSettings()
 
 
 class ResourceSettings(_Strict):

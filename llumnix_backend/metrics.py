@@ -91,6 +91,16 @@ class ServerMetrics:
             "llumnix:migration_duration_seconds", "Whole migration, first copy to switch.",
             pair, buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.replays = Counter(
+            "llumnix:replays", "Requests continued on another instance after theirs was lost, per instance pair.",
+            pair, registry=r,
+        )
+        self.instance_failures = Counter(
+            "llumnix:instance_failures", "Instances found dead or hung while serving.", MODEL_INSTANCE, registry=r,
+        )
+        self.instance_restarts = Counter(
+            "llumnix:instance_restarts", "Restarts of lost instances.", MODEL_INSTANCE, registry=r,
+        )
         self.migration_blocks = Counter("llumnix:migration_blocks", "KV blocks copied by migrations.", pair, registry=r)
         self.migration_bytes = Counter("llumnix:migration_bytes", "KV bytes copied by migrations.", pair, registry=r)
         r.register(_InstanceCollector(instance_reports, states))

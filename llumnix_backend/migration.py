@@ -16,7 +16,6 @@ stream and makes the switch, so no token is lost, repeated or reordered.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -218,18 +217,6 @@ def _shortage(snapshot: InstanceSnapshot, num_tokens: int) -> str:
     return f"the request needs {needed} KV blocks, {max(0, room)} are free" if needed > room else ""
 
 
-def _continuation(request: GenerationRequest, export: KvExport, transfer) -> GenerationRequest:
-    """The request as the destination takes it over: all tokens so far as its prompt, and the
-    sampling budget that is left."""
-    generated = len(export.token_ids) - len(request.prompt_token_ids)
-    sampling = dict(request.sampling)
-    if sampling.get("max_tokens") is not None:
-        sampling["max_tokens"] -= generated
-    if sampling.get("min_tokens"):
-        sampling["min_tokens"] = max(0, sampling["min_tokens"] - generated)
-    return dataclasses.replace(request, prompt_token_ids=export.token_ids, sampling=sampling, kv_transfer=transfer)
-
-
 async def migrate_request(
     stream: RequestStream,
     source: EngineInstance,
@@ -307,7 +294,7 @@ async def migrate_request(
         report.final_copy_s = time.monotonic() - final_began
         handover.generated_at_copy = len(final.token_ids) - len(request.prompt_token_ids)
         handed.add(request.request_id)
-        await _start_destination(destination, _continuation(request, final, transfer), handover, settings)
+        await _start_destination(destination, request.continued(final.token_ids, transfer), handover, settings)
         outcome = await handover.outcome
         if outcome != COMMITTED:
             raise MigrationAborted(outcome)

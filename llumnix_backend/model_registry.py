@@ -78,6 +78,20 @@ class ModelEntry:
     reason: str = ""
     model: ServedModel | None = None
 
+    @property
+    def serving_state(self) -> ModelState:
+        """The state clients see: a loaded model none of whose instances serves (all failed,
+        say, and restarting) is UNAVAILABLE until one serves again."""
+        if self.state is ModelState.READY and self.model is not None and not self.model.ready:
+            return ModelState.UNAVAILABLE
+        return self.state
+
+    @property
+    def serving_reason(self) -> str:
+        if self.serving_state is not self.state and self.model is not None:
+            return self.model.unavailable_reason()
+        return self.reason
+
 
 def _ignore(_: InstanceEvent) -> None:
     pass
@@ -97,7 +111,7 @@ class ModelRegistry:
         self._retiring: dict[asyncio.Task, ServedModel] = {}  # replaced versions finishing their requests
         self._watcher: RepositoryWatcher | None = None
         self.metrics = ServerMetrics(self._reports, tuple(s.value for s in InstanceState),
-                                     lambda: [(e.name, e.state.value) for e in self._entries.values()],
+                                     lambda: [(e.name, e.serving_state.value) for e in self._entries.values()],
                                      tuple(s.value for s in ModelState))
         self._entries: dict[str, ModelEntry] = {}
         self._backends: dict[str, Backend] = {}
@@ -346,13 +360,22 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel:
         """The model to send a request to; raises ModelNotFound or ModelNotReady."""
         entry = self.entry(name)
-        if entry.state is not ModelState.READY or entry.model is None or not entry.model.ready:
+        if entry.serving_state is not ModelState.READY or entry.model is None:
+            why = f": {entry.serving_reason}" if entry.serving_reason else ""
+            raise ModelNotReady(f"model {name!r} is not ready ({entry.serving_state.value}{why})")
+        return entry.model
+
+    def loaded(self, name: str) -> ServedModel:
+        """The model as loaded, whether or not an instance serves now (for its metadata and
+        the operations on its instances); raises ModelNotFound or ModelNotReady."""
+        entry = self.entry(name)
+        if entry.state is not ModelState.READY or entry.model is None:
             why = f": {entry.reason}" if entry.reason else ""
-            raise ModelNotReady(f"model {name!r} is not ready ({entry.state.value}{why})")
+            raise ModelNotReady(f"model {name!r} is not loaded ({entry.state.value}{why})")
         return entry.model
 
     def ready_models(self) -> list[ServedModel]:
-        return [e.model for e in self._entries.values() if e.state is ModelState.READY and e.model is not None]
+        return [e.model for e in self._entries.values() if e.serving_state is ModelState.READY and e.model is not None]
 
     def _reports(self) -> list[InstanceReport]:
         return [r for e in self._entries.values() if e.model is not None for r in e.model.reports()]

@@ -99,7 +99,23 @@ class EngineInstance(abc.ABC):
     @property
     @abc.abstractmethod
     def alive(self) -> bool:
-        """False once the engine process has died or failed."""
+        """False once the engine process has died or failed, or the engine was abandoned."""
+
+    @property
+    @abc.abstractmethod
+    def last_report_at(self) -> float | None:
+        """When (`time.monotonic()` in this process) the newest load snapshot arrived; the
+        engine reports at least every heartbeat, so a stale time means a hung engine."""
+
+    @property
+    def failure(self) -> str | None:
+        """The engine's own account of why it is not alive (an exit signal, say), if known."""
+        return None
+
+    @abc.abstractmethod
+    def abandon(self, reason: str) -> None:
+        """Give the engine up (hung, or dead): every request streaming from it ends at once with
+        `EngineDead(reason)`, and it takes no new ones. `shutdown` still stops it."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None:

@@ -8,7 +8,7 @@ backend turns them into its engine's own parameters.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -34,6 +34,18 @@ class GenerationRequest:
     @property
     def max_tokens(self) -> int | None:
         return self.sampling.get("max_tokens")
+
+    def continued(self, token_ids: tuple[int, ...], kv_transfer: Any = None) -> GenerationRequest:
+        """The request as another instance takes it over with `token_ids` (its prompt and
+        everything generated so far) as the prompt: the sampling budget left, and the KV of
+        those tokens in `kv_transfer` (a migration) or none (a replay: recomputed)."""
+        generated = len(token_ids) - len(self.prompt_token_ids)
+        sampling = dict(self.sampling)
+        if sampling.get("max_tokens") is not None:
+            sampling["max_tokens"] -= generated
+        if sampling.get("min_tokens"):
+            sampling["min_tokens"] = max(0, sampling["min_tokens"] - generated)
+        return replace(self, prompt_token_ids=tuple(token_ids), sampling=sampling, kv_transfer=kv_transfer)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,15 @@
-"""A served model: its engine instances and the Llumnix dispatcher in front of them.
+"""A served model: its engine instances, the Llumnix dispatcher in front of them, and the
+model's control loop.
 
 The dispatcher decides from the latest snapshot of each instance plus the requests it has sent
 there that the snapshot does not show yet, so a burst of requests spreads out before the
 engines report back; it never waits on an instance to decide.
+
+The control loop ticks every `migration.interval_s`: `policies.control.plan_tick` decides
+from the instances' health and load which instances are lost, which to restart and which
+requests to migrate, and this module carries the plan out. A request whose instance is lost
+continues on another one (replay): its prompt plus every token the client has received, with
+the sampling budget that is left, recomputed there.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
-from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness
+from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
     MigrationRejected,
@@ -26,7 +33,8 @@ from llumnix_backend.migration import (
     relay,
 )
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, InstanceState, ModelRuntime
-from llumnix_backend.rescheduling import PlannedMigration, plan_migrations
+from llumnix_backend.policies.control import ControlPlan, InstanceHealth, plan_tick
+from llumnix_backend.policies.rescheduling import PlannedMigration
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
@@ -34,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
-IDLE_POLL_S = 0.05  # how often `wait_idle` looks (requests last far longer)
+IDLE_POLL_S = 0.05  # how often `wait_idle` and a waiting replay look (requests last far longer)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,10 @@ class _Instance:
     engine: EngineInstance
     state: InstanceState = InstanceState.STARTING
     error: str | None = None
+    served: bool = False  # it has served since it was added: if it dies it is restarted
+    failures: int = 0  # deaths and failed restarts in a row
+    down_since: float | None = None  # time.monotonic() of the latest failure
+    busy: bool = False  # its engine is being stopped or restarted
     # Requests dispatched here and not finished.
     in_flight: set[str] = field(default_factory=set)
     # Those of them no snapshot has shown yet (as of `_seen`, the latest snapshot looked at),
@@ -71,6 +83,15 @@ class _Instance:
         self.in_flight.add(load.request_id)
         self._unseen[load.request_id] = load
         self._view = None
+
+    def renew(self, engine: EngineInstance) -> None:
+        """Take a new engine (a restart): nothing of the old one's load carries over."""
+        self.engine, self.state, self.in_flight = engine, InstanceState.STARTING, set()
+        self._unseen, self._seen, self._view = {}, None, None
+
+    def health(self, instance_id: str) -> InstanceHealth:
+        return InstanceHealth(instance_id, self.state, self.engine.alive, self.engine.last_report_at, self.served,
+                              self.failures, self.down_since, self.busy, self.engine.failure)
 
     def untrack(self, request_id: str) -> None:
         self.in_flight.discard(request_id)
@@ -110,16 +131,20 @@ class ServedModel:
         self._streams: dict[str, RequestStream] = {}  # running requests, by id
         self._migrating: set[str] = set()
         self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
-        self._rescheduler: asyncio.Task | None = None
-        self._planned: set[asyncio.Task] = set()
+        self._control: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # what the control loop started: migrations, restarts
+        self._start_slots: asyncio.Semaphore | None = None
+        self._progress: ProgressCallback | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
-        """Start the configured number of instances; failures are recorded, not raised."""
+        """Start the configured number of instances and the control loop; failures are
+        recorded, not raised."""
+        self._start_slots, self._progress = start_slots, progress
         ids = [self._add_instance(self.runtime) for _ in range(self.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
-        self._follow_rescheduling_setting()
+        self._control = asyncio.create_task(self._control_loop(), name=f"control-{self.name}")
 
     async def reconfigure(self, source: ModelSource, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
         """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
@@ -127,13 +152,14 @@ class ServedModel:
         started; surplus ones (the newest) are retired (`_retire_instances`)."""
         self.source, config = source, source.config
         self.config = self.config.model_copy(update={"scheduler": config.scheduler})
-        self._follow_rescheduling_setting()
-        live = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED), key=int)
-        added = [self._add_instance(self.runtime) for _ in range(config.instances - len(live))]
+        # Members: every instance that serves or will again (a lost one restarts); an instance
+        # that never started is not one. Surplus members go failed ones first, then the newest.
+        members = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED or s.served),
+                         key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
+        added = [self._add_instance(self.runtime) for _ in range(config.instances - len(members))]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
-        await self._retire_instances(live[config.instances:])
+        await self._retire_instances(members[:max(0, len(members) - config.instances)])
         self.config = config
-        self._follow_rescheduling_setting()
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, start_slots: asyncio.Semaphore,
                               progress: ProgressCallback) -> str:
@@ -151,16 +177,20 @@ class ServedModel:
             return f"no instance started ({reasons})"
         self.source, self.config, self.runtime = source, source.config, runtime
         await self._retire_instances(old)
-        self._follow_rescheduling_setting()
         return ""
 
     async def _retire_instances(self, instance_ids: list[str]) -> None:
         """Take instances out of dispatch, wait until the requests they run have left (migrated
         away by rescheduling, or finished where they are if it is off), then stop them."""
-        for instance_id in instance_ids:
-            self._instances[instance_id].state = InstanceState.DRAINING
-        self._follow_rescheduling_setting()
-        while any(self._hosts_requests(i) for i in instance_ids):
+        slots = [self._instances[i] for i in instance_ids]
+        for slot in slots:
+            slot.served = False  # not restarted if it fails from now on
+        while True:
+            for slot in slots:  # (one that was restarting may have come back meanwhile)
+                if slot.state is InstanceState.READY:
+                    slot.state = InstanceState.DRAINING
+            if not any(s.busy for s in slots) and not any(self._hosts_requests(i) for i in instance_ids):
+                break
             await asyncio.sleep(IDLE_POLL_S)
         for instance_id in instance_ids:
             await self._stop_instance(self._instances.pop(instance_id))
@@ -168,14 +198,6 @@ class ServedModel:
     def _hosts_requests(self, instance_id: str) -> bool:
         return bool(self._instances[instance_id].in_flight) or any(
             s.instance_id == instance_id for s in self._streams.values())
-
-    def _follow_rescheduling_setting(self) -> None:
-        wanted = self.config.scheduler.migration.rescheduling and len(self._instances) > 1
-        if wanted and self._rescheduler is None:
-            self._rescheduler = asyncio.create_task(self._reschedule(), name=f"reschedule-{self.name}")
-        elif not wanted and self._rescheduler is not None:
-            self._rescheduler.cancel()
-            self._rescheduler = None
 
     def _add_instance(self, runtime: ModelRuntime) -> str:
         instance_id = str(self._next_index)
@@ -195,7 +217,7 @@ class ServedModel:
                 slot.state, slot.error = InstanceState.FAILED, error
                 logger.error("model %s instance %s failed to start: %s", self.name, instance_id, slot.error)
             else:
-                slot.state = InstanceState.READY
+                slot.state, slot.error, slot.served, slot.failures = InstanceState.READY, None, True, 0
             progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error))
 
     async def wait_idle(self) -> None:
@@ -204,10 +226,10 @@ class ServedModel:
             await asyncio.sleep(IDLE_POLL_S)
 
     async def shutdown(self) -> None:
-        for task in [self._rescheduler, *self._planned]:
+        for task in [self._control, *self._tasks]:
             if task is not None:
                 task.cancel()
-        await asyncio.gather(*self._planned, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_instance(s) for s in self._instances.values()))
 
     @staticmethod
@@ -247,10 +269,19 @@ class ServedModel:
             for i, s in self._instances.items()
         ]
 
+    def unavailable_reason(self) -> str:
+        """Why no instance serves (empty while one does)."""
+        if self.ready:
+            return ""
+        states = "; ".join(f"instance {i}: {self.instance_state(s).value}" + (f" ({s.error})" if s.error else "")
+                           for i, s in self._instances.items())
+        return f"no instance serves: {states or 'none configured'}"
+
     @property
     def rescheduling_active(self) -> bool:
-        """The rescheduling loop runs (it is on in the config and there are instances to pair)."""
-        return self._rescheduler is not None
+        """The control loop reschedules (it is on in the config and there are instances to pair)."""
+        return (self._control is not None and self.config.scheduler.migration.rescheduling
+                and len(self._instances) > 1)
 
     def migrations_in_flight(self) -> dict[str, int]:
         """Migrations each instance takes part in now (as source or destination)."""
@@ -292,10 +323,12 @@ class ServedModel:
         return choice
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Dispatch the request and stream its output. Closing the stream aborts it.
+        """Dispatch the request and stream its output. Closing the stream aborts it. If its
+        instance is lost, the request continues on another one (`_replay`).
 
         Raises `RequestError` for a bad request and `NoInstanceAvailable` when no instance
-        accepts work, both before anything is streamed.
+        accepts work, both before anything is streamed; `EngineDead` if its instance was lost
+        and no other could take it over.
         """
         try:
             self.check(request)
@@ -308,11 +341,20 @@ class ServedModel:
         stream = RequestStream(request, instance_id)
         self._streams[request.request_id] = stream
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
-        source = self._instances[instance_id].engine.generate(request)
+        running: GenerationRequest | None = request  # as the current instance runs it
         try:
-            async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
-                tracker.observe(delta)
-                yield delta
+            while running is not None:
+                source = self._instances[stream.instance_id].engine.generate(running)
+                try:
+                    async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
+                        tracker.observe(delta)
+                        yield delta
+                    return
+                except EngineDead as lost:
+                    running = await self._replay(stream, lost)
+            finished = GenerationDelta((), "", finish_reason="length")  # it had used up its budget
+            tracker.observe(finished)
+            yield finished
         except EngineDead:
             tracker.outcome = "error"
             raise
@@ -323,6 +365,39 @@ class ServedModel:
             del self._streams[request.request_id]
             self._instances[stream.instance_id].untrack(request.request_id)
             tracker.finish()
+
+    async def _replay(self, stream: RequestStream, lost: EngineDead) -> GenerationRequest | None:
+        """Continue a request whose instance was lost on another instance: its prompt plus the
+        tokens the client has received, recomputed there. Waits up to `replay_timeout_s` for an
+        instance to take it (one may be restarting); re-raises `lost` if none does, or if
+        replay is off. None if the request had nothing left to generate."""
+        health = self.config.scheduler.health
+        if not health.replay:
+            raise lost
+        stream.handover = None  # a migration in flight ended with the source (the relay concluded it)
+        lost_on, request = stream.instance_id, stream.request
+        tokens = request.prompt_token_ids + tuple(stream.generated)
+        if (request.max_tokens is not None and len(stream.generated) >= request.max_tokens) or \
+                len(tokens) >= self.runtime.max_model_len:
+            return None
+        continuation = request.continued(tokens)
+        deadline = time.monotonic() + health.replay_timeout_s
+        while True:
+            try:
+                instance_id = self._dispatch(continuation)
+                break
+            except NoInstanceAvailable:
+                if time.monotonic() >= deadline:
+                    raise EngineDead(f"{lost}; no instance of model {self.name!r} could take over its "
+                                     f"requests within {health.replay_timeout_s:g} s") from lost
+                await asyncio.sleep(IDLE_POLL_S)
+        self._instances[lost_on].untrack(request.request_id)
+        self._track_in_flight(continuation, instance_id)
+        stream.instance_id = instance_id
+        self._metrics.replays.labels(self.name, lost_on, instance_id).inc()
+        logger.warning("model %s: request %s continues on instance %s after %d tokens (%s)", self.name,
+                       request.request_id, instance_id, len(stream.generated), lost)
+        return continuation
 
     def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
         """Count the request against the instance until it shows in the instance's snapshots."""
@@ -380,6 +455,11 @@ class ServedModel:
         slot = self._slot(instance_id)
         if slot.state not in (InstanceState.READY, InstanceState.DRAINING):
             raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not serving")
+        others = [i for i, s in self._instances.items()
+                  if i != instance_id and s.state is InstanceState.READY and s.engine.alive]
+        if slot.state is InstanceState.READY and not others:
+            raise MigrationRejected(409, f"instance {instance_id!r} is the last one serving model {self.name!r}: "
+                                         "draining it would leave the model unavailable")
         slot.state = InstanceState.DRAINING
 
     def resume(self, instance_id: str) -> None:
@@ -389,18 +469,69 @@ class ServedModel:
             raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not draining")
         slot.state = InstanceState.READY
 
-    async def _reschedule(self) -> None:
-        """Every interval, start the migrations the policy asks for (Llumnix rescheduling)."""
+    # --- the control loop ---------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        """Every interval, plan from the instances' health and load and carry the plan out."""
         while True:
-            settings = self.config.scheduler.migration  # settings may change while it runs
-            await asyncio.sleep(settings.interval_s)
-            live = [v for v in self.views() if self._instances[v.instance_id].engine.alive]
-            plans = plan_migrations(live, self.config.scheduler.priority, settings, self._migrations_at,
-                                    frozenset(self._migrating))
-            for plan in plans:
-                task = asyncio.create_task(self._planned_migration(plan))
-                self._planned.add(task)
-                task.add_done_callback(self._planned.discard)
+            await asyncio.sleep(self.config.scheduler.migration.interval_s)  # settings may change
+            try:
+                health = [s.health(i) for i, s in self._instances.items()]
+                plan = plan_tick(health, self.views(), self.config.scheduler, self._migrations_at,
+                                 frozenset(self._migrating), time.monotonic())
+                self._carry_out(plan)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad tick
+                logger.exception("model %s: control loop tick failed", self.name)
+
+    def _carry_out(self, plan: ControlPlan) -> None:
+        for lost in plan.lost:
+            self._lose_instance(lost.instance_id, lost.reason)
+        for instance_id in plan.restart:
+            self._spawn(self._restart_instance(instance_id))
+        for migration in plan.migrations:
+            self._spawn(self._planned_migration(migration))
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _lose_instance(self, instance_id: str, reason: str) -> None:
+        """Take a dead or hung instance out of service: its streams end with `EngineDead` (and
+        replay elsewhere), and its engine is stopped; the plan restarts it later."""
+        slot = self._instances[instance_id]
+        logger.error("model %s instance %s is lost: %s", self.name, instance_id, reason)
+        if slot.state is InstanceState.DRAINING:
+            slot.served = False  # drained to be retired or stopped: not brought back
+        slot.state, slot.error = InstanceState.FAILED, reason
+        slot.failures += 1
+        slot.down_since = time.monotonic()
+        slot.engine.abandon(reason)
+        self._metrics.instance_failures.labels(self.name, instance_id).inc()
+        slot.busy = True
+        self._spawn(self._stop_lost(slot))
+
+    async def _stop_lost(self, slot: _Instance) -> None:
+        try:
+            await self._stop_instance(slot)
+        finally:
+            slot.busy = False
+
+    async def _restart_instance(self, instance_id: str) -> None:
+        slot = self._instances[instance_id]
+        slot.busy = True
+        try:
+            slot.renew(self.runtime.create_instance(instance_id))
+            self._metrics.instance_restarts.labels(self.name, instance_id).inc()
+            logger.warning("model %s: restarting instance %s (failure %d in a row)", self.name, instance_id,
+                           slot.failures)
+            assert self._start_slots is not None and self._progress is not None
+            await self._start_instance(instance_id, self._start_slots, self._progress)
+            if slot.state is InstanceState.FAILED:
+                slot.failures += 1
+                slot.down_since = time.monotonic()
+        finally:
+            slot.busy = False
 
     async def _planned_migration(self, plan: PlannedMigration) -> None:
         try:

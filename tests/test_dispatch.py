@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from llumnix_backend.config import DispatchPolicyName, PrioritySettings
-from llumnix_backend.dispatch import NoInstanceAvailable, choose_instance, freeness, virtual_usage
+from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness, virtual_usage
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, LoadTotals, RequestLoad
 
 PRIORITY = PrioritySettings(high_below=0, headroom_tokens=64)

@@ -288,8 +288,10 @@ def test_a_destination_that_dies_mid_migration_leaves_the_request_on_its_source(
     assert running_on(gamma, run.request_id, MODEL) == source
     run.result()
     assert run.finish_reason == "length" and len(run.token_ids) == 4000
-    listed = instances(gamma, MODEL)
-    assert listed[other(source)]["state"] == "failed", listed[other(source)]
+    dead = instances(gamma, MODEL)[other(source)]
+    # Lost, and being restarted (the control loop's backoff is 1 s): the error says why.
+    assert dead["state"] in ("failed", "starting"), dead
+    assert "SIGKILL" in dead["error"], dead
     deadline = time.monotonic() + 10
     while instances(gamma, MODEL)[source]["snapshot"]["used_blocks"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from llumnix_backend.config import SchedulerSettings
-from llumnix_backend.dispatch import choose_instance
-from llumnix_backend.rescheduling import PlannedMigration, plan_migrations
+from llumnix_backend.policies.dispatch import choose_instance
+from llumnix_backend.policies.rescheduling import PlannedMigration, plan_migrations
 from llumnix_backend.simulator.instance import SimRequest, SimulatedInstance
 from llumnix_backend.simulator.profile import EngineProfile
 from llumnix_backend.snapshot import InstanceView

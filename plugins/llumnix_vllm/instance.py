@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,7 +102,9 @@ class VllmInstance(EngineInstance):
         self._engine: AsyncLLM | None = None
         self._subscriber: SnapshotSubscriber | None = None
         self._snapshot: InstanceSnapshot | None = None
+        self._snapshot_at: float | None = None
         self._first_snapshot = asyncio.Event()
+        self._abandoned: str | None = None  # why, once given up
         self._follow_task: asyncio.Task | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -149,6 +153,7 @@ class VllmInstance(EngineInstance):
         assert self._subscriber is not None
         while True:
             self._snapshot = await self._subscriber.receive()
+            self._snapshot_at = time.monotonic()
             self._first_snapshot.set()
 
     # --- state --------------------------------------------------------------------------------
@@ -158,15 +163,35 @@ class VllmInstance(EngineInstance):
         return self._snapshot
 
     @property
+    def last_report_at(self) -> float | None:
+        return self._snapshot_at
+
+    @property
     def alive(self) -> bool:
-        return self._engine is not None and not self._engine.errored
+        return self._engine is not None and not self._engine.errored and self._abandoned is None
+
+    @property
+    def failure(self) -> str | None:
+        if self._abandoned is not None:
+            return self._abandoned
+        if self._engine is None or not self._engine.errored:
+            return None
+        return _engine_exit(self._engine) or "the engine reported an error (see the server log)"
+
+    def abandon(self, reason: str) -> None:
+        if self._abandoned is not None:
+            return
+        self._abandoned = reason
+        if self._engine is not None:
+            # vLLM's own way to end every generate() call of this engine with an error.
+            self._engine.output_processor.propagate_error(EngineDead(f"instance {self.instance_id}: {reason}"))
 
     # --- requests -----------------------------------------------------------------------------
 
     def _running_engine(self) -> AsyncLLM:
         engine = self._engine
-        if engine is None or engine.errored:
-            raise EngineDead(f"instance {self.instance_id} is not running")
+        if engine is None or not self.alive:
+            raise EngineDead(f"instance {self.instance_id} is not running: {self.failure or 'stopped'}")
         return engine
 
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
@@ -212,13 +237,28 @@ class VllmInstance(EngineInstance):
                     queue_time=queue_time,
                     num_cached_tokens=output.num_cached_tokens,
                 )
+        except EngineDead:
+            raise
         except Exception as exc:
-            if engine.errored:
-                raise EngineDead(f"instance {self.instance_id} failed: {exc}") from exc
+            if not self.alive:
+                raise EngineDead(f"instance {self.instance_id} failed: {self.failure}") from exc
             raise
         finally:
             # Closing vLLM's generator aborts the request in the engine if it is unfinished.
             await outputs.aclose()
+
+
+def _engine_exit(engine: AsyncLLM) -> str | None:
+    """How the engine's process ended, if it has (vLLM's engine manager keeps the processes)."""
+    resources = getattr(engine.engine_core, "resources", None)
+    processes = getattr(getattr(resources, "engine_manager", None), "processes", ())
+    for process in processes:
+        code = process.exitcode
+        if code is not None and code < 0:
+            return f"the engine process was killed by {signal.Signals(-code).name}"
+        if code is not None:
+            return f"the engine process exited with code {code}"
+    return None
 
 
 def _kv_export(result: dict[str, Any] | None) -> KvExport | None:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llumnix_backend.dispatch import NoInstanceAvailable
+from llumnix_backend.policies.dispatch import NoInstanceAvailable
 from llumnix_backend.migration import MigrationRejected
 from llumnix_backend.model_registry import ModelNotFound, ModelNotReady, RepositoryRequestError
 from llumnix_backend.plugin import EngineDead

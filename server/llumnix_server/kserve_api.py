@@ -125,23 +125,22 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v2/models/{model_name}")
     async def model_metadata(model_name: str) -> dict[str, Any]:
-        return _model_metadata(registry.get(model_name))
+        return _model_metadata(registry.loaded(model_name))
 
     @router.get("/v2/models/{model_name}/ready")
     async def model_ready(model_name: str) -> Response:
         entry = registry.entry(model_name)
-        ok = entry.state is ModelState.READY and entry.model is not None and entry.model.ready
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if entry.serving_state is ModelState.READY else 503)
 
     @router.get("/v2/models/{model_name}/config")
     async def model_config(model_name: str) -> dict[str, Any]:
-        return _model_config(registry.get(model_name))
+        return _model_config(registry.loaded(model_name))
 
     @router.post("/v2/repository/index")
     async def repository_index() -> list[dict[str, Any]]:
         return [
-            {"name": e.name, "version": str(e.model.source.version) if e.model else "", "state": e.state.value,
-             "reason": e.reason}
+            {"name": e.name, "version": str(e.model.source.version) if e.model else "", "state": e.serving_state.value,
+             "reason": e.serving_reason}
             for e in registry.entries()
         ]
 

@@ -43,7 +43,8 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
         in_flight = model.migrations_in_flight() if model is not None else {}
         return {
             "model": model_name,
-            "state": entry.state.value,
+            "state": entry.serving_state.value,
+            "reason": entry.serving_reason,
             "dispatch_policy": model.config.scheduler.dispatch_policy.value if model else None,
             "rescheduling": _rescheduling(model) if model else None,
             "instances": [
@@ -62,14 +63,14 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
     @router.post("/v2/llumnix/models/{model_name}/instances/{instance_id}/drain")
     async def drain(model_name: str, instance_id: str) -> dict[str, Any]:
         """Stop dispatching to the instance; rescheduling migrates its running requests away."""
-        model = registry.get(model_name)
+        model = registry.loaded(model_name)
         model.drain(instance_id)
         return {"model": model_name, "instance": instance_id, "state": "draining"}
 
     @router.post("/v2/llumnix/models/{model_name}/instances/{instance_id}/resume")
     async def resume(model_name: str, instance_id: str) -> dict[str, Any]:
         """Undo a drain: the instance takes new requests again."""
-        model = registry.get(model_name)
+        model = registry.loaded(model_name)
         model.resume(instance_id)
         return {"model": model_name, "instance": instance_id, "state": "ready"}
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import MigrationSettings, PrioritySettings
-from llumnix_backend.dispatch import freeness_from, headroom_blocks
+from llumnix_backend.policies.dispatch import freeness_from, headroom_blocks
 from llumnix_backend.snapshot import InstanceView, RequestLoad
 
 

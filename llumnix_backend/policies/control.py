@@ -1,0 +1,89 @@
+"""What a model's control loop does at one tick: a pure function from what it knows of the
+instances (their health, their load views, the migrations in flight) and the time to one
+`ControlPlan`, which `ServedModel` carries out.
+
+- **Lost instances.** A serving instance whose engine died (`alive` false) or sent no load
+  report for `health.stale_after_s` (hung: stopped, deadlocked) is lost: it gets no new
+  requests, its requests continue on other instances (replay), and its engine is stopped.
+- **Restarts.** A failed instance that had served is started again once its backoff has
+  passed: `restart_backoff_s`, doubling with each failure in a row, at most
+  `max_restart_backoff_s`. One that never started stays failed (its settings need fixing,
+  and a config edit retries it).
+- **Rescheduling.** With `migration.rescheduling` on, the migrations `plan_migrations` asks
+  for among the instances that serve and are not lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from llumnix_backend.config import HealthSettings, SchedulerSettings
+from llumnix_backend.plugin import InstanceState
+from llumnix_backend.policies.rescheduling import PlannedMigration, plan_migrations
+from llumnix_backend.snapshot import InstanceView
+
+SERVING = (InstanceState.READY, InstanceState.DRAINING)
+
+
+@dataclass(frozen=True)
+class InstanceHealth:
+    """What the control loop knows of one instance at a tick (times on the loop's clock)."""
+
+    instance_id: str
+    state: InstanceState
+    alive: bool  # its engine runs and reports no error
+    last_report_at: float | None  # when its newest load report arrived; None before the first
+    served: bool  # it has served since the model started it: worth restarting
+    failures: int = 0  # deaths and failed restarts in a row
+    down_since: float | None = None  # when it last failed
+    busy: bool = False  # a start or a stop of its engine is under way
+    failure: str | None = None  # the engine's own account of why it is not alive, if known
+
+
+@dataclass(frozen=True)
+class LostInstance:
+    instance_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ControlPlan:
+    lost: tuple[LostInstance, ...] = ()
+    restart: tuple[str, ...] = ()
+    migrations: tuple[PlannedMigration, ...] = ()
+
+
+def restart_backoff(failures: int, health: HealthSettings) -> float:
+    """Seconds to wait before restarting an instance that failed `failures` times in a row."""
+    return min(health.max_restart_backoff_s, health.restart_backoff_s * 2 ** max(0, failures - 1))
+
+
+def lost_reason(instance: InstanceHealth, health: HealthSettings, now: float) -> str | None:
+    """Why a serving instance is lost now, or None if it is not."""
+    if instance.state not in SERVING or instance.busy:
+        return None
+    if not instance.alive:
+        return instance.failure or "the engine stopped working"
+    if instance.last_report_at is not None and now - instance.last_report_at > health.stale_after_s:
+        return f"the engine sent no load report for {now - instance.last_report_at:.1f} s (hung)"
+    return None
+
+
+def plan_tick(instances: Sequence[InstanceHealth], views: Sequence[InstanceView], settings: SchedulerSettings,
+              migrations_at: Mapping[str, int], migrating: frozenset[str], now: float) -> ControlPlan:
+    health = settings.health
+    lost = tuple(LostInstance(i.instance_id, reason) for i in instances
+                 if (reason := lost_reason(i, health, now)) is not None)
+    restart = ()
+    if health.restart:
+        restart = tuple(i.instance_id for i in instances
+                        if i.state is InstanceState.FAILED and i.served and not i.busy and i.down_since is not None
+                        and now >= i.down_since + restart_backoff(i.failures, health))
+    migrations: tuple[PlannedMigration, ...] = ()
+    if settings.migration.rescheduling:
+        usable = {i.instance_id for i in instances if i.state in SERVING and i.alive} - {x.instance_id for x in lost}
+        live = [v for v in views if v.instance_id in usable]
+        if len(live) > 1:
+            migrations = tuple(plan_migrations(live, settings.priority, settings.migration, migrations_at, migrating))
+    return ControlPlan(lost, restart, migrations)

@@ -1,0 +1,101 @@
+"""The control loop's planner (`policies.control.plan_tick`): lost instances, restarts with
+backoff, and rescheduling only among instances that serve, on described instances with an
+injected clock."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llumnix_backend.config import HealthSettings, MigrationSettings, SchedulerSettings
+from llumnix_backend.plugin import InstanceState
+from llumnix_backend.policies.control import InstanceHealth, plan_tick, restart_backoff
+from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
+
+NOW = 1000.0
+HEALTH = HealthSettings(stale_after_s=5, restart_backoff_s=1, max_restart_backoff_s=8)
+SETTINGS = SchedulerSettings(health=HEALTH, migration=MigrationSettings(rescheduling=False))
+
+
+def health(instance_id: str = "0", state: InstanceState = InstanceState.READY, alive: bool = True,
+           last_report_at: float | None = NOW, **kw) -> InstanceHealth:
+    return InstanceHealth(instance_id, state, alive, last_report_at, served=kw.pop("served", True), **kw)
+
+
+def plan(*instances: InstanceHealth, settings: SchedulerSettings = SETTINGS, views=(), now: float = NOW):
+    return plan_tick(instances, views, settings, {}, frozenset(), now)
+
+
+def test_a_healthy_instance_needs_nothing() -> None:
+    assert plan(health()).lost == () and plan(health()).restart == ()
+
+
+def test_a_dead_engine_is_lost_with_its_own_reason() -> None:
+    (lost,) = plan(health(alive=False, failure="the engine process was killed by SIGKILL")).lost
+    assert lost.instance_id == "0" and "SIGKILL" in lost.reason
+
+
+def test_an_engine_that_stops_reporting_is_lost_as_hung() -> None:
+    assert plan(health(last_report_at=NOW - 4.9)).lost == ()
+    (lost,) = plan(health(last_report_at=NOW - 5.1)).lost
+    assert "hung" in lost.reason and "5.1 s" in lost.reason
+
+
+def test_an_instance_being_started_or_stopped_is_left_alone() -> None:
+    assert plan(health(alive=False, busy=True)).lost == ()
+    assert plan(health(state=InstanceState.STARTING, alive=False, last_report_at=None)).lost == ()
+    assert plan(health(state=InstanceState.FAILED, down_since=0.0, failures=1, busy=True)).restart == ()
+
+
+def test_a_failed_instance_that_served_restarts_after_its_backoff() -> None:
+    failed = dict(state=InstanceState.FAILED, alive=False, failures=3)  # backoff 1, 2, 4 s
+    assert plan(health(down_since=NOW - 3.9, **failed)).restart == ()
+    assert plan(health(down_since=NOW - 4.0, **failed)).restart == ("0",)
+
+
+def test_an_instance_that_never_started_is_not_restarted() -> None:
+    never = health(state=InstanceState.FAILED, alive=False, served=False, failures=1, down_since=0.0)
+    assert plan(never).restart == ()
+
+
+def test_restarts_can_be_turned_off() -> None:
+    settings = SETTINGS.model_copy(update={"health": HEALTH.model_copy(update={"restart": False})})
+    failed = health(state=InstanceState.FAILED, alive=False, failures=1, down_since=0.0)
+    assert plan(failed, settings=settings).restart == ()
+
+
+@given(st.integers(min_value=1, max_value=64))
+def test_the_backoff_doubles_up_to_its_ceiling(failures: int) -> None:
+    backoff = restart_backoff(failures, HEALTH)
+    assert backoff == min(8, 2 ** (failures - 1))
+    assert restart_backoff(failures + 1, HEALTH) >= backoff
+
+
+def _view(instance_id: str, free: int, requests: int) -> InstanceView:
+    running = tuple(RequestLoad(f"{instance_id}-{k}", 0, 160, 10, 0, decoding=True) for k in range(requests))
+    snapshot = InstanceSnapshot(total_blocks=100, used_blocks=100 - free, block_size=16, running=running)
+    return InstanceView(instance_id, snapshot)
+
+
+def test_rescheduling_leaves_lost_instances_out() -> None:
+    settings = SETTINGS.model_copy(update={"migration": MigrationSettings()})
+    views = [_view("0", free=0, requests=10), _view("1", free=90, requests=1)]
+    # Instance 0 is overloaded and instance 1 free: a migration from 0 to 1...
+    moves = plan(health("0"), health("1"), settings=settings, views=views).migrations
+    assert [(m.source, m.destination) for m in moves][:1] == [("0", "1")]
+    # ...but not once the destination is lost, nor from a lost source.
+    assert plan(health("0"), health("1", alive=False), settings=settings, views=views).migrations == ()
+    assert plan(health("0", last_report_at=0.0), health("1"), settings=settings, views=views).migrations == ()
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(InstanceState)), st.booleans(), st.floats(0, 100),
+                          st.booleans(), st.integers(0, 5), st.booleans()), max_size=6))
+def test_no_instance_is_both_lost_and_restarted(rows) -> None:
+    instances = [InstanceHealth(str(i), state, alive, NOW - age, served, failures, NOW - 100, busy)
+                 for i, (state, alive, age, served, failures, busy) in enumerate(rows)]
+    result = plan(*instances)
+    lost = {x.instance_id for x in result.lost}
+    assert not lost & set(result.restart)
+    by_id = {i.instance_id: i for i in instances}
+    assert all(by_id[i].state in (InstanceState.READY, InstanceState.DRAINING) for i in lost)
+    assert all(by_id[i].state is InstanceState.FAILED and by_id[i].served for i in result.restart)
