@@ -280,6 +280,25 @@ def test_kserve_generate_stream(serving: ServerProcess) -> None:
     assert "".join(e["text_output"] for e in events) == full["text_output"]
 
 
+def test_kserve_requests_with_the_same_id_run_apart(serving: ServerProcess) -> None:
+    prompts = ["Hello", "Goodbye and thanks for all the fish"]
+
+    def generate(text: str, request_id: str | None) -> dict:
+        body = {"text_input": text, "parameters": {"max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                                                   "exclude_input_in_output": True}}
+        if request_id is not None:
+            body["id"] = request_id
+        response = post(serving, "/v2/models/alpha/generate", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(generate, prompts, ["same-id", "same-id"]))
+    assert [r["id"] for r in together] == ["same-id", "same-id"]  # the client's id comes back
+    alone = [generate(text, None) for text in prompts]
+    assert [r["text_output"] for r in together] == [r["text_output"] for r in alone]
+
+
 def test_tritonclient_health_metadata_readiness_config(serving: ServerProcess) -> None:
     client = triton.InferenceServerClient(url=serving.url.removeprefix("http://"))
     headers = serving.headers

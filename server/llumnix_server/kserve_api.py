@@ -202,14 +202,16 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     params = body.merged_parameters()
     if not body.text_input:
         raise RequestError("text_input is empty", "text_input")
-    request_id = body.id or new_request_id("gen")
+    # The id the server runs the request under is always its own (unique); the client's `id`
+    # only comes back in the response, so two requests with the same id never mix.
+    request_id = new_request_id("gen")
     gen_request = GenerationRequest(
         request_id, tuple(model.runtime.encode(body.text_input)),
         params.sampling(model.runtime.default_sampling(), params.max_tokens),
         params.priority_or_default(model.config.scheduler.priority), arrival,
     )
     stream = await started(request, model.generate(gen_request))
-    envelope = {"id": request_id, "model_name": model.name, "model_version": str(model.source.version)}
+    envelope = {"id": body.id or request_id, "model_name": model.name, "model_version": str(model.source.version)}
     if stream_route or params.stream:
         return StreamingResponse(_generate_events(envelope, stream), media_type="text/event-stream")
     texts = []
