@@ -271,6 +271,7 @@ async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, Genera
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
         err = as_api_error(exc)
         yield _sse({"error": {"message": err.message, "type": "InternalServerError", "code": err.status}})
+        return  # no [DONE]: the stream did not complete, and clients must not take it as done
     if include_usage:
         yield _sse(dict(chunk, choices=[], usage=_usage(n_prompt, n_tokens)))
     yield "data: [DONE]\n\n"
