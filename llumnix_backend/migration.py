@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from llumnix_backend.config import MigrationSettings
 from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
@@ -66,6 +66,11 @@ SOURCE_AHEAD = "the source's output ran past the copied state"
 CLIENT_GONE = "the client went away"
 
 
+# After a switch, at most this many deltas get their text recomputed (one decode of the whole
+# output each) before the engine's own text is trusted again; it is in step after one or two.
+TEXT_REPAIR_DELTAS = 16
+
+
 def _future() -> asyncio.Future:
     return asyncio.get_running_loop().create_future()
 
@@ -101,18 +106,51 @@ class Handover:
 
 @dataclass
 class RequestStream:
-    """A request's stream as its relay delivers it, and where it currently runs."""
+    """A request's stream as its relay delivers it, and where it currently runs.
+
+    Text across a switch of instance (a migration's, a replay's): the new instance's
+    detokenizer starts after every token so far, so text the old one held back (a multi-byte
+    character whose bytes are split over tokens) would be lost, and the first character the
+    new one writes garbled. After a switch, each delta's text is therefore what the client is
+    owed: `decode(generated)` less the text delivered so far, held back while it ends in a
+    split character, until it agrees with the engine's own text again.
+    """
 
     request: GenerationRequest
     instance_id: str
     generated: list[int] = field(default_factory=list)  # token ids delivered to the client
     last_delivery: float = 0.0  # time.monotonic()
     handover: Handover | None = None
+    # The text of generated token ids as the engine writes it; None: no repair after switches.
+    decode: Callable[[Sequence[int]], str] | None = None
+    _delivered_text: list[str] = field(default_factory=list)
+    _repairs_left: int = 0
+
+    def switched(self) -> None:
+        """The stream now comes from another instance."""
+        self._repairs_left = TEXT_REPAIR_DELTAS if self.decode is not None else 0
 
     def deliver(self, delta: GenerationDelta) -> GenerationDelta:
         self.generated.extend(delta.token_ids)
         self.last_delivery = time.monotonic()
+        if self._repairs_left:
+            delta = self._repaired(delta)
+        self._delivered_text.append(delta.text)
         return delta
+
+    def _repaired(self, delta: GenerationDelta) -> GenerationDelta:
+        assert self.decode is not None
+        self._repairs_left -= 1
+        expected, delivered = self.decode(self.generated), "".join(self._delivered_text)
+        if not expected.startswith(delivered):  # decoded differently from the engine: leave it be
+            self._repairs_left = 0
+            return delta
+        owed = expected[len(delivered):]
+        if owed.endswith("\ufffd") and not delta.finished and self._repairs_left:
+            return replace(delta, text="")  # the rest of the character is still to come
+        if owed == delta.text:
+            self._repairs_left = 0  # in step with the engine's own text again
+        return replace(delta, text=owed)
 
 
 async def _stop(source: AsyncIterator[GenerationDelta], pending: asyncio.Future | None) -> None:
@@ -159,6 +197,7 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
                         total = len(stream.request.prompt_token_ids) + len(stream.generated)
                         handover.recomputed_tokens = total - first.num_cached_tokens
                     old, stream.instance_id = stream.instance_id, handover.destination_id
+                    stream.switched()
                     handover.conclude(COMMITTED)
                     if on_switch is not None:
                         on_switch(old, stream.instance_id)

@@ -9,7 +9,7 @@ what a model's config puts in `backend:`. The core never imports an engine: it t
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from importlib.metadata import entry_points
@@ -131,11 +131,22 @@ class ModelRuntime(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt (with the tokenizer's special tokens)."""
+        """Token ids of a completion prompt (with the tokenizer's special tokens); raise
+        `RequestError` for text the tokenizer cannot take."""
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (None: not known, not checked)."""
+        return None
 
     @abc.abstractmethod
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of a chat conversation rendered by the model's chat template."""
+
+    @abc.abstractmethod
+    def decode_continuation(self, context: Sequence[int], token_ids: Sequence[int], skip_special_tokens: bool) -> str:
+        """The text of `token_ids` as it follows `context` (the prompt's last tokens), the way
+        the engine's own detokenizer writes a request's output."""
 
     @abc.abstractmethod
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
+# Prompt tokens a detokenizer starts from (vLLM's incremental detokenizer uses 5).
+DETOKENIZER_CONTEXT_TOKENS = 5
 IDLE_POLL_S = 0.05  # how often `wait_idle` and a waiting replay look (requests last far longer)
 
 
@@ -273,8 +275,11 @@ class ServedModel:
         """Why no instance serves (empty while one does)."""
         if self.ready:
             return ""
-        states = "; ".join(f"instance {i}: {self.instance_state(s).value}" + (f" ({s.error})" if s.error else "")
-                           for i, s in self._instances.items())
+        def why(slot: _Instance) -> str:
+            error = slot.error or slot.engine.failure  # (the engine's own, before the loop has seen it)
+            return f" ({error})" if error else ""
+
+        states = "; ".join(f"instance {i}: {self.instance_state(s).value}{why(s)}" for i, s in self._instances.items())
         return f"no instance serves: {states or 'none configured'}"
 
     @property
@@ -289,7 +294,7 @@ class ServedModel:
 
     def instance_errors(self) -> dict[str, str]:
         """Why each failed instance failed, by instance id."""
-        return {i: s.error for i, s in self._instances.items() if s.error}
+        return {i: error for i, s in self._instances.items() if (error := s.error or s.engine.failure)}
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -302,6 +307,11 @@ class ServedModel:
         limit = self.runtime.max_model_len
         if n_prompt == 0:
             raise RequestError("the prompt is empty", "prompt")
+        vocab = self.runtime.vocab_size
+        if vocab is not None:
+            bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"prompt token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
         if n_prompt >= limit:
             raise RequestError(
                 f"the prompt has {n_prompt} tokens; this model's maximum context length is {limit} tokens", "prompt"
@@ -338,7 +348,7 @@ class ServedModel:
             raise
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
-        stream = RequestStream(request, instance_id)
+        stream = RequestStream(request, instance_id, decode=self._decoder(request))
         self._streams[request.request_id] = stream
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
@@ -394,10 +404,20 @@ class ServedModel:
         self._instances[lost_on].untrack(request.request_id)
         self._track_in_flight(continuation, instance_id)
         stream.instance_id = instance_id
+        stream.switched()
         self._metrics.replays.labels(self.name, lost_on, instance_id).inc()
         logger.warning("model %s: request %s continues on instance %s after %d tokens (%s)", self.name,
                        request.request_id, instance_id, len(stream.generated), lost)
         return continuation
+
+    def _decoder(self, request: GenerationRequest):
+        """Generated token ids to text, as the engine writes this request's output; None with
+        stop strings, whose text the engine holds back on purpose (not repaired)."""
+        if request.sampling.get("stop"):
+            return None
+        context = request.prompt_token_ids[-DETOKENIZER_CONTEXT_TOKENS:]
+        skip = request.sampling.get("skip_special_tokens", True)
+        return lambda token_ids: self.runtime.decode_continuation(context, token_ids, skip)
 
     def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
         """Count the request against the instance until it shows in the instance's snapshots."""

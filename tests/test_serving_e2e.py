@@ -333,7 +333,21 @@ def test_tritonclient_health_metadata_readiness_config(serving: ServerProcess) -
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature", "non-negative"),
         ("/v1/completions", {"prompt": "hi"}, 400, "model", "required"),
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
+        ("/v1/completions", {"model": "alpha", "prompt": [5, 99999]}, 400, "prompt", "token id 99999 is outside"),
+        ("/v1/completions", {"model": "alpha", "prompt": [-1]}, 400, "prompt", "token id -1 is outside"),
+        ("/v1/completions", {"model": "alpha", "prompt": [2**40]}, 400, "prompt", "outside the vocabulary"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "seed": 2**70}, 400, "seed", "between"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "logit_bias": {"99999": 5}}, 400, "logit_bias",
+         "token id 99999 is outside"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids",
+         "empty"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "stop_token_ids": [99999]}, 400, "stop_token_ids",
+         "outside the vocabulary"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "bad_words": ["x"] * 20000}, 400, "bad_words",
+         "at most"),
         ("/v1/chat/completions", {"model": "alpha", "messages": []}, 400, "messages", "at least 1"),
+        ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "bogus", "content": "hi"}]}, 400,
+         "messages.0.role", "'user'"),
         ("/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     ],
@@ -344,6 +358,15 @@ def test_openai_bad_requests_name_the_field(serving, path, body, status, field, 
     error = response.json()["error"]
     assert error["param"] == field and words in error["message"], error
     assert error["code"] == status
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400(serving: ServerProcess) -> None:
+    # JSON may escape a lone surrogate; no Unicode text can hold it (httpx will not send it as text).
+    response = post(serving, "/v1/completions", content=b'{"model": "alpha", "prompt": "a \\ud800 b"}',
+                    headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "cannot be tokenized" in error["message"], error
 
 
 def test_malformed_json_is_a_400(serving: ServerProcess) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -48,6 +48,9 @@ RESERVED_ENGINE_ARGS = {
     "gpu_memory_utilization": "set resources.gpu_memory_utilization instead",
     "disable_log_stats": "the server collects its own metrics",
 }
+# vLLM's server accepts seeds that fit a signed 64-bit integer (torch.long).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_TOKEN_LIST = 4096  # entries of a token-id list or of bad_words
 # Engine arguments that name files, resolved against the model folder when relative.
 PATH_ENGINE_ARGS = ("model", "tokenizer", "download_dir")
 # Sampling fields the front ends may pass through (vLLM's names and meanings).
@@ -72,6 +75,37 @@ def _resolve_path_arg(key: str, value: Any, source: ModelSource) -> Any:
     if key == "download_dir" or (key in ("model", "tokenizer") and _is_hub_id(value)):
         return value
     raise ConfigError(source.engine_file, source.engine_field(key), f"{local} does not exist")
+
+
+def _check_sampling_bounds(sampling: Mapping[str, Any], vocab_size: int) -> None:
+    """What vLLM's engine would fail on (an error from deep inside, or a dead engine) rather
+    than refuse: seeds beyond a 64-bit integer, token ids outside the vocabulary, an empty
+    allow-list, and lists too long to check cheaply."""
+    seed = sampling.get("seed")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise RequestError(f"seed must be between {SEED_MIN} and {SEED_MAX}, got {seed}", "seed")
+    for field in ("allowed_token_ids", "stop_token_ids", "logit_bias", "bad_words"):
+        values = sampling.get(field)
+        if values is None:
+            continue
+        if len(values) > MAX_TOKEN_LIST:
+            raise RequestError(f"{field} has {len(values)} entries, at most {MAX_TOKEN_LIST} are allowed", field)
+        if field == "bad_words":
+            continue
+        if field == "allowed_token_ids" and not values:
+            raise RequestError("allowed_token_ids is empty: no token could be generated", field)
+        ids = [_token_id(t) for t in values] if field == "logit_bias" else values
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"{field}: token id {bad} is outside the vocabulary (0 to {vocab_size - 1})", field)
+
+
+def _token_id(key: Any) -> Any:
+    """A logit_bias key as a token id (JSON object keys arrive as strings); as given if not one."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return key
 
 
 class VllmBackend(Backend):
@@ -145,6 +179,7 @@ class VllmModelRuntime(ModelRuntime):
         self._engine_args = engine_args
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
+        self._vocab_size = vllm_config.model_config.get_vocab_size()
         # What `vllm serve` applies too: defaults from the model's generation_config.json.
         self._default_sampling = vllm_config.model_config.get_diff_sampling_param()
 
@@ -153,7 +188,14 @@ class VllmModelRuntime(ModelRuntime):
         return self._vllm_config.model_config.max_model_len
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
+        try:
+            return self._tokenizer.encode(text)
+        except (UnicodeEncodeError, ValueError, TypeError) as exc:  # a lone surrogate, say
+            raise RequestError(f"the prompt cannot be tokenized: {exc}", "prompt") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         if getattr(self._tokenizer, "chat_template", None) is None:
@@ -166,10 +208,18 @@ class VllmModelRuntime(ModelRuntime):
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
         return self._tokenizer.encode(text, add_special_tokens=False)
 
+    def decode_continuation(self, context: Sequence[int], token_ids: Sequence[int], skip_special_tokens: bool) -> str:
+        # The prompt's tail gives the first token its leading space where the tokenizer's
+        # decoder drops it at the start of a text (SentencePiece), as vLLM's detokenizer does.
+        prefix = self._tokenizer.decode(list(context), skip_special_tokens=skip_special_tokens)
+        full = self._tokenizer.decode([*context, *token_ids], skip_special_tokens=skip_special_tokens)
+        return full[len(prefix):] if full.startswith(prefix) else full
+
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:
         unknown = set(sampling) - SAMPLING_FIELDS
         if unknown:
             raise RequestError(f"unsupported sampling field(s): {', '.join(sorted(unknown))}")
+        _check_sampling_bounds(sampling, self._vocab_size)
         try:
             SamplingParams(**sampling)
         except Exception as exc:  # noqa: BLE001 - vLLM's validation errors vary by version
