@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from llumnix_backend.config import MigrationSettings
+from llumnix_backend.errors import Refusal, Refused
 from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, blocks_for
@@ -29,12 +30,8 @@ from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, blocks_for
 logger = logging.getLogger(__name__)
 
 
-class MigrationRejected(Exception):
-    """The migration cannot start; nothing was moved. `status` is the HTTP status to report."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class MigrationRejected(Refused):
+    """The migration (or drain, or resume) cannot start; nothing was moved."""
 
 
 class MigrationAborted(Exception):
@@ -237,15 +234,16 @@ def check_destination(views: dict[str, InstanceView], source_id: str, destinatio
     """Raise `MigrationRejected` unless `destination_id` can take over a request of
     `num_tokens` tokens from `source_id` now. Pure: decided from snapshots alone."""
     if destination_id == source_id:
-        raise MigrationRejected(400, f"the request already runs on instance {destination_id!r}")
+        raise MigrationRejected(Refusal.INVALID, f"the request already runs on instance {destination_id!r}")
     if destination_id not in views:
-        raise MigrationRejected(404, f"no instance {destination_id!r} (instances: {', '.join(sorted(views))})")
+        raise MigrationRejected(Refusal.NOT_FOUND,
+                                f"no instance {destination_id!r} (instances: {', '.join(sorted(views))})")
     view = views[destination_id]
     if not view.accepting or view.draining:
-        raise MigrationRejected(400, f"instance {destination_id!r} does not accept requests now")
+        raise MigrationRejected(Refusal.INVALID, f"instance {destination_id!r} does not accept requests now")
     shortage = _shortage(view.snapshot, num_tokens)
     if shortage:
-        raise MigrationRejected(400, f"instance {destination_id!r} has no room: {shortage}")
+        raise MigrationRejected(Refusal.INVALID, f"instance {destination_id!r} has no room: {shortage}")
 
 
 def _shortage(snapshot: InstanceSnapshot, num_tokens: int) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from llumnix_backend.config import ConfigError, ModelConfig, ModelSource, parse_model_config
+from llumnix_backend.errors import Refusal, Refused
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, ModelRuntime, load_backend
 from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
@@ -58,12 +59,8 @@ class ModelControlMode(str, Enum):
     EXPLICIT = "explicit"  # models load and unload on request
 
 
-class RepositoryRequestError(Exception):
-    """A load or unload request that cannot be carried out; `status` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class RepositoryRequestError(Refused):
+    """A load or unload request that cannot be carried out."""
 
 
 NOT_LOADED = "not loaded"
@@ -214,12 +211,12 @@ class ModelRegistry:
     def _check_explicit(self, name: str) -> None:
         if self.control_mode is not ModelControlMode.EXPLICIT:
             raise RepositoryRequestError(
-                400, f"models cannot be loaded or unloaded: the server runs with --model-control-mode "
-                     f"{self.control_mode.value} (start it with explicit)")
+                Refusal.INVALID, f"models cannot be loaded or unloaded: the server runs with --model-control-mode "
+                                 f"{self.control_mode.value} (start it with explicit)")
         if not is_valid_model_name(name):
             raise RepositoryRequestError(
-                400, f"invalid model name {name!r}: a model name is a plain folder name (letters, digits, "
-                     "'.', '_' and '-', starting with a letter or digit)")
+                Refusal.INVALID, f"invalid model name {name!r}: a model name is a plain folder name (letters, "
+                                 "digits, '.', '_' and '-', starting with a letter or digit)")
 
     async def load_model(self, name: str, config_override: dict | None = None) -> None:
         """Load (or reload) `name` from its folder, or with `config_override` as its config.
@@ -229,7 +226,7 @@ class ModelRegistry:
         async with self._operations.setdefault(name, asyncio.Lock()):
             entry = self._entry_or_new(name)  # under the lock, so one entry per model
             if config_override is None and not entry.path.is_dir():
-                raise RepositoryRequestError(400, f"failed to load {name!r}: no folder {entry.path}")
+                raise RepositoryRequestError(Refusal.INVALID, f"failed to load {name!r}: no folder {entry.path}")
             self._entries[name] = entry
             await self._apply_load(entry, config_override)
 
@@ -300,7 +297,7 @@ class ModelRegistry:
         else:
             entry.reason = f"the new version failed to load; the previous one keeps serving: {reason}"
             logger.error("model %s: %s", entry.name, entry.reason)
-        raise RepositoryRequestError(400, f"failed to load {entry.name!r}: {reason}")
+        raise RepositoryRequestError(Refusal.INVALID, f"failed to load {entry.name!r}: {reason}")
 
     async def unload_model(self, name: str) -> None:
         """Stop taking requests for `name`, let the running ones finish, then stop its instances."""

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
+from llumnix_backend.errors import Refusal
 from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -442,9 +443,9 @@ class ServedModel:
         """
         stream = self._streams.get(request_id)
         if stream is None:
-            raise MigrationRejected(404, f"no running request {request_id!r} in model {self.name!r}")
+            raise MigrationRejected(Refusal.NOT_FOUND, f"no running request {request_id!r} in model {self.name!r}")
         if stream.handover is not None or request_id in self._migrating:
-            raise MigrationRejected(409, f"request {request_id!r} is already migrating")
+            raise MigrationRejected(Refusal.CONFLICT, f"request {request_id!r} is already migrating")
         views = {v.instance_id: v for v in self.views()}
         num_tokens = len(stream.request.prompt_token_ids) + len(stream.generated)
         check_destination(views, stream.instance_id, destination_id, num_tokens)
@@ -467,26 +468,26 @@ class ServedModel:
 
     def _slot(self, instance_id: str) -> _Instance:
         if instance_id not in self._instances:
-            raise MigrationRejected(404, f"model {self.name!r} has no instance {instance_id!r}")
+            raise MigrationRejected(Refusal.NOT_FOUND, f"model {self.name!r} has no instance {instance_id!r}")
         return self._instances[instance_id]
 
     def drain(self, instance_id: str) -> None:
         """Take an instance out of dispatch; rescheduling migrates its requests away."""
         slot = self._slot(instance_id)
         if slot.state not in (InstanceState.READY, InstanceState.DRAINING):
-            raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not serving")
+            raise MigrationRejected(Refusal.INVALID, f"instance {instance_id!r} is {slot.state.value}, not serving")
         others = [i for i, s in self._instances.items()
                   if i != instance_id and s.state is InstanceState.READY and s.engine.alive]
         if slot.state is InstanceState.READY and not others:
-            raise MigrationRejected(409, f"instance {instance_id!r} is the last one serving model {self.name!r}: "
-                                         "draining it would leave the model unavailable")
+            raise MigrationRejected(Refusal.CONFLICT, f"instance {instance_id!r} is the last one serving model "
+                                                      f"{self.name!r}: draining it would leave the model unavailable")
         slot.state = InstanceState.DRAINING
 
     def resume(self, instance_id: str) -> None:
         """Undo `drain`: the instance takes new requests again."""
         slot = self._slot(instance_id)
         if slot.state is not InstanceState.DRAINING:
-            raise MigrationRejected(400, f"instance {instance_id!r} is {slot.state.value}, not draining")
+            raise MigrationRejected(Refusal.INVALID, f"instance {instance_id!r} is {slot.state.value}, not draining")
         slot.state = InstanceState.READY
 
     # --- the control loop ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llumnix_backend.migration import MigrationRejected, check_destination
+from llumnix_server.errors import REFUSAL_STATUS
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 BLOCK = 16
@@ -39,7 +40,7 @@ def test_a_destination_with_room_is_accepted() -> None:
 def test_rejections_name_the_reason(destination: str, status: int, words: str) -> None:
     with pytest.raises(MigrationRejected) as caught:
         check_destination(VIEWS, "a", destination, num_tokens=4 * BLOCK + 3)
-    assert caught.value.status == status
+    assert REFUSAL_STATUS[caught.value.refusal] == status
     assert words in str(caught.value)
 
 

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llumnix_backend.policies.dispatch import NoInstanceAvailable
-from llumnix_backend.migration import MigrationRejected
-from llumnix_backend.model_registry import ModelNotFound, ModelNotReady, RepositoryRequestError
+from llumnix_backend.errors import Refusal, Refused
+from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
 
@@ -52,6 +52,9 @@ def error_response(request: Request, status: int, message: str, param: str | Non
     return JSONResponse(body, status_code=status)
 
 
+REFUSAL_STATUS = {Refusal.INVALID: 400, Refusal.NOT_FOUND: 404, Refusal.CONFLICT: 409}
+
+
 def as_api_error(exc: Exception) -> ApiError:
     """Map a core exception to its HTTP status; anything unknown is a 500."""
     if isinstance(exc, ApiError):
@@ -64,8 +67,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(503, str(exc), "model")
     if isinstance(exc, NoInstanceAvailable):
         return ApiError(503, "no instance of the model is accepting requests", "model")
-    if isinstance(exc, (MigrationRejected, RepositoryRequestError)):
-        return ApiError(exc.status, str(exc))
+    if isinstance(exc, Refused):
+        return ApiError(REFUSAL_STATUS[exc.refusal], str(exc))
     if isinstance(exc, EngineDead):
         return ApiError(500, f"the engine failed: {exc}")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -94,8 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, exc.status_code, str(exc.detail))
 
-    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, MigrationRejected,
-                 RepositoryRequestError):
+    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, Refused):
 
         @app.exception_handler(kind)
         async def _mapped(request: Request, exc: Exception) -> JSONResponse:

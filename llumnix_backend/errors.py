@@ -1,0 +1,20 @@
+"""Refusals the core raises, by kind; the server maps each kind to an HTTP status (the core
+knows nothing of HTTP)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Refusal(str, Enum):
+    INVALID = "invalid"  # it cannot be carried out as asked
+    NOT_FOUND = "not_found"  # it names something that does not exist
+    CONFLICT = "conflict"  # it clashes with what is under way now
+
+
+class Refused(Exception):
+    """An operation refused before anything changed; `refusal` says what kind."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
