@@ -136,8 +136,18 @@ class HealthSettings(_Strict):
     replay_timeout_s: float = Field(default=120.0, gt=0)
 
 
+class AdmissionSettings(_Strict):
+    """How much a model queues before it refuses new requests (Triton's queue policy)."""
+
+    # Requests dispatched and not yet streaming (their first token still to come), beyond
+    # which a new request gets 503 with Retry-After; None: no bound.
+    max_waiting_requests: int | None = Field(default=None, ge=0)
+    retry_after_s: int = Field(default=1, ge=0)
+
+
 class SchedulerSettings(_Strict):
     dispatch_policy: DispatchPolicyName = DispatchPolicyName.LLUMNIX
+    admission: AdmissionSettings = AdmissionSettings()
     priority: PrioritySettings = PrioritySettings()
     migration: MigrationSettings = MigrationSettings()
     health: HealthSettings = HealthSettings()

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
-from llumnix_backend.errors import Refusal
+from llumnix_backend.errors import Overloaded, Refusal
 from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -132,6 +132,7 @@ class ServedModel:
         self._next_index = 0
         self._last_choice: str | None = None
         self._streams: dict[str, RequestStream] = {}  # running requests, by id
+        self._waiting: set[str] = set()  # of them, those whose first token is still to come
         self._migrating: set[str] = set()
         self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
         self._control: asyncio.Task | None = None
@@ -343,9 +344,13 @@ class ServedModel:
         """
         try:
             self.check(request)
+            self._admit()
             instance_id = self._dispatch(request)
         except (RequestError, NoInstanceAvailable):
             self._metrics.requests.labels(self.name, "none", "rejected").inc()
+            raise
+        except Overloaded:
+            self._metrics.requests.labels(self.name, "none", "overloaded").inc()
             raise
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
@@ -353,11 +358,14 @@ class ServedModel:
         self._streams[request.request_id] = stream
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
+        self._waiting.add(request.request_id)
         try:
             while running is not None:
                 source = self._instances[stream.instance_id].engine.generate(running)
                 try:
                     async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
+                        if delta.token_ids:
+                            self._waiting.discard(request.request_id)
                         tracker.observe(delta)
                         yield delta
                     return
@@ -373,9 +381,18 @@ class ServedModel:
             tracker.outcome = "aborted" if tracker.outcome is None else tracker.outcome
             raise
         finally:
+            self._waiting.discard(request.request_id)
             del self._streams[request.request_id]
             self._instances[stream.instance_id].untrack(request.request_id)
             tracker.finish()
+
+    def _admit(self) -> None:
+        """Raise `Overloaded` if the model already has as many requests waiting as it may."""
+        admission = self.config.scheduler.admission
+        limit = admission.max_waiting_requests
+        if limit is not None and len(self._waiting) >= limit:
+            raise Overloaded(f"model {self.name!r} has {len(self._waiting)} requests waiting for their first "
+                             f"token, its limit (scheduler.admission.max_waiting_requests)", admission.retry_after_s)
 
     async def _replay(self, stream: RequestStream, lost: EngineDead) -> GenerationRequest | None:
         """Continue a request whose instance was lost on another instance: its prompt plus the

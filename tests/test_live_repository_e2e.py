@@ -145,3 +145,24 @@ def test_an_engine_that_fails_to_start_is_retried_on_the_next_change(live, tiny_
                "the model serves after the fix")
     assert index(server)["starved"] == {"name": "starved", "version": "1", "state": "READY", "reason": ""}
     shutil.rmtree(repository / "starved")
+
+
+def test_a_model_at_its_queue_bound_answers_503_with_retry_after(live, tiny_model) -> None:
+    server, repository = live
+    config = tiny_config(str(tiny_model), max_model_len=2048)
+    config_file = repository / "base" / "config.yaml"
+    # A bound of 0 waiting requests refuses every new one: the bound, deterministically.
+    config["scheduler"]["admission"] = {"max_waiting_requests": 0, "retry_after_s": 7}
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: short_generation(server, "base").status_code == 503, 20, "the bound applied")
+    kserve = short_generation(server, "base")
+    assert kserve.headers["retry-after"] == "7" and "max_waiting_requests" in kserve.json()["error"]
+    openai = httpx.post(f"{server.url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+    assert openai.status_code == 503 and openai.headers["retry-after"] == "7"
+    error = openai.json()["error"]
+    assert error["code"] == 503 and "max_waiting_requests" in error["message"], error
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'llumnix:requests_total{instance="none",model_name="base",outcome="overloaded"}' in metrics
+    del config["scheduler"]["admission"]
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: short_generation(server, "base").status_code == 200, 20, "the bound lifted")

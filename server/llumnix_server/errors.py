@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llumnix_backend.policies.dispatch import NoInstanceAvailable
-from llumnix_backend.errors import Refusal, Refused
+from llumnix_backend.errors import Overloaded, Refusal, Refused
 from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
@@ -30,14 +30,17 @@ _OPENAI_TYPES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
 
-def error_response(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     if request.url.path.startswith("/v1/"):
         body = {
             "error": {
@@ -49,7 +52,7 @@ def error_response(request: Request, status: int, message: str, param: str | Non
         }
     else:
         body = {"error": message}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 REFUSAL_STATUS = {Refusal.INVALID: 400, Refusal.NOT_FOUND: 404, Refusal.CONFLICT: 409}
@@ -65,6 +68,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(404, str(exc), "model")
     if isinstance(exc, ModelNotReady):
         return ApiError(503, str(exc), "model")
+    if isinstance(exc, Overloaded):
+        return ApiError(503, str(exc), "model", {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, NoInstanceAvailable):
         return ApiError(503, "no instance of the model is accepting requests", "model")
     if isinstance(exc, Refused):
@@ -97,9 +102,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, exc.status_code, str(exc.detail))
 
-    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, Refused):
+    for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, Refused,
+                 Overloaded):
 
         @app.exception_handler(kind)
         async def _mapped(request: Request, exc: Exception) -> JSONResponse:
             err = as_api_error(exc)
-            return error_response(request, err.status, err.message, err.param)
+            return error_response(request, err.status, err.message, err.param, err.headers)
