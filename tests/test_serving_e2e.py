@@ -369,6 +369,47 @@ def test_a_lone_surrogate_in_a_prompt_is_a_400(serving: ServerProcess) -> None:
     assert error["param"] == "prompt" and "cannot be tokenized" in error["message"], error
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"prompt": ["hi"] * 5000}, "prompt", "at most 256"),
+        ({"prompt": "hi", "stop": ["x"] * 100_000}, "stop", "at most 64"),
+        ({"prompt": "hi", "stop": "x" * 1_000_000}, "stop", "longer than 1024"),
+    ],
+    ids=["5000-prompts", "100k-stop-strings", "1MB-stop-string"],
+)
+def test_oversized_lists_and_stop_strings_are_refused_at_once(serving, body, field, words) -> None:
+    began = time.monotonic()
+    response = post(serving, "/v1/completions", json={"model": "alpha", "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and words in error["message"], error
+    assert time.monotonic() - began < 30  # refused before any engine work (it used to never answer)
+
+
+def test_a_body_over_the_size_limit_is_a_413(serving: ServerProcess) -> None:
+    huge = {"model": "alpha", "prompt": "x" * (5 << 20), "max_tokens": 2}  # over the default 4 MiB
+    for path in ("/v1/completions", "/v2/models/alpha/generate"):
+        response = post(serving, path, json=huge)
+        assert response.status_code == 413, response.text[:200]
+        assert "--max-request-bytes" in response.text
+
+
+def test_a_long_prompt_does_not_hold_up_health_checks(serving: ServerProcess) -> None:
+    # About 3.5 MB of text, under the body limit: seconds to tokenise, on a worker thread.
+    body = {"model": "alpha", "prompt": "hello world, " * 270_000, "max_tokens": 2}
+    slow = ThreadPoolExecutor(1).submit(post, serving, "/v1/completions", json=body)
+    waits = []
+    while not slow.done():
+        began = time.monotonic()
+        assert httpx.get(serving.url + "/v2/health/live", timeout=30).status_code == 200
+        waits.append(time.monotonic() - began)
+        time.sleep(0.02)
+    assert slow.result().status_code == 400  # far longer than the model's context
+    assert len(waits) >= 5
+    assert max(waits) < 1.0, waits  # (100 ms on an idle machine; this one may be busy)
+
+
 def test_malformed_json_is_a_400(serving: ServerProcess) -> None:
     for path in ("/v1/completions", "/v2/models/alpha/generate"):
         response = post(serving, path, content=b'{"model": "alpha", "prompt": ',

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -54,6 +56,58 @@ class ApiKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _send_error(send: Send, path: str, status: int, message: str, extra_headers: list | None = None) -> None:
+    """An error response from a middleware, in the shape the route's API uses."""
+    payload = ({"error": {"message": message, "type": HTTPStatus(status).phrase.replace(" ", ""), "param": None,
+                          "code": status}} if path.startswith("/v1/") else {"error": message})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(extra_headers or [])]})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """Refuses (413) a request body larger than `max_bytes`, by its Content-Length before
+    reading it, or once that many bytes of a chunked body have arrived: no body that large
+    is parsed or tokenised."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self._app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        message = f"the request body is larger than this server's limit of {self._max} bytes (--max-request-bytes)"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max:
+            return await _send_error(send, scope["path"], 413, message)
+        received = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self._max:
+                raise _BodyTooLarge
+            return event
+
+        async def watched_send(event) -> None:
+            nonlocal started
+            started = started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self._app(scope, counted_receive, watched_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_error(send, scope["path"], 413, message)
+
+
 def freeze_loaded_heap() -> None:
     """Move everything loading created (modules, tokenizers, engine clients) out of the
     garbage collector's sight: full collections then scan only per-request objects and stay
@@ -69,6 +123,7 @@ def create_app(
     registry: ModelRegistry,
     api_key: str | None = None,
     on_loaded: Callable[[ModelRegistry], None] | None = None,
+    max_request_bytes: int | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -97,6 +152,8 @@ def create_app(
     async def metrics() -> Response:
         return Response(registry.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    if api_key:
+    if max_request_bytes is not None:
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
+    if api_key:  # added last: it runs first, so no unauthenticated body is read at all
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # about a million tokens of text: far past any context
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--load-model, and load/unload others through the repository API")
     parser.add_argument("--repository-quiet-s", type=float, default=0.5, metavar="SECONDS",
                         help="poll mode: act on a model folder once it has been unchanged this long")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                        help="refuse (413) request bodies larger than this")
     parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
                         help="explicit mode: a model to load at start (repeatable; '*' for all)")
     args = parser.parse_args(argv)
@@ -38,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--load-model needs --model-control-mode explicit")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository} is not a folder")
+    if args.max_request_bytes < 1:
+        parser.error("--max-request-bytes must be positive")
     if args.max_parallel_starts < 1:
         parser.error("--max-parallel-starts must be at least 1")
     return args
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
                              ModelControlMode(args.model_control_mode), frozenset(args.load_model),
                              args.repository_quiet_s)
-    app = create_app(registry, api_key=args.api_key, on_loaded=report.summary)
+    app = create_app(registry, api_key=args.api_key, on_loaded=report.summary, max_request_bytes=args.max_request_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
 
 

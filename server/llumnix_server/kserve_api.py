@@ -6,6 +6,7 @@ false, drops the prompt from a non-streaming `text_output`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -205,8 +206,9 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     # The id the server runs the request under is always its own (unique); the client's `id`
     # only comes back in the response, so two requests with the same id never mix.
     request_id = new_request_id("gen")
+    prompt = await asyncio.to_thread(model.runtime.encode, body.text_input)  # off the event loop
     gen_request = GenerationRequest(
-        request_id, tuple(model.runtime.encode(body.text_input)),
+        request_id, tuple(prompt),
         params.sampling(model.runtime.default_sampling(), params.max_tokens),
         params.priority_or_default(model.config.scheduler.priority), arrival,
     )

@@ -8,6 +8,7 @@ tools, structured output) are refused with a 400 naming the field, never silentl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own engine request)
 
 
 class StreamOptions(BaseModel):
@@ -131,14 +133,20 @@ class _Choices:
         return merge_indexed([self.model.generate(r) for r in self.requests])
 
 
-def _completion_prompts(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+async def _completion_prompts(model: ServedModel,
+                              prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt; tokenised on a worker thread, so that a long prompt never holds
+    up the event loop (other requests' streams, health checks)."""
     if isinstance(prompt, str):
-        return [model.runtime.encode(prompt)]
+        return [await asyncio.to_thread(model.runtime.encode, prompt)]
     if not prompt:
         raise RequestError("the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
-    return [model.runtime.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+    if len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS} are allowed", "prompt")
+    return [await asyncio.to_thread(model.runtime.encode, p) if isinstance(p, str) else list(p)  # type: ignore[union-attr]
+            for p in prompt]
 
 
 def create_openai_router(registry: ModelRegistry) -> APIRouter:
@@ -168,7 +176,8 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
             raise RequestError("suffix is not supported by this server", "suffix")
         model = registry.get(body.model)
         response_id = new_request_id("cmpl")
-        choices = _Choices(model, response_id, _completion_prompts(model, body.prompt), body, body.max_tokens, arrival)
+        prompts = await _completion_prompts(model, body.prompt)
+        choices = _Choices(model, response_id, prompts, body, body.max_tokens, arrival)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _COMPLETION)
 
@@ -181,7 +190,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
             raise RequestError("only response_format type 'text' is supported", "response_format")
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
-        prompt = model.runtime.render_chat(messages)
+        prompt = await asyncio.to_thread(model.runtime.render_chat, messages)
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival)

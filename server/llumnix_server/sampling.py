@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from llumnix_backend.config import PrioritySettings
+
+# Stop strings are matched against the output after every token: bound their number and size.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
 
 # Request fields that pass to the engine unchanged (vLLM SamplingParams names).
 ENGINE_SAMPLING_FIELDS = frozenset({
@@ -35,6 +39,16 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(strings)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in strings):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
+        return stop
 
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         """The engine's sampling fields: the model's defaults, overridden by what was given.
