@@ -13,6 +13,7 @@ import gc
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
@@ -22,7 +23,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llumnix_backend.model_registry import ModelRegistry
-from llumnix_server.errors import install_error_handlers
+from llumnix_server.errors import OPENAI_ERROR_TYPES, install_error_handlers
 from llumnix_server.kserve_api import create_kserve_router
 from llumnix_server.llumnix_api import create_llumnix_router
 from llumnix_server.openai_api import create_openai_router
@@ -32,34 +33,43 @@ logger = logging.getLogger(__name__)
 UNAUTHENTICATED_PREFIXES = ("/v2/health/", "/metrics")
 
 
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every route but health and metrics."""
+# Routes that move or unload work: with an operations key, only that key opens them.
+OPERATIONS_ROUTE = re.compile(
+    r"^/v2/llumnix/models/[^/]+/(migrate|instances/[^/]+/(drain|resume))$|^/v2/repository/models/.+/(load|unload)$")
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on every route but health and metrics: the API
+    key, or the operations key, which alone opens the operations routes (migrate, drain,
+    resume, load, unload) when it is set, so that a client's key cannot move or unload models."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, operations_key: str | None = None) -> None:
         self._app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._client = f"Bearer {api_key}".encode() if api_key else None
+        self._operator = f"Bearer {operations_key}".encode() if operations_key else None
+
+    def _allowed(self, path: str, given: bytes) -> bool:
+        if self._operator is not None and hmac.compare_digest(given, self._operator):
+            return True
+        if self._operator is not None and OPERATIONS_ROUTE.match(path):
+            return False
+        return self._client is None or hmac.compare_digest(given, self._client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(UNAUTHENTICATED_PREFIXES):
             return await self._app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self._expected):
+        if self._allowed(scope["path"], dict(scope["headers"]).get(b"authorization", b"")):
             return await self._app(scope, receive, send)
-        openai_route = scope["path"].startswith("/v1/")
-        body = (
-            b'{"error":{"message":"invalid or missing API key","type":"AuthenticationError","param":null,"code":401}}'
-            if openai_route else b'{"error":"invalid or missing API key"}'
-        )
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        needed = "the operations key" if self._operator and OPERATIONS_ROUTE.match(scope["path"]) else "an API key"
+        await _send_error(send, scope["path"], 401, f"invalid or missing API key: this route needs {needed}",
+                          [(b"www-authenticate", b"Bearer")])
 
 
 async def _send_error(send: Send, path: str, status: int, message: str, extra_headers: list | None = None) -> None:
     """An error response from a middleware, in the shape the route's API uses."""
-    payload = ({"error": {"message": message, "type": HTTPStatus(status).phrase.replace(" ", ""), "param": None,
-                          "code": status}} if path.startswith("/v1/") else {"error": message})
+    kind = OPENAI_ERROR_TYPES.get(status, HTTPStatus(status).phrase)
+    payload = ({"error": {"message": message, "type": kind, "param": None, "code": status}}
+               if path.startswith("/v1/") else {"error": message})
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
@@ -124,6 +134,7 @@ def create_app(
     api_key: str | None = None,
     on_loaded: Callable[[ModelRegistry], None] | None = None,
     max_request_bytes: int | None = None,
+    operations_key: str | None = None,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -154,6 +165,6 @@ def create_app(
 
     if max_request_bytes is not None:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
-    if api_key:  # added last: it runs first, so no unauthenticated body is read at all
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if api_key or operations_key:  # added last: it runs first, so no unauthenticated body is read
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, operations_key=operations_key)
     return app

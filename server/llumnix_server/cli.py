@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("LLUMNIX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLUMNIX_API_KEY)")
+    parser.add_argument("--operations-api-key", default=os.environ.get("LLUMNIX_OPERATIONS_API_KEY"),
+                        help="if set, only this key opens migrate, drain, resume, load and unload "
+                             "(default: $LLUMNIX_OPERATIONS_API_KEY)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--max-parallel-starts", type=int, default=4,
                         help="engines started at the same time (they compete for CPU and memory)")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
                              ModelControlMode(args.model_control_mode), frozenset(args.load_model),
                              args.repository_quiet_s)
-    app = create_app(registry, api_key=args.api_key, on_loaded=report.summary, max_request_bytes=args.max_request_bytes)
+    app = create_app(registry, api_key=args.api_key, on_loaded=report.summary,
+                     max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
 
 

@@ -18,12 +18,13 @@ from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
 
-_OPENAI_TYPES = {
+OPENAI_ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowed",
     409: "ConflictError",
+    413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -45,7 +46,7 @@ def error_response(request: Request, status: int, message: str, param: str | Non
         body = {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, HTTPStatus(status).phrase),
+                "type": OPENAI_ERROR_TYPES.get(status, HTTPStatus(status).phrase),
                 "param": param,
                 "code": status,
             }
