@@ -134,7 +134,9 @@ def instances(server: ServerProcess, model: str = "alpha") -> dict[str, dict]:
 
 def running_on(server: ServerProcess, request_id: str, model: str = "alpha") -> str:
     listed = instances(server, model)
-    found = [i for i, info in listed.items() if request_id in [r["request_id"] for r in info["snapshot"]["running"]]]
+    # (An instance being restarted has no snapshot yet.)
+    found = [i for i, info in listed.items()
+             if request_id in [r["request_id"] for r in (info["snapshot"] or {}).get("running", [])]]
     assert len(found) == 1, json.dumps(listed)[:3000]
     return found[0]
 
