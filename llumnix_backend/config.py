@@ -134,6 +134,9 @@ class HealthSettings(_Strict):
     # one, the request waits this long for one to come back, then fails.
     replay: bool = True
     replay_timeout_s: float = Field(default=120.0, gt=0)
+    # An instance being retired (fewer instances, new engine settings) whose requests have not
+    # left after this long (migrated away, or finished) hands the rest over by replay.
+    drain_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class AdmissionSettings(_Strict):

@@ -185,16 +185,23 @@ class ServedModel:
 
     async def _retire_instances(self, instance_ids: list[str]) -> None:
         """Take instances out of dispatch, wait until the requests they run have left (migrated
-        away by rescheduling, or finished where they are if it is off), then stop them."""
+        away by rescheduling, or finished where they are if it is off), then stop them. Past
+        `health.drain_timeout_s`, what is left continues elsewhere by replay."""
         slots = [self._instances[i] for i in instance_ids]
         for slot in slots:
             slot.served = False  # not restarted if it fails from now on
+        deadline = time.monotonic() + self.config.scheduler.health.drain_timeout_s
         while True:
             for slot in slots:  # (one that was restarting may have come back meanwhile)
                 if slot.state is InstanceState.READY:
                     slot.state = InstanceState.DRAINING
-            if not any(s.busy for s in slots) and not any(self._hosts_requests(i) for i in instance_ids):
+            hosting = [i for i in instance_ids if self._hosts_requests(i)]
+            if not any(s.busy for s in slots) and not hosting:
                 break
+            if time.monotonic() >= deadline:
+                for instance_id in hosting:
+                    self._instances[instance_id].engine.abandon("retired: its requests did not leave within "
+                                                                "health.drain_timeout_s")
             await asyncio.sleep(IDLE_POLL_S)
         for instance_id in instance_ids:
             await self._stop_instance(self._instances.pop(instance_id))

@@ -166,3 +166,28 @@ def test_a_model_at_its_queue_bound_answers_503_with_retry_after(live, tiny_mode
     del config["scheduler"]["admission"]
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: short_generation(server, "base").status_code == 200, 20, "the bound lifted")
+
+
+def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain_deadline(live, tiny_model) -> None:
+    server, repository = live
+    config = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
+    # No rescheduling: nothing migrates the retired instance's request away; the deadline must.
+    config["scheduler"]["migration"] = {"rescheduling": False}
+    config["scheduler"]["health"] = {"drain_timeout_s": 2}
+    write_model(repository, "retiring", config)
+    eventually(lambda: {i["state"] for i in instances(server, "retiring").values()} == {"ready"}
+               if "retiring" in index(server) and index(server)["retiring"]["state"] == "READY" else False,
+               ENGINE_START_TIMEOUT_S, "two instances ready")
+    undisturbed = StreamedCompletion(server, "retiring", max_tokens=3000).result()
+    runs = [StreamedCompletion(server, "retiring", max_tokens=3000).wait_for_tokens(10) for _ in range(2)]
+    config["instances"] = 1  # instance 1, the newest, is retired
+    (repository / "retiring" / "config.yaml").write_text(yaml.safe_dump(config))
+    for run in runs:
+        run.result()
+        assert run.token_ids == undisturbed.token_ids
+    eventually(lambda: list(instances(server, "retiring")) == ["0"], 60, "instance 1 gone")
+    replays = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+               if line.startswith('llumnix:replays_total{destination="0",model_name="retiring",source="1"}')]
+    assert replays and float(replays[0].rsplit(" ", 1)[1]) >= 1, replays
+    shutil.rmtree(repository / "retiring")
+    eventually(lambda: "retiring" not in index(server), 30, "the model unloaded")
