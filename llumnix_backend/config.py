@@ -146,6 +146,9 @@ class AdmissionSettings(_Strict):
     # which a new request gets 503 with Retry-After; None: no bound.
     max_waiting_requests: int | None = Field(default=None, ge=0)
     retry_after_s: int = Field(default=1, ge=0)
+    # A request still running this long after it arrived is aborted and ends with an error;
+    # None: no limit.
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class SchedulerSettings(_Strict):

@@ -26,3 +26,7 @@ class Overloaded(Exception):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestTimedOut(Exception):
+    """The request ran past its model's `scheduler.admission.request_timeout_s`; it was aborted."""

@@ -47,7 +47,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "llumnix:requests", "Requests by outcome (success, aborted, error, rejected, overloaded).",
+            "llumnix:requests", "Requests by outcome (success, aborted, error, timeout, rejected, overloaded).",
             (*MODEL_INSTANCE, "outcome"), registry=r,
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", MODEL_INSTANCE, registry=r)

@@ -118,6 +118,7 @@ class RequestStream:
     generated: list[int] = field(default_factory=list)  # token ids delivered to the client
     last_delivery: float = 0.0  # time.monotonic()
     handover: Handover | None = None
+    timed_out: bool = False  # aborted for running past the model's request timeout
     # The text of generated token ids as the engine writes it; None: no repair after switches.
     decode: Callable[[Sequence[int]], str] | None = None
     _delivered_text: list[str] = field(default_factory=list)

@@ -74,6 +74,10 @@ class EngineInstance(abc.ABC):
         engine (its KV blocks are freed)."""
 
     @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """End the request now: its stream finishes with finish_reason "abort"."""
+
+    @abc.abstractmethod
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
                         max_blocks: int | None = None) -> KvExport | None:
         """Between two engine steps, copy the full KV blocks of a decoding request from position

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
-from llumnix_backend.errors import Overloaded, Refusal
+from llumnix_backend.errors import Overloaded, Refusal, RequestTimedOut
 from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -371,6 +371,9 @@ class ServedModel:
                 source = self._instances[stream.instance_id].engine.generate(running)
                 try:
                     async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
+                        if stream.timed_out and delta.finish_reason == "abort":
+                            raise RequestTimedOut(f"request {request.request_id} ran past model {self.name!r}'s "
+                                                  "scheduler.admission.request_timeout_s and was aborted")
                         if delta.token_ids:
                             self._waiting.discard(request.request_id)
                         tracker.observe(delta)
@@ -383,6 +386,9 @@ class ServedModel:
             yield finished
         except EngineDead:
             tracker.outcome = "error"
+            raise
+        except RequestTimedOut:
+            tracker.outcome = "timeout"
             raise
         except BaseException:
             tracker.outcome = "aborted" if tracker.outcome is None else tracker.outcome
@@ -422,6 +428,9 @@ class ServedModel:
                 instance_id = self._dispatch(continuation)
                 break
             except NoInstanceAvailable:
+                if stream.timed_out:
+                    raise RequestTimedOut(f"request {request.request_id} ran past model {self.name!r}'s "
+                                          "scheduler.admission.request_timeout_s") from lost
                 if time.monotonic() >= deadline:
                     raise EngineDead(f"{lost}; no instance of model {self.name!r} could take over its "
                                      f"requests within {health.replay_timeout_s:g} s") from lost
@@ -529,12 +538,28 @@ class ServedModel:
                 logger.exception("model %s: control loop tick failed", self.name)
 
     def _carry_out(self, plan: ControlPlan) -> None:
+        self._end_overdue_requests()
         for lost in plan.lost:
             self._lose_instance(lost.instance_id, lost.reason)
         for instance_id in plan.restart:
             self._spawn(self._restart_instance(instance_id))
         for migration in plan.migrations:
             self._spawn(self._planned_migration(migration))
+
+    def _end_overdue_requests(self) -> None:
+        """Abort the requests running past the model's request timeout (their streams then end
+        with `RequestTimedOut`)."""
+        timeout = self.config.scheduler.admission.request_timeout_s
+        if timeout is None:
+            return
+        now = time.monotonic()
+        for stream in self._streams.values():
+            arrived = stream.request.arrival_time
+            if not stream.timed_out and arrived and now - arrived > timeout:
+                stream.timed_out = True
+                slot = self._instances.get(stream.instance_id)
+                if slot is not None and slot.engine.alive:
+                    self._spawn(slot.engine.abort(stream.request.request_id))
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)

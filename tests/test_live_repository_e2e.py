@@ -191,3 +191,25 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
     assert replays and float(replays[0].rsplit(" ", 1)[1]) >= 1, replays
     shutil.rmtree(repository / "retiring")
     eventually(lambda: "retiring" not in index(server), 30, "the model unloaded")
+
+
+def test_a_request_past_its_timeout_is_aborted_with_an_error(live, tiny_model) -> None:
+    server, repository = live
+    config = tiny_config(str(tiny_model), max_model_len=2048)  # the engine as it runs: only the scheduler changes
+    config_file = repository / "base" / "config.yaml"
+    config["scheduler"]["admission"] = {"request_timeout_s": 1}
+    config_file.write_text(yaml.safe_dump(config))
+    body = {"model": "base", "prompt": "Tell me everything.", "max_tokens": 2000, "ignore_eos": True}
+    eventually(lambda: httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 504, 30,
+               "the timeout applied")
+    # Streaming: the tokens so far, then an error event, and no [DONE].
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] != "data: [DONE]" and "request_timeout_s" in lines[-1], lines[-1]
+    assert len(lines) > 2  # it streamed before the timeout
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'outcome="timeout"' in metrics
+    del config["scheduler"]["admission"]
+    config_file.write_text(yaml.safe_dump(config))
+    eventually(lambda: httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 4},
+                                  timeout=60).status_code == 200, 30, "the timeout lifted")

@@ -194,6 +194,9 @@ class VllmInstance(EngineInstance):
             raise EngineDead(f"instance {self.instance_id} is not running: {self.failure or 'stopped'}")
         return engine
 
+    async def abort(self, request_id: str) -> None:
+        await self._running_engine().abort(request_id)  # vLLM ends its stream with an abort output
+
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
                         max_blocks: int | None = None) -> KvExport | None:
         assert isinstance(transfer, SegmentTransfer)
