@@ -195,7 +195,7 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
 
 def test_a_request_past_its_timeout_is_aborted_with_an_error(live, tiny_model) -> None:
     server, repository = live
-    config = tiny_config(str(tiny_model), max_model_len=2048)  # the engine as it runs: only the scheduler changes
+    config = tiny_config(str(tiny_model), max_model_len=2048)  # the engine as it runs: only scheduling changes
     config_file = repository / "base" / "config.yaml"
     config["scheduler"]["admission"] = {"request_timeout_s": 1}
     config_file.write_text(yaml.safe_dump(config))
