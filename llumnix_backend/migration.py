@@ -63,11 +63,6 @@ SOURCE_AHEAD = "the source's output ran past the copied state"
 CLIENT_GONE = "the client went away"
 
 
-# After a switch, at most this many deltas get their text recomputed (one decode of the whole
-# output each) before the engine's own text is trusted again; it is in step after one or two.
-TEXT_REPAIR_DELTAS = 16
-
-
 def _future() -> asyncio.Future:
     return asyncio.get_running_loop().create_future()
 
@@ -106,11 +101,11 @@ class RequestStream:
     """A request's stream as its relay delivers it, and where it currently runs.
 
     Text across a switch of instance (a migration's, a replay's): the new instance's
-    detokenizer starts after every token so far, so text the old one held back (a multi-byte
-    character whose bytes are split over tokens) would be lost, and the first character the
-    new one writes garbled. After a switch, each delta's text is therefore what the client is
-    owed: `decode(generated)` less the text delivered so far, held back while it ends in a
-    split character, until it agrees with the engine's own text again.
+    detokenizer starts after every token so far, so text the old one held back (a character
+    whose bytes are split over tokens) is lost and what follows can come out garbled. From the
+    first switch on, the stream's text is therefore written by its own detokenizer
+    (`new_detokenizer`), fed every token from the start as an undisturbed engine would have
+    been, and the engines' text is no longer used.
     """
 
     request: GenerationRequest
@@ -119,36 +114,30 @@ class RequestStream:
     last_delivery: float = 0.0  # time.monotonic()
     handover: Handover | None = None
     timed_out: bool = False  # aborted for running past the model's request timeout
-    # The text of generated token ids as the engine writes it; None: no repair after switches.
-    decode: Callable[[Sequence[int]], str] | None = None
+    # Makes a detokenizer for this request: token ids in, the text they add out. None: the
+    # engines' text is used even after a switch.
+    new_detokenizer: Callable[[], Callable[[Sequence[int]], str]] | None = None
     _delivered_text: list[str] = field(default_factory=list)
-    _repairs_left: int = 0
+    _detokenize: Callable[[Sequence[int]], str] | None = None
+    _owed: str = ""  # text of tokens delivered before the switch that the client still lacks
 
     def switched(self) -> None:
         """The stream now comes from another instance."""
-        self._repairs_left = TEXT_REPAIR_DELTAS if self.decode is not None else 0
+        if self.new_detokenizer is None or self._detokenize is not None:
+            return  # (after a first switch the stream writes its own text already)
+        self._detokenize = self.new_detokenizer()
+        so_far, delivered = self._detokenize(self.generated), "".join(self._delivered_text)
+        self._owed = so_far[len(delivered):] if so_far.startswith(delivered) else ""
+        self._delivered_text = []  # no longer needed
 
     def deliver(self, delta: GenerationDelta) -> GenerationDelta:
         self.generated.extend(delta.token_ids)
         self.last_delivery = time.monotonic()
-        if self._repairs_left:
-            delta = self._repaired(delta)
+        if self._detokenize is not None:
+            text, self._owed = self._owed + self._detokenize(delta.token_ids), ""
+            return replace(delta, text=text)
         self._delivered_text.append(delta.text)
         return delta
-
-    def _repaired(self, delta: GenerationDelta) -> GenerationDelta:
-        assert self.decode is not None
-        self._repairs_left -= 1
-        expected, delivered = self.decode(self.generated), "".join(self._delivered_text)
-        if not expected.startswith(delivered):  # decoded differently from the engine: leave it be
-            self._repairs_left = 0
-            return delta
-        owed = expected[len(delivered):]
-        if owed.endswith("\ufffd") and not delta.finished and self._repairs_left:
-            return replace(delta, text="")  # the rest of the character is still to come
-        if owed == delta.text:
-            self._repairs_left = 0  # in step with the engine's own text again
-        return replace(delta, text=owed)
 
 
 async def _stop(source: AsyncIterator[GenerationDelta], pending: asyncio.Future | None) -> None:

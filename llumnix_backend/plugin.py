@@ -148,9 +148,10 @@ class ModelRuntime(abc.ABC):
         """Token ids of a chat conversation rendered by the model's chat template."""
 
     @abc.abstractmethod
-    def decode_continuation(self, context: Sequence[int], token_ids: Sequence[int], skip_special_tokens: bool) -> str:
-        """The text of `token_ids` as it follows `context` (the prompt's last tokens), the way
-        the engine's own detokenizer writes a request's output."""
+    def new_detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool
+                        ) -> Callable[[Sequence[int]], str]:
+        """A detokenizer for a request with this prompt: give it the generated token ids in
+        order, it returns the text each batch adds, exactly as the engine's own would."""
 
     @abc.abstractmethod
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:

@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
-# Prompt tokens a detokenizer starts from (vLLM's incremental detokenizer uses 5).
-DETOKENIZER_CONTEXT_TOKENS = 5
 IDLE_POLL_S = 0.05  # how often `wait_idle` and a waiting replay look (requests last far longer)
 
 
@@ -361,7 +359,7 @@ class ServedModel:
             raise
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
-        stream = RequestStream(request, instance_id, decode=self._decoder(request))
+        stream = RequestStream(request, instance_id, new_detokenizer=self._detokenizer_factory(request))
         self._streams[request.request_id] = stream
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
@@ -444,14 +442,13 @@ class ServedModel:
                        request.request_id, instance_id, len(stream.generated), lost)
         return continuation
 
-    def _decoder(self, request: GenerationRequest):
-        """Generated token ids to text, as the engine writes this request's output; None with
-        stop strings, whose text the engine holds back on purpose (not repaired)."""
+    def _detokenizer_factory(self, request: GenerationRequest):
+        """Makes the detokenizer a stream writes its text with after a switch; None with stop
+        strings (the engines evaluate them on their own text, so theirs is kept)."""
         if request.sampling.get("stop"):
             return None
-        context = request.prompt_token_ids[-DETOKENIZER_CONTEXT_TOKENS:]
         skip = request.sampling.get("skip_special_tokens", True)
-        return lambda token_ids: self.runtime.decode_continuation(context, token_ids, skip)
+        return lambda: self.runtime.new_detokenizer(request.prompt_token_ids, skip)
 
     def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
         """Count the request against the instance until it shows in the instance's snapshots."""

@@ -1,6 +1,7 @@
 """A stream's text across a switch of instance (`RequestStream`): with byte-level tokens, a
 character split over the switch reaches the client whole, whatever the new instance's
-detokenizer makes of it. Each token here is one byte of UTF-8."""
+detokenizer makes of it. Each token here is one byte of UTF-8; the detokenizers are a model
+of vLLM's (prefix and read offsets)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,33 @@ def engine_texts(context: list[int], token_ids: list[int]) -> list[str]:
     return texts
 
 
-def run(text: str, switch_at: int) -> str:
-    """The client's text when the stream switches instance after `switch_at` tokens: the new
-    engine continues a request whose prompt holds every token so far."""
+def new_detokenizer():
+    """The stream's own detokenizer: one that has seen every token from the start."""
+    seen: list[int] = []
+
+    def text_of(token_ids) -> str:
+        texts = engine_texts([], [*seen, *token_ids])[len(seen):]
+        seen.extend(token_ids)
+        return "".join(texts)
+
+    return text_of
+
+
+def run(text: str, switch_at: int, switches: int = 1) -> str:
+    """The client's text when the stream switches instance after `switch_at` tokens (and, with
+    `switches` > 1, again every few tokens): each new engine continues a request whose prompt
+    holds every token so far, so its own text is garbled at the switch."""
     tokens = list(text.encode())
-    stream = RequestStream(GenerationRequest("r", (0,)), "a", decode=decode)
+    stream = RequestStream(GenerationRequest("r", (0,)), "a", new_detokenizer=new_detokenizer)
     before, rest = tokens[:switch_at], tokens[switch_at:]
     delivered = [stream.deliver(GenerationDelta((t,), s)).text for t, s in zip(before, engine_texts([], before))]
     stream.switched()
-    for i, (token, engine_text) in enumerate(zip(rest, engine_texts(before, rest))):
+    context = list(before)
+    for i, token in enumerate(rest):
+        if switches > 1 and i and i % 3 == 0:
+            stream.switched()
+            context = tokens[:switch_at + i]
+        engine_text = engine_texts(context, tokens[len(context):switch_at + i + 1])[-1]
         finished = "length" if i == len(rest) - 1 else None
         delivered.append(stream.deliver(GenerationDelta((token,), engine_text, finish_reason=finished)).text)
     return "".join(delivered)
@@ -62,9 +81,10 @@ def test_a_character_split_by_the_switch_arrives_whole() -> None:
 def test_the_client_text_is_the_undisturbed_text(text: str, data) -> None:
     switch_at = data.draw(st.integers(1, len(text.encode()) - 1))
     assert run(text, switch_at) == text
+    assert run(text, switch_at, switches=5) == text
 
 
-def test_without_a_decoder_the_engine_text_passes_through() -> None:
+def test_without_a_detokenizer_the_engine_text_passes_through() -> None:
     stream = RequestStream(GenerationRequest("r", (0,)), "a")
     stream.switched()
     assert stream.deliver(GenerationDelta((0xA9,), "?")).text == "?"

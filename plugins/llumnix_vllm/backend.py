@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
 from llumnix_backend.config import ConfigError, ModelSource
 from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
@@ -208,12 +210,21 @@ class VllmModelRuntime(ModelRuntime):
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def decode_continuation(self, context: Sequence[int], token_ids: Sequence[int], skip_special_tokens: bool) -> str:
-        # The prompt's tail gives the first token its leading space where the tokenizer's
-        # decoder drops it at the start of a text (SentencePiece), as vLLM's detokenizer does.
-        prefix = self._tokenizer.decode(list(context), skip_special_tokens=skip_special_tokens)
-        full = self._tokenizer.decode([*context, *token_ids], skip_special_tokens=skip_special_tokens)
-        return full[len(prefix):] if full.startswith(prefix) else full
+    def new_detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool
+                        ) -> Callable[[Sequence[int]], str]:
+        # vLLM's own incremental detokenizer, set up as an engine sets it up for a new request
+        # (it reads only these fields of the request), so its text matches byte for byte.
+        request = SimpleNamespace(request_id="llumnix-text", prompt_token_ids=list(prompt_token_ids),
+                                  prompt_embeds=None,
+                                  sampling_params=SamplingParams(skip_special_tokens=skip_special_tokens))
+        detokenizer = IncrementalDetokenizer.from_new_request(self._tokenizer, request)
+
+        def text_of(token_ids: Sequence[int]) -> str:
+            before = len(detokenizer.output_text)
+            detokenizer.update(list(token_ids), False)
+            return detokenizer.output_text[before:]
+
+        return text_of
 
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:
         unknown = set(sampling) - SAMPLING_FIELDS
