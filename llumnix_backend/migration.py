@@ -125,8 +125,14 @@ class RequestStream:
         """The stream now comes from another instance."""
         if self.new_detokenizer is None or self._detokenize is not None:
             return  # (after a first switch the stream writes its own text already)
-        self._detokenize = self.new_detokenizer()
-        so_far, delivered = self._detokenize(self.generated), "".join(self._delivered_text)
+        try:
+            self._detokenize = self.new_detokenizer()
+            so_far = self._detokenize(self.generated)
+        except Exception:  # noqa: BLE001 - a text repair must never cost the stream itself
+            logger.exception("request %s: no detokenizer of its own; the engines' text is used", self.request.request_id)
+            self.new_detokenizer = self._detokenize = None
+            return
+        delivered = "".join(self._delivered_text)
         self._owed = so_far[len(delivered):] if so_far.startswith(delivered) else ""
         self._delivered_text = []  # no longer needed
 
