@@ -88,3 +88,13 @@ def test_without_a_detokenizer_the_engine_text_passes_through() -> None:
     stream = RequestStream(GenerationRequest("r", (0,)), "a")
     stream.switched()
     assert stream.deliver(GenerationDelta((0xA9,), "?")).text == "?"
+
+
+def test_a_detokenizer_that_cannot_be_made_leaves_the_engine_text() -> None:
+    def broken():
+        raise RuntimeError("no tokenizer here")
+
+    stream = RequestStream(GenerationRequest("r", (0,)), "a", new_detokenizer=broken)
+    stream.deliver(GenerationDelta((104,), "h"))
+    stream.switched()
+    assert stream.deliver(GenerationDelta((105,), "i")).text == "i"
