@@ -53,9 +53,8 @@ from llumnix_vllm.instance import build_engine
 from llumnix_vllm.snapshot_channel import new_instance_token
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table  # noqa: E402
+from loadgen import command_line, markdown_table, publish  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix")
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # read by each engine process as it starts
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}
@@ -221,15 +220,8 @@ def main() -> None:
     result = {"benchmark": "async_scheduling", "command": command_line(), "device": device,
               "settings": {k: v for k, v in vars(args).items() if k != "name"}, "results": results,
               f"over_{results[0]['variant']}": over}
-    text = table(results, over)
-    print(json.dumps(result, indent=2))
-    print(text)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / f"{args.name}.md").write_text(f"# Async scheduling: {args.shape} on {device}\n\n"
-                                          f"    {result['command']}\n\n{text}\n")
-    plot(results, DOCS / f"{args.name}.png", f"{args.shape} on {device}: prompt {args.prompt}, "
-                                              f"output {args.output}")
+    png = publish(args.name, result, f"Async scheduling: {args.shape} on {device}", table(results, over))
+    plot(results, png, f"{args.shape} on {device}: prompt {args.prompt}, output {args.output}")
 
 
 if __name__ == "__main__":

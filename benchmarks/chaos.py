@@ -37,10 +37,9 @@ from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table  # noqa: E402
+from loadgen import command_line, markdown_table, publish  # noqa: E402
 
 MODEL = "chaos"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 PROMPTS = [f"Request {i} of the chaos run: keep streaming whatever happens to the engines. " for i in range(16)]
 
 
@@ -199,13 +198,7 @@ def main() -> None:
               "failures": [s.error or f"{len(s.token_ids)} of {s.max_tokens} tokens" for s in failed][:10]}
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in result.items()
             if k not in ("command", "settings", "benchmark", "failures")]
-    text = markdown_table(["figure", "value"], rows)
-    print(json.dumps(result, indent=2))
-    print(text)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / f"{args.name}.md").write_text(f"# Chaos: engines killed under streaming load\n\n    {result['command']}\n\n"
-                                          f"{text}\n")
+    publish(args.name, result, "Chaos: engines killed under streaming load", markdown_table(["figure", "value"], rows))
 
 
 if __name__ == "__main__":

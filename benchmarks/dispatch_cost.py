@@ -19,7 +19,6 @@ Prints JSON and a table; writes docs/benchmarks/dispatch_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import random
 import sys
@@ -32,9 +31,8 @@ from llumnix_backend.policies.rescheduling import plan_migrations
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table, percentile  # noqa: E402
+from loadgen import command_line, markdown_table, percentile, publish  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 BLOCK = 16
 PRIORITY = PrioritySettings()
 
@@ -108,14 +106,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = [row for n in map(int, args.instances.split(",")) for row in measure(n, args.requests, args.repeats)]
     result = {"benchmark": "dispatch_cost", "command": command_line(), "rows": rows}
-    print(json.dumps(result, indent=2))
     table = markdown_table(["instances", "requests each", "what", "policy", "p50 (us)", "p99 (us)"],
                            [[str(r["instances"]), str(r["requests_per_instance"]), r["what"], r["policy"],
                              f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}"] for r in rows])
-    print(table)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / f"{args.name}.md").write_text(f"# Cost of a scheduling decision\n\n    {result['command']}\n\n{table}\n")
+    publish(args.name, result, "Cost of a scheduling decision", table)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
 
 @dataclass(frozen=True)
 class RequestResult:
@@ -100,3 +102,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def publish(name: str, result: dict, title: str, text: str) -> Path:
+    """Print a benchmark's JSON and table, and keep both in docs/benchmarks/NAME.{json,md} (the
+    markdown under `title`, with the command that produced it); returns where a plot of the
+    same run belongs (NAME.png)."""
+    print(json.dumps(result, indent=2))
+    print(text)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (DOCS / f"{name}.md").write_text(f"# {title}\n\n    {result['command']}\n\n{text}\n")
+    return DOCS / f"{name}.png"

@@ -28,12 +28,11 @@ from llumnix_backend.config import DispatchPolicyName, MigrationSettings, Priori
 from llumnix_backend.simulator import Simulation, load_profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table  # noqa: E402
+from loadgen import command_line, markdown_table, publish  # noqa: E402
 from policy_eval import POLICIES  # noqa: E402
 from policy_report import Outcome, RunSummary, plot, summarize, table  # noqa: E402
 from workloads import WorkloadSpec, add_sweep_arguments, generate, sweep  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
 def scheduler(policy: str, headroom_tokens: int, migration: dict) -> SchedulerSettings:
@@ -112,15 +111,9 @@ def main() -> None:
             print(f"  {summary.policy:24s} rate {spec.rate:g} seed {spec.seed}: {elapsed:.1f} s", file=sys.stderr)
         result["wall_time"] = timings
     result["runs"] = [s.row(k) for s in summaries for k in s.figures]
-    print(json.dumps(result, indent=2))
-    text = table(summaries) + extra
-    print(text)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (DOCS / f"{args.name}.md").write_text(
-        f"# Simulated policy evaluation (simulator, profile {profile.name}, {args.instances} instances)\n\n"
-        f"    {result['command']}\n\n{text}\n")
-    plot(summaries, DOCS / f"{args.name}.png",
+    png = publish(args.name, result, f"Simulated policy evaluation (simulator, profile {profile.name}, "
+                                     f"{args.instances} instances)", table(summaries) + extra)
+    plot(summaries, png,
          f"SIMULATED: {args.lengths} / {args.arrivals}, {args.instances} instances, profile {profile.name}")
 
 
