@@ -142,7 +142,8 @@ class RequestStream:
         if self._detokenize is not None:
             text, self._owed = self._owed + self._detokenize(delta.token_ids), ""
             return replace(delta, text=text)
-        self._delivered_text.append(delta.text)
+        if self.new_detokenizer is not None:  # (kept only for a switch to compare with)
+            self._delivered_text.append(delta.text)
         return delta
 
 

@@ -282,11 +282,9 @@ class ServedModel:
         """Why no instance serves (empty while one does)."""
         if self.ready:
             return ""
-        def why(slot: _Instance) -> str:
-            error = slot.error or slot.engine.failure  # (the engine's own, before the loop has seen it)
-            return f" ({error})" if error else ""
-
-        states = "; ".join(f"instance {i}: {self.instance_state(s).value}{why(s)}" for i, s in self._instances.items())
+        errors = self.instance_errors()
+        states = "; ".join(f"instance {i}: {self.instance_state(s).value}" + (f" ({errors[i]})" if i in errors else "")
+                           for i, s in self._instances.items())
         return f"no instance serves: {states or 'none configured'}"
 
     @property
@@ -300,7 +298,8 @@ class ServedModel:
         return {i: n for i, n in self._migrations_at.items() if n > 0}
 
     def instance_errors(self) -> dict[str, str]:
-        """Why each failed instance failed, by instance id."""
+        """Why each failed instance failed, by instance id (the engine's own account until the
+        control loop has seen the failure)."""
         return {i: error for i, s in self._instances.items() if (error := s.error or s.engine.failure)}
 
     # --- requests -----------------------------------------------------------------------------
