@@ -75,6 +75,8 @@ class _Instance:
     # with their demand at dispatch time: kept apart so that a view costs O(unseen requests).
     _unseen: dict[str, RequestLoad] = field(default_factory=dict)
     _seen: InstanceSnapshot | None = None
+    # Requests that have left (finished, migrated away) while the latest snapshot still shows them.
+    _departed: set[str] = field(default_factory=set)
 
     # The latest view, and what it was built from: rebuilt only when one of them changes.
     _view: InstanceView | None = None
@@ -88,7 +90,7 @@ class _Instance:
     def renew(self, engine: EngineInstance) -> None:
         """Take a new engine (a restart): nothing of the old one's load carries over."""
         self.engine, self.state, self.in_flight = engine, InstanceState.STARTING, set()
-        self._unseen, self._seen, self._view = {}, None, None
+        self._unseen, self._seen, self._view, self._departed = {}, None, None, set()
 
     def health(self, instance_id: str) -> InstanceHealth:
         return InstanceHealth(instance_id, self.state, self.engine.alive, self.engine.last_report_at, self.served,
@@ -97,6 +99,9 @@ class _Instance:
     def untrack(self, request_id: str) -> None:
         self.in_flight.discard(request_id)
         if self._unseen.pop(request_id, None) is not None:
+            self._view = None
+        elif (snapshot := self.engine.latest_snapshot) is not None and request_id in snapshot.request_ids:
+            self._departed.add(request_id)
             self._view = None
 
     def view(self, instance_id: str) -> InstanceView | None:
@@ -109,10 +114,11 @@ class _Instance:
         if snapshot is not self._seen:
             known = snapshot.request_ids
             self._unseen = {rid: load for rid, load in self._unseen.items() if rid not in known}
+            self._departed &= known
             self._seen = snapshot
         self._view, self._view_inputs = InstanceView(
             instance_id=instance_id,
-            snapshot=snapshot.with_pending(tuple(self._unseen.values())),
+            snapshot=snapshot.without(frozenset(self._departed)).with_pending(tuple(self._unseen.values())),
             accepting=self.state is InstanceState.READY and self.engine.alive,
             draining=self.state is InstanceState.DRAINING,
         ), inputs

@@ -122,6 +122,20 @@ class InstanceSnapshot:
             memo[key] = value = compute(self)
             return value
 
+    def without(self, gone: frozenset[str]) -> InstanceSnapshot:
+        """The snapshot less requests that have left the instance since it was taken (finished
+        or migrated away), with the blocks they held counted free: the engine frees them at its
+        next step, and a policy that still saw them would move work off the instance twice."""
+        if not gone & self.request_ids:
+            return self
+        leaving = [r for r in self.running + self.waiting if r.request_id in gone]
+        return dataclasses.replace(
+            self,
+            used_blocks=max(0, self.used_blocks - sum(r.num_blocks for r in leaving)),
+            running=tuple(r for r in self.running if r.request_id not in gone),
+            waiting=tuple(r for r in self.waiting if r.request_id not in gone),
+        )
+
     def with_pending(self, pending: tuple[RequestLoad, ...]) -> InstanceSnapshot:
         """The snapshot as it will look once requests already sent to it arrive (queued last).
         Its totals are this snapshot's plus the pending requests', without a second pass."""

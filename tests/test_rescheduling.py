@@ -39,6 +39,20 @@ def test_load_imbalance_moves_the_cheapest_request_to_the_freest_instance() -> N
     assert (plan.request_id, plan.source, plan.destination) == ("small", "a", "b")
 
 
+def test_a_request_that_left_is_not_moved_again_before_the_source_reports() -> None:
+    """After one move the source's latest snapshot still shows the request that left (the
+    engine frees its blocks at its next step). The view without it plans nothing more; the
+    stale one would move a second request (what the e2e test once saw on a loaded machine)."""
+    crowded = InstanceSnapshot(63, 32, BLOCK, running=tuple(req(f"r{i}", 8) for i in range(4)))
+    (first,) = plan_migrations([InstanceView("0", crowded), view("1", total=63)], PRIORITY, SETTINGS)
+    arrived = view("1", total=63).snapshot.with_pending((req(first.request_id, 0, demand=8),))
+    assert plan_migrations([InstanceView("0", crowded), InstanceView("1", arrived)], PRIORITY, SETTINGS) != []
+    left = crowded.without(frozenset({first.request_id}))
+    assert (left.used_blocks, len(left.running)) == (24, 3) and first.request_id not in left.request_ids
+    assert plan_migrations([InstanceView("0", left), InstanceView("1", arrived)], PRIORITY, SETTINGS) == []
+    assert crowded.without(frozenset({"elsewhere"})) is crowded
+
+
 def test_defragmentation_makes_room_for_a_queued_request() -> None:
     """60 of 100 blocks are used, but the queued request needs 50: without counting its demand
     the instance looks fine ((100-60)/3 = 13.3); with it, it is overloaded."""
