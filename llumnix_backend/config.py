@@ -8,6 +8,9 @@
       cpu_kv_cache_gib: 0.5          # CPU engines: KV-cache space
       cpu_threads: 1                 # CPU engines: compute threads (default: cores - 1)
       gpu_memory_utilization: 0.4    # GPU engines: share of the GPU's memory
+      gpu_kv_cache_gib: 8            # GPU engines: KV-cache size instead (engines sharing a GPU then start together)
+      gpus_per_instance: 1           # GPU engines: GPUs of its own per instance (default: shared)
+      gpus: [[0], [1]]               # GPU engines: or pin instance k to the k-th list
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
@@ -165,6 +168,24 @@ class ResourceSettings(_Strict):
     # engine's scheduler and the HTTP server. Set it when several instances share a host.
     cpu_threads: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # GPU engines: the KV cache's size, instead of what vLLM's memory profiling leaves of the
+    # memory share. With it, engines that share a GPU can start at the same time.
+    gpu_kv_cache_gib: float | None = Field(default=None, gt=0)
+    # GPU placement (`policies.placement`): by default instances share the GPUs, spread over
+    # them; `gpus_per_instance` gives each its own (its tensor x pipeline parallel size);
+    # `gpus` pins instance k to the k-th list (lists may repeat, to share a GPU).
+    gpus_per_instance: int | None = Field(default=None, ge=1)
+    gpus: tuple[tuple[int, ...], ...] | None = None
+
+    @model_validator(mode="after")
+    def _gpu_lists(self) -> ResourceSettings:
+        for placement in self.gpus or ():
+            if not placement or min(placement) < 0 or len(set(placement)) != len(placement):
+                raise ValueError(f"gpus: each entry is a list of distinct GPU indices (>= 0), got {list(placement)}")
+            if self.gpus_per_instance is not None and len(placement) != self.gpus_per_instance:
+                raise ValueError(f"gpus: {list(placement)} has {len(placement)} GPU(s), "
+                                 f"gpus_per_instance is {self.gpus_per_instance}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -173,6 +194,13 @@ class ModelConfig(_Strict):
     engine: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSettings = ResourceSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+
+    @model_validator(mode="after")
+    def _a_placement_per_instance(self) -> ModelConfig:
+        pinned = self.resources.gpus
+        if pinned is not None and len(pinned) < self.instances:
+            raise ValueError(f"resources.gpus lists {len(pinned)} placement(s) for {self.instances} instances")
+        return self
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

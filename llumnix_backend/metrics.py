@@ -34,6 +34,7 @@ class InstanceReport:
     state: str
     snapshot: InstanceSnapshot | None
     freeness: float | None
+    gpus: tuple[int, ...] = ()  # the GPUs it runs on (none on a CPU host)
 
 
 InstanceStates = tuple[str, ...]
@@ -169,12 +170,16 @@ class _InstanceCollector:
         freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual KV room in tokens per request: decode steps left).", labels=labels)
         preemptions = GaugeMetricFamily("vllm:num_preemptions", "Preemptions since the instance started.", labels=labels)
         state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
+        gpus = GaugeMetricFamily("llumnix:instance_gpus", "GPUs an instance runs on (label gpus: their indices).",
+                                 labels=[*labels, "gpus"])
         count: dict[str, int] = {}
         for report in self._reports():
             key = [report.model, report.instance_id]
             count[report.model] = count.get(report.model, 0) + (report.state == "ready")
             for name in self._states:
                 state.add_metric([*key, name], 1.0 if report.state == name else 0.0)
+            if report.gpus:
+                gpus.add_metric([*key, ",".join(map(str, report.gpus))], len(report.gpus))
             snap = report.snapshot
             if snap is None:
                 continue
@@ -188,4 +193,4 @@ class _InstanceCollector:
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, kv_usage, kv_total, freeness, preemptions, state, ready)
+        yield from (running, waiting, kv_usage, kv_total, freeness, preemptions, state, gpus, ready)

@@ -29,6 +29,7 @@ from typing import NoReturn
 
 from llumnix_backend.config import ConfigError, ModelConfig, ModelSource, parse_model_config
 from llumnix_backend.errors import Refusal, Refused
+from llumnix_backend.gpus import GpuInventory
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, ModelRuntime, load_backend
 from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
@@ -112,6 +113,7 @@ class ModelRegistry:
                                      tuple(s.value for s in ModelState))
         self._entries: dict[str, ModelEntry] = {}
         self._backends: dict[str, Backend] = {}
+        self.gpus = GpuInventory()  # the host's, as the first backend loaded sees them
         self._start_slots = asyncio.Semaphore(max_parallel_starts)
         self._progress = progress
         self.initial_load_done = asyncio.Event()
@@ -161,8 +163,7 @@ class ModelRegistry:
             else:
                 self._mark_unavailable(entry, reason)
 
-    @staticmethod
-    def _read_config(entry: ModelEntry, config_override: dict | None) -> ModelSource:
+    def _read_config(self, entry: ModelEntry, config_override: dict | None) -> ModelSource:
         """The model's settings: its folder's, or `config_override`; raises ConfigError."""
         if not is_valid_model_name(entry.name):
             raise ConfigError(entry.path, None, "the folder name is not a valid model name "
@@ -170,7 +171,7 @@ class ModelRegistry:
         if config_override is not None:
             where = "load request: parameters.config"
             return ModelSource(parse_model_config(config_override, where), where, where, entry.path)
-        return load_model_source(entry.path)
+        return load_model_source(entry.path, len(self.gpus.devices))
 
     async def _load_runtime(self, entry: ModelEntry, source: ModelSource) -> tuple[ModelRuntime | None, str]:
         """The backend's view of the model (engine settings checked, tokenizer loaded), or None
@@ -197,7 +198,7 @@ class ModelRegistry:
             if runtime is None:
                 return None, reason
         began = time.monotonic()
-        model = ServedModel(entry.name, source, runtime, self.metrics)
+        model = ServedModel(entry.name, source, runtime, self.metrics, self.gpus)
         await model.start(self._start_slots, self._progress)
         if model.ready:
             self.metrics.model_load_duration.labels(entry.name).observe(time.monotonic() - began)
@@ -329,7 +330,12 @@ class ModelRegistry:
 
     async def _backend(self, name: str, config_file: str) -> Backend:
         if name not in self._backends:
-            self._backends[name] = await asyncio.to_thread(load_backend, name, config_file)
+            backend = self._backends[name] = await asyncio.to_thread(load_backend, name, config_file)
+            if not self.gpus.devices:
+                self.gpus.devices = await asyncio.to_thread(backend.visible_gpus)
+                if self.gpus.devices:
+                    logger.info("GPUs: %s", ", ".join(f"{d.index} ({d.name}, {d.memory_bytes / 2**30:.0f} GiB)"
+                                                      for d in self.gpus.devices))
         return self._backends[name]
 
     async def shutdown(self) -> None:

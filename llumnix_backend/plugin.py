@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from llumnix_backend.config import ConfigError, ModelSource
+from llumnix_backend.gpus import GpuDevice
+from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot
 
@@ -162,8 +164,14 @@ class ModelRuntime(abc.ABC):
         a request's own fields override them."""
         return {}
 
+    @property
+    def gpus_per_instance(self) -> int:
+        """The GPUs one instance spans (tensor x pipeline parallel); 0 if it runs without."""
+        return 0
+
     @abc.abstractmethod
-    def create_instance(self, instance_id: str) -> EngineInstance: ...
+    def create_instance(self, instance_id: str, placement: GpuPlacement = GpuPlacement()) -> EngineInstance:
+        """An instance, not started, on the GPUs of `placement`."""
 
     @abc.abstractmethod
     def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
@@ -181,7 +189,12 @@ class ModelRuntime(abc.ABC):
         `other` (another version of the model): the same KV-cache layout, and room for what
         those requests may grow to. A change of engine settings then moves running requests
         to the new engines instead of letting them finish on the old ones."""
-        return False
+        return self.kv_layout_difference(other) is None
+
+    def kv_layout_difference(self, other: ModelRuntime) -> str | None:
+        """Why requests cannot migrate from instances of `other` to this runtime's (their KV
+        blocks differ, or would not fit); None if they can."""
+        return None if other is self else "the instances run different engines"
 
     def describe(self) -> dict[str, Any]:
         """Engine settings worth showing in the model's config endpoint."""
@@ -190,6 +203,10 @@ class ModelRuntime(abc.ABC):
 
 class Backend(abc.ABC):
     name: str
+
+    def visible_gpus(self) -> tuple[GpuDevice, ...]:
+        """The GPUs its engines can use on this host (none for a CPU build)."""
+        return ()
 
     @abc.abstractmethod
     def load_model(self, name: str, source: ModelSource) -> ModelRuntime:

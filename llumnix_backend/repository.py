@@ -27,13 +27,14 @@ def model_folders(repository: Path) -> dict[str, Path]:
     }
 
 
-def load_model_source(model_dir: Path) -> ModelSource:
-    """Read and validate a model folder: `config.yaml`, or Triton's `config.pbtxt`."""
+def load_model_source(model_dir: Path, num_gpus: int = 0) -> ModelSource:
+    """Read and validate a model folder: `config.yaml`, or Triton's `config.pbtxt` (whose GPU
+    instance groups depend on the host's `num_gpus`)."""
     yaml_file, triton_file = model_dir / CONFIG_FILE, model_dir / TRITON_CONFIG_FILE
     if triton_file.is_file():
         if yaml_file.is_file():
             raise ConfigError(model_dir, None, f"both {CONFIG_FILE} and {TRITON_CONFIG_FILE}: keep one")
-        return load_triton_model(model_dir)
+        return load_triton_model(model_dir, num_gpus)
     if not yaml_file.is_file():
         raise ConfigError(model_dir, None, f"no {CONFIG_FILE} (or Triton's {TRITON_CONFIG_FILE}) in the model folder")
     return ModelSource(load_model_config(yaml_file), str(yaml_file), str(yaml_file), model_dir)

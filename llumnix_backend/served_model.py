@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
 from llumnix_backend.errors import Overloaded, Refusal, RequestTimedOut
+from llumnix_backend.gpus import GpuInventory
 from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.migration import (
@@ -35,6 +36,7 @@ from llumnix_backend.migration import (
 )
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, InstanceState, ModelRuntime
 from llumnix_backend.policies.control import ControlPlan, InstanceHealth, plan_tick
+from llumnix_backend.policies.placement import GpuPlacement, PlacementError, demand_of, instances_per_gpu
 from llumnix_backend.policies.rescheduling import PlannedMigration
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
@@ -55,6 +57,7 @@ class InstanceEvent:
     state: InstanceState
     seconds: float
     error: str | None = None
+    gpus: tuple[int, ...] = ()
 
 
 ProgressCallback = Callable[[InstanceEvent], None]
@@ -63,6 +66,8 @@ ProgressCallback = Callable[[InstanceEvent], None]
 @dataclass
 class _Instance:
     engine: EngineInstance
+    runtime: ModelRuntime  # the model version it runs
+    placement: GpuPlacement = GpuPlacement()
     state: InstanceState = InstanceState.STARTING
     error: str | None = None
     served: bool = False  # it has served since it was added: if it dies it is restarted
@@ -126,8 +131,10 @@ class _Instance:
 
 
 class ServedModel:
-    def __init__(self, name: str, source: ModelSource, runtime: ModelRuntime, metrics: ServerMetrics) -> None:
+    def __init__(self, name: str, source: ModelSource, runtime: ModelRuntime, metrics: ServerMetrics,
+                 gpus: GpuInventory | None = None) -> None:
         self.name = name
+        self._gpus = gpus or GpuInventory()
         self.source = source  # the folder's settings it was started or last reconfigured with
         self.config = source.config  # the settings in effect
         self.runtime = runtime
@@ -150,7 +157,7 @@ class ServedModel:
         """Start the configured number of instances and the control loop; failures are
         recorded, not raised."""
         self._start_slots, self._progress = start_slots, progress
-        ids = [self._add_instance(self.runtime) for _ in range(self.config.instances)]
+        ids = [self._add_instance(self.runtime, self.source) for _ in range(self.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
         self._control = asyncio.create_task(self._control_loop(), name=f"control-{self.name}")
 
@@ -164,7 +171,7 @@ class ServedModel:
         # that never started is not one. Surplus members go failed ones first, then the newest.
         members = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED or s.served),
                          key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
-        added = [self._add_instance(self.runtime) for _ in range(config.instances - len(members))]
+        added = [self._add_instance(self.runtime, source) for _ in range(config.instances - len(members))]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
         await self._retire_instances(members[:max(0, len(members) - config.instances)])
         self.config = config
@@ -177,11 +184,11 @@ class ServedModel:
         are retired: what they run migrates to the new ones. Returns "" once switched, or why
         not (no new instance started; nothing changed then)."""
         old = [i for i, s in self._instances.items() if s.state is not InstanceState.FAILED]
-        added = [self._add_instance(runtime) for _ in range(source.config.instances)]
+        added = [self._add_instance(runtime, source) for _ in range(source.config.instances)]
         await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
         if not any(self._instances[i].state is InstanceState.READY for i in added):
             reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
-            await asyncio.gather(*(self._stop_instance(self._instances.pop(i)) for i in added))
+            await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
             return f"no instance started ({reasons})"
         self.source, self.config, self.runtime = source, source.config, runtime
         await self._retire_instances(old)
@@ -208,32 +215,57 @@ class ServedModel:
                                                                 "health.drain_timeout_s")
             await asyncio.sleep(IDLE_POLL_S)
         for instance_id in instance_ids:
-            await self._stop_instance(self._instances.pop(instance_id))
+            await self._stop_instance(self._remove(instance_id))
 
     def _hosts_requests(self, instance_id: str) -> bool:
         return bool(self._instances[instance_id].in_flight) or any(
             s.instance_id == instance_id for s in self._streams.values())
 
-    def _add_instance(self, runtime: ModelRuntime) -> str:
+    def _add_instance(self, runtime: ModelRuntime, source: ModelSource) -> str:
+        """Add an instance of `runtime` (started by `_start_instance`) on the GPUs placement
+        gives it; one that cannot be placed is added as failed, with the reason."""
+        config = source.config
         instance_id = str(self._next_index)
         self._next_index += 1
-        self._instances[instance_id] = _Instance(runtime.create_instance(instance_id))
+        demand = demand_of(config.resources, runtime.gpus_per_instance)
+        mine = [s.placement.gpus for s in self._instances.values() if s.runtime is runtime]
+        error = None
+        try:
+            gpus = self._gpus.acquire(f"{self.name}/{instance_id}", demand, mine)
+        except PlacementError as exc:
+            gpus, error = (), f"cannot be placed ({source.config_file}: resources): {exc}"
+        placement = GpuPlacement(gpus, instances_per_gpu(demand, config.instances, len(self._gpus.devices)))
+        slot = _Instance(runtime.create_instance(instance_id, placement), runtime, placement)
+        if error is not None:
+            slot.state, slot.error = InstanceState.FAILED, error
+            logger.error("model %s instance %s %s", self.name, instance_id, error)
+        self._instances[instance_id] = slot
         return instance_id
+
+    def _remove(self, instance_id: str) -> _Instance:
+        self._gpus.release(f"{self.name}/{instance_id}")
+        return self._instances.pop(instance_id)
 
     async def _start_instance(self, instance_id: str, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
         slot = self._instances[instance_id]
+        if slot.state is InstanceState.FAILED and not slot.served:
+            progress(InstanceEvent(self.name, instance_id, slot.state, 0.0, slot.error))
+            return  # it could not be placed
+        gpus = slot.placement.gpus
         async with start_slots:
             began = time.monotonic()
-            progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, 0.0))
+            progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, 0.0, gpus=gpus))
             try:
                 await slot.engine.start()
             except Exception as exc:  # noqa: BLE001 - any start failure marks only this instance
                 error = str(exc) if isinstance(exc, EngineStartFailed) else f"{type(exc).__name__}: {exc}"
                 slot.state, slot.error = InstanceState.FAILED, error
                 logger.error("model %s instance %s failed to start: %s", self.name, instance_id, slot.error)
+                if not slot.served:  # never restarted: its GPUs are free for others
+                    self._gpus.release(f"{self.name}/{instance_id}")
             else:
                 slot.state, slot.error, slot.served, slot.failures = InstanceState.READY, None, True, 0
-            progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error))
+            progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error, gpus))
 
     async def wait_idle(self) -> None:
         """Return once no request is running here (the model takes none while unloading)."""
@@ -246,6 +278,8 @@ class ServedModel:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_instance(s) for s in self._instances.values()))
+        for instance_id in self._instances:
+            self._gpus.release(f"{self.name}/{instance_id}")
 
     @staticmethod
     async def _stop_instance(slot: _Instance) -> None:
@@ -280,6 +314,7 @@ class ServedModel:
                 state=self.instance_state(s).value,
                 snapshot=s.engine.latest_snapshot,
                 freeness=freeness(views[i], priority) if i in views else None,
+                gpus=s.placement.gpus,
             )
             for i, s in self._instances.items()
         ]
@@ -487,12 +522,16 @@ class ServedModel:
         destination = self._instances[destination_id]
         snapshot = views[destination_id].snapshot
         source_id = stream.instance_id
+        difference = destination.runtime.kv_layout_difference(self._instances[source_id].runtime)
+        if difference is not None:
+            raise MigrationRejected(Refusal.INVALID, f"instance {destination_id!r} cannot continue requests of "
+                                                     f"instance {source_id!r}: {difference}")
         self._migrating.add(request_id)
         self._migrations_at.update((source_id, destination_id))
         self._metrics.migrations_started.labels(self.name, source_id, destination_id).inc()
         try:
             report = await migrate_request(
-                stream, self._instances[source_id].engine, destination.engine, self.runtime,
+                stream, self._instances[source_id].engine, destination.engine, destination.runtime,
                 self.config.scheduler.migration, snapshot.block_size, snapshot.block_bytes,
             )
         finally:
@@ -593,7 +632,7 @@ class ServedModel:
         slot = self._instances[instance_id]
         slot.busy = True
         try:
-            slot.renew(self.runtime.create_instance(instance_id))
+            slot.renew(slot.runtime.create_instance(instance_id, slot.placement))
             self._metrics.instance_restarts.labels(self.name, instance_id).inc()
             logger.warning("model %s: restarting instance %s (failure %d in a row)", self.name, instance_id,
                            slot.failures)

@@ -34,7 +34,7 @@ ENGINE_ARGS_FILE = "model.json"
 PARAMETER_SECTIONS = ("scheduler", "resources")
 
 
-def load_triton_model(model_dir: Path) -> ModelSource:
+def load_triton_model(model_dir: Path, num_gpus: int = 0) -> ModelSource:
     path = model_dir / TRITON_CONFIG_FILE
     triton = _parse_pbtxt(path)
     if triton.name and triton.name != model_dir.name:
@@ -43,7 +43,13 @@ def load_triton_model(model_dir: Path) -> ModelSource:
         raise ConfigError(path, "backend", "missing (this server runs backend: \"vllm\")")
     data: dict[str, Any] = {"backend": triton.backend, "engine": None}
     if triton.instance_group:
-        data["instances"] = sum(group.count or 1 for group in triton.instance_group)
+        groups = [(group.Kind.Name(group.kind), group.count or 1, list(group.gpus)) for group in triton.instance_group]
+        try:
+            data["instances"], pinned = triton_instance_groups(groups, num_gpus)
+        except ValueError as exc:
+            raise ConfigError(path, "instance_group", str(exc)) from None
+        if pinned is not None:
+            data.setdefault("resources", {})["gpus"] = [list(p) for p in pinned]
     for key, value in sorted(triton.parameters.items()):
         _set_parameter(data, key, value.string_value, path)
     version = _served_version(model_dir, triton, path)
@@ -51,6 +57,21 @@ def load_triton_model(model_dir: Path) -> ModelSource:
     data["engine"] = _read_engine_args(engine_file)
     return ModelSource(parse_model_config(data, path), config_file=str(path), engine_file=str(engine_file),
                        engine_dir=engine_file.parent, engine_field_prefix="", version=version)
+
+
+def triton_instance_groups(groups: list[tuple[str, int, list[int]]], num_gpus: int
+                           ) -> tuple[int, tuple[tuple[int, ...], ...] | None]:
+    """Triton's instance groups, (kind, count, gpus) each, as an instance count and pinned GPU
+    placements (None: placed by `resources`). As in Triton, a KIND_GPU group puts `count`
+    instances on each GPU it lists, or on each GPU of the host; other kinds only count. On a
+    host without GPUs (the CPU build) a KIND_GPU group only counts too."""
+    gpu_groups = [g for g in groups if g[0] == "KIND_GPU"] if num_gpus else []
+    if not gpu_groups:
+        return sum(count for _, count, _ in groups), None
+    if len(gpu_groups) != len(groups):
+        raise ValueError("KIND_GPU groups cannot be mixed with other kinds (use one kind for every group)")
+    pinned = tuple((gpu,) for _, count, gpus in gpu_groups for gpu in (gpus or range(num_gpus)) for _ in range(count))
+    return len(pinned), pinned
 
 
 def _parse_pbtxt(path: Path):

@@ -68,6 +68,9 @@ BROKEN_MODELS = {
     "bad-backend": ("backend: tensorrt\nengine: {model: x}\n", "backend: unknown backend 'tensorrt'"),
     "no-weights": ("engine: {model: ./weights}\n", "engine.model:"),
     "bad-engine-arg": ("engine: {model: MODEL, not_an_arg: 1}\n", "engine.not_an_arg: not a vLLM engine argument"),
+    # Valid, but this host has no GPU to give it.
+    "wants-gpus": ("engine: {model: MODEL, dtype: float32}\nresources: {gpus_per_instance: 1}\n",
+                   "config.yaml: resources): this host has no GPU"),
 }
 
 

@@ -21,7 +21,9 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
 from llumnix_backend.config import ConfigError, ModelSource
+from llumnix_backend.gpus import GpuDevice
 from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
+from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import RequestError
 from llumnix_vllm.instance import SegmentTransfer, VllmInstance
 
@@ -46,7 +48,8 @@ RESERVED_ENGINE_ARGS = {
     "scheduler_cls": "it is always Llumnix's scheduler",
     "worker_extension_cls": "it is always Llumnix's worker extension",
     "kv_transfer_config": "Llumnix's migration connector moves KV between instances",
-    "kv_cache_memory_bytes": "set resources.cpu_kv_cache_gib instead",
+    "kv_cache_memory_bytes": "set resources.cpu_kv_cache_gib or resources.gpu_kv_cache_gib instead",
+    "device_ids": "set resources.gpus or resources.gpus_per_instance instead",
     "gpu_memory_utilization": "set resources.gpu_memory_utilization instead",
     "disable_log_stats": "the server collects its own metrics",
 }
@@ -120,6 +123,13 @@ class VllmBackend(Backend):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
+    def visible_gpus(self) -> tuple[GpuDevice, ...]:
+        if current_platform.is_cpu():
+            return ()
+        # Through NVML: no CUDA context in the server process.
+        return tuple(GpuDevice(i, current_platform.get_device_name(i), current_platform.get_device_total_memory(i))
+                     for i in range(current_platform.device_count()))
+
     def engine_args(self, source: ModelSource) -> AsyncEngineArgs:
         config, engine_file = source.config, source.engine_file
         args: dict[str, Any] = {}
@@ -146,8 +156,10 @@ class VllmBackend(Backend):
         if current_platform.is_cpu():
             args["kv_cache_memory_bytes"] = int(resources.cpu_kv_cache_gib * GIB)
         else:
-            share = resources.gpu_memory_utilization or min(0.9, 0.9 / config.instances)
-            args["gpu_memory_utilization"] = share
+            # Each instance's default share follows its placement (`create_instance`).
+            args["gpu_memory_utilization"] = resources.gpu_memory_utilization or min(0.9, 0.9 / config.instances)
+            if resources.gpu_kv_cache_gib is not None:
+                args["kv_cache_memory_bytes"] = int(resources.gpu_kv_cache_gib * GIB)
         try:
             return AsyncEngineArgs(**args)
         except (TypeError, ValueError) as exc:
@@ -164,20 +176,32 @@ class VllmBackend(Backend):
             tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(engine_file, source.engine_field("tokenizer"), f"cannot load the tokenizer: {exc}") from None
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError(engine_file, source.engine_field("pipeline_parallel_size"),
+                              "not supported: migration moves each tensor-parallel rank's KV shard, and a "
+                              "pipeline-parallel instance's ranks hold different layers")
+        wanted = config.resources.gpus_per_instance
+        if wanted is not None and wanted != parallel.world_size:
+            raise ConfigError(source.config_file, "resources.gpus_per_instance",
+                              f"{wanted} GPU(s) per instance, but each instance spans {parallel.world_size} "
+                              f"(tensor_parallel_size {parallel.tensor_parallel_size})")
         cpu_threads = None
         if current_platform.is_cpu():
             cpu_threads = config.resources.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
             if config.scheduler.migration.transport == "device":
                 raise ConfigError(source.config_file, "scheduler.migration.transport",
                                   "'device' needs GPU engines; this vLLM build runs on the CPU (use host or auto)")
-        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads)
+        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads,
+                                config.resources.gpu_memory_utilization)
 
 
 class VllmModelRuntime(ModelRuntime):
     def __init__(self, name: str, engine_args: AsyncEngineArgs, vllm_config: Any, tokenizer: Any,
-                 cpu_threads: int | None) -> None:
+                 cpu_threads: int | None, gpu_share: float | None = None) -> None:
         self._name = name
         self._cpu_threads = cpu_threads
+        self._gpu_share = gpu_share  # as configured (None: from the placement)
         self._engine_args = engine_args
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
@@ -240,27 +264,52 @@ class VllmModelRuntime(ModelRuntime):
     def default_sampling(self) -> dict[str, Any]:
         return dict(self._default_sampling)
 
-    def create_instance(self, instance_id: str) -> EngineInstance:
-        return VllmInstance(instance_id, self._engine_args, self._cpu_threads)
+    @property
+    def gpus_per_instance(self) -> int:
+        return 0 if current_platform.is_cpu() else self._vllm_config.parallel_config.world_size
+
+    def create_instance(self, instance_id: str, placement: GpuPlacement = GpuPlacement()) -> EngineInstance:
+        args = self._engine_args
+        if placement.gpus:
+            changes: dict[str, Any] = {"device_ids": list(placement.gpus)}  # vLLM's own per-engine GPU choice
+            if self._gpu_share is None:
+                changes["gpu_memory_utilization"] = min(0.9, 0.9 / placement.sharing)
+            args = dataclasses.replace(args, **changes)
+        # vLLM sizes the KV cache by profiling the memory in use on the GPU, which an engine
+        # starting beside it would throw off: engines start one at a time per GPU, unless the
+        # KV cache's size is given.
+        profiled = not current_platform.is_cpu() and not args.kv_cache_memory_bytes
+        return VllmInstance(instance_id, args, self._cpu_threads, (placement.gpus or (0,)) if profiled else ())
 
     def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
         on_device = transport == "device" or (transport == "auto" and not current_platform.is_cpu())
-        return SegmentTransfer(capacity_blocks, block_bytes, on_device)
+        ranks = self._vllm_config.parallel_config.tensor_parallel_size
+        return SegmentTransfer(capacity_blocks, block_bytes // ranks, on_device, ranks)
 
     @property
     def caches_prefixes(self) -> bool:
         return bool(self._vllm_config.cache_config.enable_prefix_caching)
 
-    def _kv_layout(self) -> tuple:
+    def _kv_layout(self) -> dict[str, Any]:
         """What decides the bytes of a KV block and what they mean."""
         model, cache, parallel = (self._vllm_config.model_config, self._vllm_config.cache_config,
                                   self._vllm_config.parallel_config)
-        return (model.model, model.revision, str(model.dtype), model.quantization, cache.block_size,
-                cache.cache_dtype, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        return {"model": model.model, "revision": model.revision, "dtype": str(model.dtype),
+                "quantization": model.quantization, "block_size": cache.block_size,
+                "kv_cache_dtype": cache.cache_dtype, "tensor_parallel_size": parallel.tensor_parallel_size}
 
-    def can_take_over_from(self, other: ModelRuntime) -> bool:
-        return (isinstance(other, VllmModelRuntime) and self._kv_layout() == other._kv_layout()
-                and self.max_model_len >= other.max_model_len)
+    def kv_layout_difference(self, other: ModelRuntime) -> str | None:
+        if other is self:
+            return None
+        if not isinstance(other, VllmModelRuntime):
+            return "the instances run different backends"
+        mine, theirs = self._kv_layout(), other._kv_layout()
+        differ = [f"{key} {theirs[key]} against {mine[key]}" for key in mine if mine[key] != theirs[key]]
+        if differ:
+            return "their KV-cache layouts differ: " + ", ".join(differ)
+        if self.max_model_len < other.max_model_len:
+            return f"max_model_len {other.max_model_len} against {self.max_model_len}"
+        return None
 
     def describe(self) -> dict[str, Any]:
         model_config = self._vllm_config.model_config
@@ -276,4 +325,5 @@ class VllmModelRuntime(ModelRuntime):
             "max_num_batched_tokens": self._vllm_config.scheduler_config.max_num_batched_tokens,
             "device": "cpu" if current_platform.is_cpu() else current_platform.device_name,
             "cpu_threads": self._cpu_threads,
+            "tensor_parallel_size": self._vllm_config.parallel_config.tensor_parallel_size,
         }

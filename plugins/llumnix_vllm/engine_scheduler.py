@@ -35,7 +35,7 @@ from vllm.v1.request import RequestStatus
 
 from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
-from llumnix_vllm.worker_extension import external_request_id
+from llumnix_vllm.worker_extension import agreed_export, external_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class LlumnixScheduler(Scheduler):
         # The null block is never handed out, so it counts neither as capacity nor as usage.
         self._total_blocks = self._block_pool.num_gpu_blocks - 1
         kv_config = self.kv_cache_config
-        self._block_bytes = sum(t.size for t in kv_config.kv_cache_tensors) // max(1, kv_config.num_blocks)
+        # A block's bytes on all ranks together (the scheduler's config describes one rank).
+        self._block_bytes = (sum(t.size for t in kv_config.kv_cache_tensors) // max(1, kv_config.num_blocks)
+                             * vllm_config.parallel_config.tensor_parallel_size)
         self._heartbeat = _Heartbeat(self._publisher, server_pid(vllm_config.instance_id))
         self._stopped: set[str] = set()  # internal ids of requests in a migration's final stage
         self._trace = _StepTrace.from_env()
@@ -204,7 +206,8 @@ def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: i
     if not scheduler.llumnix_stop(request_id):
         return None
     try:
-        (result,) = engine_core.collective_rpc("llumnix_export_kv", args=(request_id, first_block, segment, True))
+        result = agreed_export(engine_core.collective_rpc("llumnix_export_kv",
+                                                          args=(request_id, first_block, segment, True)))
     except BaseException:
         scheduler.llumnix_resume(request_id)
         raise

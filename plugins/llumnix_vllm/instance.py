@@ -9,6 +9,7 @@ snapshots arrive from `LlumnixScheduler` in that process over `snapshot_channel`
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -18,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
@@ -31,13 +31,14 @@ from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.kv_transport import TransferSegment
 from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
+from llumnix_vllm.worker_extension import agreed_export
 
 logger = logging.getLogger(__name__)
 
 FIRST_SNAPSHOT_TIMEOUT_S = 30.0
-# GPU engines start one at a time: each sizes its KV cache by the memory it finds in use, which
-# another engine loading at the same moment would throw off.
-_GPU_STARTS = asyncio.Lock()
+# Per GPU, engines whose KV cache vLLM sizes by profiling start one at a time: each measures
+# the memory in use, which another engine loading on that GPU at the same moment would throw off.
+_GPU_STARTS: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 ENGINE_SHUTDOWN_GRACE_S = 5.0
 
 
@@ -85,8 +86,8 @@ def build_engine(engine_args: AsyncEngineArgs, token: str) -> AsyncLLM:
 
 
 class SegmentTransfer(KvTransfer):
-    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool) -> None:
-        self.segment = TransferSegment(capacity_blocks, block_bytes, on_device)
+    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool, ranks: int = 1) -> None:
+        self.segment = TransferSegment(capacity_blocks, block_bytes, on_device, ranks)
         if on_device:
             self.default_stage_chunk_mib = 1024
 
@@ -95,10 +96,13 @@ class SegmentTransfer(KvTransfer):
 
 
 class VllmInstance(EngineInstance):
-    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs, cpu_threads: int | None = None) -> None:
+    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs, cpu_threads: int | None = None,
+                 start_alone_on: tuple[int, ...] = ()) -> None:
+        """`start_alone_on`: the GPUs on which no other engine may start at the same time."""
         self.instance_id = instance_id
         self._engine_args = engine_args
         self._cpu_threads = cpu_threads
+        self._start_alone_on = tuple(sorted(start_alone_on))
         self._engine: AsyncLLM | None = None
         self._subscriber: SnapshotSubscriber | None = None
         self._snapshot: InstanceSnapshot | None = None
@@ -110,7 +114,9 @@ class VllmInstance(EngineInstance):
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        async with contextlib.nullcontext() if current_platform.is_cpu() else _GPU_STARTS:
+        async with contextlib.AsyncExitStack() as held:
+            for gpu in self._start_alone_on:  # in order: two starts never wait on each other
+                await held.enter_async_context(_GPU_STARTS[gpu])
             await self._start()
 
     async def _start(self) -> None:
@@ -201,10 +207,10 @@ class VllmInstance(EngineInstance):
                         max_blocks: int | None = None) -> KvExport | None:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
-        (result,) = await self._running_engine().collective_rpc(
+        answers = await self._running_engine().collective_rpc(
             "llumnix_export_kv", args=(request_id, first_block, segment, False, max_blocks)
         )
-        return _kv_export(result)
+        return _kv_export(agreed_export(answers))
 
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer, first_block: int) -> KvExport | None:
         assert isinstance(transfer, SegmentTransfer)

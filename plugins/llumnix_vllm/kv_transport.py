@@ -15,11 +15,16 @@ Two paths, chosen per segment:
   (over NVLink/PCIe peer access when the instances sit on different GPUs) and never touch
   host memory. The source frees its GPU area once the front end has removed the file.
 A network transport for instances on other hosts would take the same interface.
+
+A tensor-parallel engine keeps a shard of every block on each of its workers (ranks). Its
+segment is one area per rank, and rank r of the source fills the area that rank r of the
+destination reads, so migration needs both engines to have the same layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import mmap
 import os
 import pickle
@@ -42,23 +47,36 @@ class SegmentSpec:
 
     path: str
     capacity_blocks: int
-    block_bytes: int  # one block of every layer
+    block_bytes: int  # one rank's share of a block, every layer
     on_device: bool = False  # the device path: `path` holds a CUDA IPC handle, not the blocks
+    ranks: int = 1  # one area per worker of a tensor/pipeline-parallel engine
+
+    def rank_path(self, rank: int) -> str:
+        return self.path if self.ranks == 1 else f"{self.path}.rank{rank}"
+
+    def of_rank(self, rank: int) -> SegmentSpec:
+        """The area rank `rank` fills (at the source) or reads (at the destination)."""
+        if not 0 <= rank < self.ranks:
+            raise ValueError(f"the segment has areas for {self.ranks} rank(s); this worker is rank {rank}: "
+                             "the two engines' tensor/pipeline-parallel layouts differ")
+        return dataclasses.replace(self, path=self.rank_path(rank), ranks=1)
 
 
 class TransferSegment:
     """The front end's handle: creates the shared memory and removes it when closed."""
 
-    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool = False) -> None:
+    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool = False, ranks: int = 1) -> None:
         path = os.path.join(SEGMENT_DIR, f"llumnix-kv-{uuid.uuid4().hex[:16]}")
-        with open(path, "wb") as f:
-            if not on_device:
-                f.truncate(max(1, capacity_blocks * block_bytes))
-        self.spec = SegmentSpec(path, capacity_blocks, block_bytes, on_device)
+        self.spec = SegmentSpec(path, capacity_blocks, block_bytes, on_device, ranks)
+        for rank in range(ranks):
+            with open(self.spec.rank_path(rank), "wb") as f:
+                if not on_device:
+                    f.truncate(max(1, capacity_blocks * block_bytes))
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.spec.path)
+        for rank in range(self.spec.ranks):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec.rank_path(rank))
 
 
 @contextlib.contextmanager
@@ -74,10 +92,18 @@ def _mapped(spec: SegmentSpec) -> Iterator[mmap.mmap]:
             area.close()
 
 
+def worker_rank() -> int:
+    """The calling worker's rank in its engine (0 without tensor or pipeline parallelism)."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    return get_world_group().rank_in_group
+
+
 class KvBlockIO:
     """Copies whole KV blocks between a worker's cache tensors and a transfer segment."""
 
-    def __init__(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+    def __init__(self, kv_caches: list[torch.Tensor], num_blocks: int, rank: int = 0) -> None:
+        self.rank = rank  # this worker's rank in its engine
         seen: set[int] = set()
         self._layers: list[torch.Tensor] = []
         for tensor in kv_caches:
@@ -113,6 +139,7 @@ class KvBlockIO:
 
     @contextlib.contextmanager
     def _area(self, spec: SegmentSpec, owner: bool) -> Iterator[torch.Tensor]:
+        spec = spec.of_rank(self.rank)
         if spec.on_device:
             yield _device_area(spec, self._layers[0].device, owner)
         else:

@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec
+from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec, worker_rank
 
 SEGMENT_PARAM = "llumnix_segment"
 
@@ -91,7 +91,7 @@ class LlumnixMigrationConnector(KVConnectorBase_V1):
     # --- worker side --------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        self._io = KvBlockIO(list(kv_caches.values()), self._num_blocks)
+        self._io = KvBlockIO(list(kv_caches.values()), self._num_blocks, worker_rank())
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()

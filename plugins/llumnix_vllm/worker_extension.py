@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec
+from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec, worker_rank
 
 # vLLM appends "-" and 8 random characters to the id the front end gave a request.
 _INTERNAL_ID_SUFFIX_LEN = 9
@@ -18,6 +18,15 @@ def external_request_id(internal_id: str) -> str:
     if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
         return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
     return internal_id
+
+
+def agreed_export(answers: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The one answer of `llumnix_export_kv` from every worker of an engine: with tensor
+    parallelism each rank copies its own shard, and all must have copied the same blocks."""
+    first = answers[0]
+    if any(answer != first for answer in answers[1:]):
+        raise RuntimeError(f"the engine's workers exported different KV for one request: {answers}")
+    return first
 
 
 class LlumnixWorkerExtension:
@@ -70,5 +79,5 @@ class LlumnixWorkerExtension:
     def _llumnix_block_io(self) -> KvBlockIO:
         if getattr(self, "_llumnix_io", None) is None:
             runner = self.model_runner
-            self._llumnix_io = KvBlockIO(runner.kv_caches, runner.kv_cache_config.num_blocks)
+            self._llumnix_io = KvBlockIO(runner.kv_caches, runner.kv_cache_config.num_blocks, worker_rank())
         return self._llumnix_io

@@ -52,6 +52,7 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
                     "id": r.instance_id,
                     "state": r.state,
                     "error": errors.get(r.instance_id),
+                    "gpus": list(r.gpus),
                     "freeness": _number(r.freeness),
                     "migrations_in_flight": in_flight.get(r.instance_id, 0),
                     "snapshot": dataclasses.asdict(r.snapshot) if r.snapshot is not None else None,

@@ -21,27 +21,30 @@ class StartupReport:
     def instance_event(self, event: InstanceEvent) -> None:
         name = f"{event.model}/{event.instance_id}"
         if event.state is InstanceState.STARTING:
-            self._print(f"[llumnix] {name}: starting engine")
+            where = f" on GPU {','.join(map(str, event.gpus))}" if event.gpus else ""
+            self._print(f"[llumnix] {name}: starting engine{where}")
         elif event.state is InstanceState.READY:
             self._print(f"[llumnix] {name}: ready in {event.seconds:.1f} s")
         else:
             self._print(f"[llumnix] {name}: FAILED after {event.seconds:.1f} s: {event.error}")
 
     def summary(self, registry: ModelRegistry) -> None:
-        rows = [("MODEL", "STATE", "INSTANCES", "DISPATCH", "REASON")]
+        rows = [("MODEL", "STATE", "INSTANCES", "DISPATCH", "GPUS", "REASON")]
         for entry in registry.entries():
             model = entry.model
-            if model is None:
-                instances, dispatch = "-", "-"
-            else:
-                states = [r.state for r in model.reports()]
+            instances, dispatch, gpus = "-", "-", "-"
+            if model is not None:
+                reports = model.reports()
+                states = [r.state for r in reports]
                 instances = f"{states.count('ready')}/{len(states)} ready"
                 dispatch = model.config.scheduler.dispatch_policy.value
-            rows.append((entry.name, entry.state.value, instances, dispatch, entry.reason))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                # One group per instance: "0/1" is one GPU each, "0,1/2,3" two each.
+                gpus = "/".join(",".join(map(str, r.gpus)) for r in reports if r.gpus) or "-"
+            rows.append((entry.name, entry.state.value, instances, dispatch, gpus, entry.reason))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         self._print("")
         for row in rows:
-            self._print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+            self._print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5])
         self._print("")
         self._print(
             f"[llumnix] serving {len(registry.ready_models())} model(s) on {self._base_url}: "

@@ -1,0 +1,95 @@
+"""Tensor-parallel instances on vLLM's CPU build: two instances of tensor_parallel_size 2 (two
+worker processes each, one KV shard per rank). They serve, a greedy stream migrated between
+them (each rank's shard to the same rank on the other side) is token-identical to an
+unmigrated one, and a killed instance's requests replay on the other.
+
+These tests kill an engine, so they have a server of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from llumnix_client import StreamedCompletion, engine_pid, instances, migrate, other, running_on
+
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+pytestmark = pytest.mark.engine
+
+MODEL = "wide"
+TOKENS = 600
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+    repository = tmp_path_factory.mktemp("tensor-parallel")
+    config = tiny_config(str(tiny_model), instances=2, max_model_len=2048)
+    config["engine"]["tensor_parallel_size"] = 2
+    config["resources"]["cpu_threads"] = 1  # per worker: four workers share this host's cores
+    config["scheduler"]["migration"] = {"rescheduling": False}  # only the tests move requests
+    config["scheduler"]["health"] = {"restart_backoff_s": 0.5}
+    write_model(repository, MODEL, config)
+    server = llumnix_server(repository, repository.parent / "tensor-parallel-server.log").start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, [MODEL, MODEL])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(server: ServerProcess) -> StreamedCompletion:
+    return StreamedCompletion(server, MODEL, max_tokens=TOKENS).result()
+
+
+def test_tensor_parallel_instances_serve(server, baseline) -> None:
+    listing = instances(server, MODEL)
+    assert [i["state"] for i in listing.values()] == ["ready", "ready"]
+    assert baseline.finish_reason == "length" and len(baseline.token_ids) == TOKENS
+
+
+def test_a_migrated_stream_is_token_identical(server, baseline) -> None:
+    run = StreamedCompletion(server, MODEL, max_tokens=TOKENS).wait_for_tokens(100)
+    source = running_on(server, run.request_id, MODEL)
+    response = migrate(server, run.request_id, other(source), MODEL)
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["committed"], report
+    assert report["blocks"] >= 1 and report["bytes"] > 0
+    run.result()
+    assert run.token_ids == baseline.token_ids
+    assert "".join(run.text) == "".join(baseline.text)
+
+
+def test_a_killed_instance_replays_its_requests_whole(server, baseline) -> None:
+    run = StreamedCompletion(server, MODEL, max_tokens=TOKENS).wait_for_tokens(50)
+    victim = running_on(server, run.request_id, MODEL)
+    os.kill(engine_pid(server, victim, MODEL), signal.SIGKILL)
+    run.result()
+    assert run.token_ids == baseline.token_ids
+    assert "".join(run.text) == "".join(baseline.text)
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+    while instances(server, MODEL)[victim]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert instances(server, MODEL)[victim]["state"] == "ready"
+
+
+def test_instances_of_different_layouts_cannot_migrate(tiny_model: Path, tmp_path: Path) -> None:
+    from llumnix_backend.repository import load_model_source
+    from llumnix_vllm.backend import VllmBackend
+
+    backend = VllmBackend()
+    runtimes = {}
+    for size in (1, 2):
+        config = tiny_config(str(tiny_model), max_model_len=2048)
+        config["engine"]["tensor_parallel_size"] = size
+        runtimes[size] = backend.load_model(f"tp{size}", load_model_source(write_model(tmp_path, f"tp{size}", config)))
+    assert runtimes[2].kv_layout_difference(runtimes[1]) == "their KV-cache layouts differ: tensor_parallel_size 1 against 2"
+    assert not runtimes[2].can_take_over_from(runtimes[1])
+    assert runtimes[2].kv_layout_difference(runtimes[2]) is None
