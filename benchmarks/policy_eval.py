@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
+from llumnix_backend.tiny_models import LLAMA_2_7B_BLOCK_BYTES, TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,7 +68,9 @@ def model_config(work: Path, args) -> dict:
     else:
         engine |= {"model": str(write_llama_2_7b_shape(work / "model")), "load_format": "dummy",
                    "num_gpu_blocks_override": args.blocks}
-        resources = {"gpu_memory_utilization": args.gpu_memory_utilization}
+        # The KV cache's size given (the blocks, and the null block): the engines start together.
+        resources = {"gpu_memory_utilization": args.gpu_memory_utilization,
+                     "gpu_kv_cache_gib": (args.blocks + 1) * LLAMA_2_7B_BLOCK_BYTES / 2**30}
     return {"instances": args.instances, "engine": engine, "resources": resources,
             "scheduler": scheduler_section(POLICIES[0], args)}
 

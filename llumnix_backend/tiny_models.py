@@ -108,6 +108,10 @@ def build_model(out_dir: str | Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()
     return out
 
 
+# One 16-token KV block of Llama-2-7B: 32 layers x (K, V) x 4,096 x 2 bytes (bf16) x 16 tokens.
+LLAMA_2_7B_BLOCK_BYTES = 32 * 2 * 4096 * 2 * 16
+
+
 def write_llama_2_7b_shape(out_dir: str | Path, max_position_embeddings: int = 8192) -> Path:
     """A folder with Llama-2-7B's architecture and no weights, for engines started with
     `load_format: dummy` (GPU benchmarks): compute and KV-cache size are the real model's.
