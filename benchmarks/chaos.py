@@ -7,9 +7,10 @@ random length, until `--duration-s` has passed or `--requests` were sent (both b
 stream is checked against the same request run undisturbed beforehand (token ids equal).
 
 Reported: requests completed, failed and token-identical; replays, instance failures and
-restarts (from /metrics); the longest pause any client saw between two tokens, and the
-longest one without a kill nearby (the baseline); KV blocks left in use once the load is
-over. Prints JSON and a table; writes docs/benchmarks/NAME.{json,md}.
+restarts (from /metrics); the longest pause any client saw between two tokens: over a kill
+while another instance served (the replay case, the target's), over a kill of the only
+instance serving (the others were still restarting: the streams wait for a restart), and
+over no kill (the baseline); KV blocks left in use once the load is over. Prints JSON and a table; writes docs/benchmarks/NAME.{json,md}.
 
     python benchmarks/chaos.py [--instances 2] [--duration-s 600] [--kill-every-s 30]
         [--concurrency 4] [--requests 400] [--name chaos]
@@ -41,6 +42,12 @@ from loadgen import command_line, markdown_table, publish  # noqa: E402
 
 MODEL = "chaos"
 PROMPTS = [f"Request {i} of the chaos run: keep streaming whatever happens to the engines. " for i in range(16)]
+
+
+@dataclass(frozen=True)
+class Kill:
+    at: float  # time.monotonic()
+    serving: int  # instances serving when it fired, the victim included
 
 
 @dataclass
@@ -86,7 +93,7 @@ def counter(metrics: str, name: str) -> float:
     return sum(float(v) for v in pattern.findall(metrics))
 
 
-async def load(url: str, args, baselines: dict[tuple[int, int], list[int]], kills: list[float]) -> list[Stream]:
+async def load(url: str, args, baselines: dict[tuple[int, int], list[int]], kills: list[Kill]) -> list[Stream]:
     rng = random.Random(args.seed)
     done: list[Stream] = []
     began = time.monotonic()
@@ -100,10 +107,10 @@ async def load(url: str, args, baselines: dict[tuple[int, int], list[int]], kill
             if serving:
                 victim = krng.choice(serving)
                 with_pid = victim["snapshot"]["engine_pid"]
-                print(f"  kill instance {victim['id']} (pid {with_pid}) at {time.monotonic() - began:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"  kill instance {victim['id']} (pid {with_pid}, {len(serving)} serving) at "
+                      f"{time.monotonic() - began:.0f} s", file=sys.stderr, flush=True)
                 os.kill(with_pid, signal.SIGKILL)
-                kills.append(time.monotonic())
+                kills.append(Kill(time.monotonic(), len(serving)))
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal sent
@@ -130,16 +137,17 @@ async def undisturbed(url: str, keys: list[tuple[int, int]]) -> dict[tuple[int, 
     return {(r.prompt, r.max_tokens): r.token_ids for r in runs}
 
 
-def longest_pauses(streams: list[Stream], kills: list[float], near_s: float) -> tuple[float, float]:
-    """(the longest pause between two tokens, the longest one not within `near_s` after a kill)."""
-    longest = quiet = 0.0
+def longest_pauses(streams: list[Stream], kills: list[Kill]) -> dict[str, float]:
+    """The longest pause between two tokens: over a kill with another instance serving, over a
+    kill of the last one serving, over no kill. A pause is over a kill if the kill fired
+    between its two tokens."""
+    longest = {"replayed": 0.0, "last_instance_killed": 0.0, "no_kill": 0.0}
     for stream in streams:
         for before, after in zip(stream.arrivals, stream.arrivals[1:]):
-            gap = after - before
-            longest = max(longest, gap)
-            if not any(k - 1.0 <= after <= k + near_s for k in kills):
-                quiet = max(quiet, gap)
-    return longest, quiet
+            over = [k for k in kills if before <= k.at <= after]
+            case = "no_kill" if not over else "replayed" if min(k.serving for k in over) > 1 else "last_instance_killed"
+            longest[case] = max(longest[case], after - before)
+    return longest
 
 
 def main() -> None:
@@ -171,7 +179,7 @@ def main() -> None:
         try:
             wait_for_repository(server, 600)
             baselines = asyncio.run(undisturbed(server.url, keys))
-            kills: list[float] = []
+            kills: list[Kill] = []
             began = time.monotonic()
             streams = asyncio.run(load(server.url, args, baselines, kills))
             elapsed = time.monotonic() - began
@@ -188,13 +196,16 @@ def main() -> None:
             server.stop()
     failed = [s for s in streams if s.error or len(s.token_ids) != s.max_tokens]
     identical = sum(1 for s in streams if not s.error and s.token_ids == baselines[(s.prompt, s.max_tokens)])
-    longest, quiet = longest_pauses(streams, kills, near_s=60)
+    pauses = longest_pauses(streams, kills)
     result = {"benchmark": "chaos", "command": command_line(), "settings": vars(args), "elapsed_s": elapsed,
               "requests": len(streams), "completed": len(streams) - len(failed), "failed": len(failed),
               "token_identical": identical, "kills": len(kills),
+              "kills_of_the_last_serving_instance": sum(k.serving == 1 for k in kills),
               "replays": counter(metrics, "replays"), "instance_failures": counter(metrics, "instance_failures"),
               "instance_restarts": counter(metrics, "instance_restarts"),
-              "longest_pause_s": longest, "longest_pause_away_from_kills_s": quiet, "kv_blocks_left_in_use": leaked,
+              "longest_pause_over_a_replay_s": pauses["replayed"],
+              "longest_pause_over_a_kill_of_the_last_instance_s": pauses["last_instance_killed"],
+              "longest_pause_over_no_kill_s": pauses["no_kill"], "kv_blocks_left_in_use": leaked,
               "failures": [s.error or f"{len(s.token_ids)} of {s.max_tokens} tokens" for s in failed][:10]}
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in result.items()
             if k not in ("command", "settings", "benchmark", "failures")]

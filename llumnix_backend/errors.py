@@ -30,3 +30,8 @@ class Overloaded(Exception):
 
 class RequestTimedOut(Exception):
     """The request ran past its model's `scheduler.admission.request_timeout_s`; it was aborted."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: it takes no new requests, and ends those still running once the
+    shutdown grace period is over."""

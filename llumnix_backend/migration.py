@@ -113,7 +113,9 @@ class RequestStream:
     generated: list[int] = field(default_factory=list)  # token ids delivered to the client
     last_delivery: float = 0.0  # time.monotonic()
     handover: Handover | None = None
-    timed_out: bool = False  # aborted for running past the model's request timeout
+    # Why the server ended the request (it ran past its timeout, the server is shutting down):
+    # raised to the client once the engine confirms the abort.
+    ended_by: Exception | None = None
     # Makes a detokenizer for this request: token ids in, the text they add out. None: the
     # engines' text is used even after a switch.
     new_detokenizer: Callable[[], Callable[[Sequence[int]], str]] | None = None

@@ -118,6 +118,7 @@ class ModelRegistry:
         self._progress = progress
         self.initial_load_done = asyncio.Event()
         self.loaded_at_start: frozenset[str] = frozenset()  # the models the server was to serve from the start
+        self.stopping = False  # `begin_shutdown` was called
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -337,6 +338,13 @@ class ModelRegistry:
                     logger.info("GPUs: %s", ", ".join(f"{d.index} ({d.name}, {d.memory_bytes / 2**30:.0f} GiB)"
                                                       for d in self.gpus.devices))
         return self._backends[name]
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The server is stopping: no model takes new requests (nor is ready), and requests still
+        running after `grace_s` end with `ShuttingDown`. `shutdown` then stops the engines."""
+        self.stopping = True
+        for model in [*self._retiring.values(), *(e.model for e in self._entries.values() if e.model is not None)]:
+            model.begin_shutdown(grace_s)
 
     async def shutdown(self) -> None:
         if self._watcher is not None:

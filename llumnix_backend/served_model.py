@@ -18,11 +18,11 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from llumnix_backend.config import ModelSource
-from llumnix_backend.errors import Overloaded, Refusal, RequestTimedOut
+from llumnix_backend.errors import Overloaded, Refusal, RequestTimedOut, ShuttingDown
 from llumnix_backend.gpus import GpuInventory
 from llumnix_backend.policies.dispatch import NoInstanceAvailable, choose_instance, freeness
 from llumnix_backend.metrics import InstanceReport, ServerMetrics
@@ -147,6 +147,7 @@ class ServedModel:
         self._migrating: set[str] = set()
         self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
         self._control: asyncio.Task | None = None
+        self._closing = False  # the server is shutting down
         self._tasks: set[asyncio.Task] = set()  # what the control loop started: migrations, restarts
         self._start_slots: asyncio.Semaphore | None = None
         self._progress: ProgressCallback | None = None
@@ -350,19 +351,9 @@ class ServedModel:
         prio = self.config.scheduler.priority
         if not prio.min <= request.priority <= prio.max:
             raise RequestError(f"priority must be between {prio.min} and {prio.max}, got {request.priority}", "priority")
+        self.check_prompt(request.prompt_token_ids)
         n_prompt = len(request.prompt_token_ids)
         limit = self.runtime.max_model_len
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty", "prompt")
-        vocab = self.runtime.vocab_size
-        if vocab is not None:
-            bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise RequestError(f"prompt token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
-        if n_prompt >= limit:
-            raise RequestError(
-                f"the prompt has {n_prompt} tokens; this model's maximum context length is {limit} tokens", "prompt"
-            )
         max_tokens = request.max_tokens
         if max_tokens is not None and n_prompt + max_tokens > limit:
             raise RequestError(
@@ -371,6 +362,22 @@ class ServedModel:
                 "max_tokens",
             )
         self.runtime.check_sampling(request.sampling)
+
+    def check_prompt(self, token_ids: Sequence[int]) -> None:
+        """Raise `RequestError` if these prompt tokens cannot be served (also called as each
+        prompt of a batch is tokenised, so that a bad one stops the work on the rest)."""
+        if not token_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.runtime.vocab_size
+        if vocab is not None:
+            bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"prompt token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
+        limit = self.runtime.max_model_len
+        if len(token_ids) >= limit:
+            raise RequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is {limit} tokens",
+                "prompt")
 
     def _dispatch(self, request: GenerationRequest) -> str:
         policy = self.config.scheduler.dispatch_policy
@@ -394,8 +401,9 @@ class ServedModel:
         except (RequestError, NoInstanceAvailable):
             self._metrics.requests.labels(self.name, "none", "rejected").inc()
             raise
-        except Overloaded:
-            self._metrics.requests.labels(self.name, "none", "overloaded").inc()
+        except (Overloaded, ShuttingDown) as refused:
+            outcome = "overloaded" if isinstance(refused, Overloaded) else "shutdown"
+            self._metrics.requests.labels(self.name, "none", outcome).inc()
             raise
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
@@ -409,9 +417,8 @@ class ServedModel:
                 source = self._instances[stream.instance_id].engine.generate(running)
                 try:
                     async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
-                        if stream.timed_out and delta.finish_reason == "abort":
-                            raise RequestTimedOut(f"request {request.request_id} ran past model {self.name!r}'s "
-                                                  "scheduler.admission.request_timeout_s and was aborted")
+                        if stream.ended_by is not None and delta.finish_reason == "abort":
+                            raise stream.ended_by
                         if delta.token_ids:
                             self._waiting.discard(request.request_id)
                         tracker.observe(delta)
@@ -428,6 +435,9 @@ class ServedModel:
         except RequestTimedOut:
             tracker.outcome = "timeout"
             raise
+        except ShuttingDown:
+            tracker.outcome = "shutdown"
+            raise
         except BaseException:
             tracker.outcome = "aborted" if tracker.outcome is None else tracker.outcome
             raise
@@ -438,7 +448,10 @@ class ServedModel:
             tracker.finish()
 
     def _admit(self) -> None:
-        """Raise `Overloaded` if the model already has as many requests waiting as it may."""
+        """Raise `ShuttingDown` once the server stops, and `Overloaded` if the model already has
+        as many requests waiting as it may."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
         admission = self.config.scheduler.admission
         limit = admission.max_waiting_requests
         if limit is not None and len(self._waiting) >= limit:
@@ -466,9 +479,8 @@ class ServedModel:
                 instance_id = self._dispatch(continuation)
                 break
             except NoInstanceAvailable:
-                if stream.timed_out:
-                    raise RequestTimedOut(f"request {request.request_id} ran past model {self.name!r}'s "
-                                          "scheduler.admission.request_timeout_s") from lost
+                if stream.ended_by is not None:
+                    raise stream.ended_by from lost
                 if time.monotonic() >= deadline:
                     raise EngineDead(f"{lost}; no instance of model {self.name!r} could take over its "
                                      f"requests within {health.replay_timeout_s:g} s") from lost
@@ -596,11 +608,29 @@ class ServedModel:
         now = time.monotonic()
         for stream in self._streams.values():
             arrived = stream.request.arrival_time
-            if not stream.timed_out and arrived and now - arrived > timeout:
-                stream.timed_out = True
-                slot = self._instances.get(stream.instance_id)
-                if slot is not None and slot.engine.alive:
-                    self._spawn(slot.engine.abort(stream.request.request_id))
+            if stream.ended_by is None and arrived and now - arrived > timeout:
+                self._end(stream, RequestTimedOut(f"request {stream.request.request_id} ran past model "
+                                                  f"{self.name!r}'s scheduler.admission.request_timeout_s and "
+                                                  "was aborted"))
+
+    def _end(self, stream: RequestStream, why: Exception) -> None:
+        """Abort a running request; its stream then ends with `why`."""
+        stream.ended_by = why
+        slot = self._instances.get(stream.instance_id)
+        if slot is not None and slot.engine.alive:
+            self._spawn(slot.engine.abort(stream.request.request_id))
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Take no new requests; end those still running after `grace_s` with `ShuttingDown`."""
+        self._closing = True
+
+        def end_the_rest() -> None:
+            for stream in list(self._streams.values()):
+                if stream.ended_by is None:
+                    self._end(stream, ShuttingDown(f"the server shut down before request "
+                                                   f"{stream.request.request_id} finished"))
+
+        asyncio.get_running_loop().call_later(grace_s, end_the_rest)
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)

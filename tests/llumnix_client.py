@@ -34,6 +34,7 @@ class StreamedCompletion:
         self.text: list[str] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.error_event: dict | None = None  # the stream's in-band error, if it ended with one
         self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -47,6 +48,7 @@ class StreamedCompletion:
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         event = json.loads(line[6:])
+                        self.error_event = event.get("error")
                         with self._progress:
                             self.request_id = event["id"]
                             for choice in event["choices"]:

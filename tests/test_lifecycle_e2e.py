@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
+from llumnix_client import StreamedCompletion
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -58,3 +59,27 @@ def test_a_server_on_an_empty_repository_is_ready_at_once(tmp_path: Path) -> Non
         assert httpx.post(server.url + "/v2/repository/index", timeout=10).json() == []
     finally:
         server.stop()
+
+
+def test_sigterm_lets_short_requests_finish_and_ends_long_ones_after_the_grace(tmp_path: Path, tiny_model: Path) -> None:
+    write_model(tmp_path / "repo", "solo", tiny_config(str(tiny_model), max_model_len=8192))
+    server = llumnix_server(tmp_path / "repo", tmp_path / "server.log", extra_args=("--shutdown-grace-s", "3")).start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        short = StreamedCompletion(server, "solo", max_tokens=60).wait_for_tokens(1)
+        endless = StreamedCompletion(server, "solo", max_tokens=7000).wait_for_tokens(1)
+        engines = _descendants(server.process.pid)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        short.result()
+        assert short.finish_reason == "length" and len(short.token_ids) == 60
+        with pytest.raises(KeyError):  # its last event is an error, not a choice
+            endless.result()
+        assert endless.error_event["code"] == 503 and "shut down" in endless.error_event["message"]
+        assert 3 <= time.monotonic() - began < 30
+        assert server.process.wait(30) is not None
+        assert not _wait_gone(engines, timeout=30)
+        log = (tmp_path / "server.log").read_text()
+        assert "Traceback" not in log and "leaked" not in log, server.log_tail()
+    finally:
+        server.stop(signal.SIGKILL)

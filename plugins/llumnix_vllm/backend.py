@@ -206,6 +206,13 @@ class VllmModelRuntime(ModelRuntime):
         self._vllm_config = vllm_config
         self._tokenizer = tokenizer
         self._vocab_size = vllm_config.model_config.get_vocab_size()
+        # Text longer than this cannot fit in the context, whatever it says: it is refused
+        # before tokenising (seconds of work, and the loop's share of it, for a prompt of
+        # megabytes). A token covers at most as many characters as its vocabulary entry has
+        # (byte-level and SentencePiece entries spell what they cover; byte-fallback and
+        # special tokens only overstate it); normalisers may shrink text (NFKC composes), so 4x.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self._max_prompt_chars = 4 * longest * vllm_config.model_config.max_model_len
         # What `vllm serve` applies too: defaults from the model's generation_config.json.
         self._default_sampling = vllm_config.model_config.get_diff_sampling_param()
 
@@ -213,7 +220,13 @@ class VllmModelRuntime(ModelRuntime):
     def max_model_len(self) -> int:
         return self._vllm_config.model_config.max_model_len
 
+    def _check_length(self, text: str, field: str) -> None:
+        if len(text) > self._max_prompt_chars:
+            raise RequestError(f"the prompt has {len(text):,} characters; this model's maximum context length of "
+                               f"{self.max_model_len} tokens holds at most {self._max_prompt_chars:,}", field)
+
     def encode(self, text: str) -> list[int]:
+        self._check_length(text, "prompt")
         try:
             return self._tokenizer.encode(text)
         except (UnicodeEncodeError, ValueError, TypeError) as exc:  # a lone surrogate, say
@@ -232,6 +245,7 @@ class VllmModelRuntime(ModelRuntime):
             )
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
+        self._check_length(text, "messages")
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def new_detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool

@@ -17,7 +17,9 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -168,3 +170,24 @@ def create_app(
     if api_key or operations_key:  # added last: it runs first, so no unauthenticated body is read
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, operations_key=operations_key)
     return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, calling `on_stop` as soon as a stop signal arrives (uvicorn itself
+    only stops accepting connections and waits for the open ones, up to its
+    `timeout_graceful_shutdown`): the registry then refuses new requests and ends the running
+    ones after the grace period."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_stop)  # from a signal handler, not inside the loop
+        super().handle_exit(sig, frame)

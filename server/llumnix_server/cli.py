@@ -9,6 +9,8 @@ from pathlib import Path
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # about a million tokens of text: far past any context
+# After the grace period, streams end with an error and connections close within this.
+SHUTDOWN_BACKSTOP_S = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="poll mode: act on a model folder once it has been unchanged this long")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
                         help="refuse (413) request bodies larger than this")
+    parser.add_argument("--shutdown-grace-s", type=float, default=30, metavar="SECONDS",
+                        help="on SIGTERM or SIGINT, how long running requests may take to finish before they "
+                             "end with an error (new ones get 503 at once)")
     parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
                         help="explicit mode: a model to load at start (repeatable; '*' for all)")
     args = parser.parse_args(argv)
@@ -48,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-request-bytes must be positive")
     if args.max_parallel_starts < 1:
         parser.error("--max-parallel-starts must be at least 1")
+    if args.shutdown_grace_s < 0:
+        parser.error("--shutdown-grace-s must not be negative")
     return args
 
 
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from llumnix_backend.model_registry import ModelControlMode, ModelRegistry
-    from llumnix_server.app import create_app
+    from llumnix_server.app import GracefulServer, create_app
     from llumnix_server.startup_report import StartupReport
 
     report = StartupReport(f"http://{args.host}:{args.port}")
@@ -74,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
                              args.repository_quiet_s)
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary,
                      max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.log_level == "debug",
+                            timeout_graceful_shutdown=int(args.shutdown_grace_s + SHUTDOWN_BACKSTOP_S))
+    GracefulServer(config, lambda: registry.begin_shutdown(args.shutdown_grace_s)).run()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llumnix_backend.policies.dispatch import NoInstanceAvailable
-from llumnix_backend.errors import Overloaded, Refusal, Refused, RequestTimedOut
+from llumnix_backend.errors import Overloaded, Refusal, Refused, RequestTimedOut, ShuttingDown
 from llumnix_backend.model_registry import ModelNotFound, ModelNotReady
 from llumnix_backend.plugin import EngineDead
 from llumnix_backend.requests import RequestError
@@ -72,6 +72,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(503, str(exc), "model")
     if isinstance(exc, RequestTimedOut):
         return ApiError(504, str(exc))
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, str(exc))
     if isinstance(exc, Overloaded):
         return ApiError(503, str(exc), "model", {"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, NoInstanceAvailable):
@@ -107,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, exc.status_code, str(exc.detail))
 
     for kind in (ApiError, RequestError, ModelNotFound, ModelNotReady, NoInstanceAvailable, EngineDead, Refused,
-                 Overloaded, RequestTimedOut):
+                 Overloaded, RequestTimedOut, ShuttingDown):
 
         @app.exception_handler(kind)
         async def _mapped(request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,6 @@ false, drops the prompt from a non-streaming `text_output`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
 from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import new_request_id, started, unless_disconnected
+from llumnix_server.tokenizing import tokenize
 
 SERVER_NAME = "llumnix-backend"
 EXTENSIONS = ["model_repository", "generate", "llumnix"]
@@ -120,7 +120,7 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
     async def ready() -> Response:
         # With models to serve from the start, at least one of them must serve; a server
         # started with none (an empty repository to drop folders into) is ready at once.
-        is_ready = registry.initial_load_done.is_set() and (
+        is_ready = registry.initial_load_done.is_set() and not registry.stopping and (
             bool(registry.ready_models()) or not registry.loaded_at_start)
         return Response(status_code=200 if is_ready else 503)
 
@@ -206,7 +206,7 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     # The id the server runs the request under is always its own (unique); the client's `id`
     # only comes back in the response, so two requests with the same id never mix.
     request_id = new_request_id("gen")
-    prompt = await asyncio.to_thread(model.runtime.encode, body.text_input)  # off the event loop
+    prompt = await tokenize(model.runtime.encode, body.text_input)
     gen_request = GenerationRequest(
         request_id, tuple(prompt),
         params.sampling(model.runtime.default_sampling(), params.max_tokens),

@@ -8,7 +8,6 @@ tools, structured output) are refused with a 400 naming the field, never silentl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
+from llumnix_server.tokenizing import tokenize
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own engine request)
@@ -135,18 +135,20 @@ class _Choices:
 
 async def _completion_prompts(model: ServedModel,
                               prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
-    """Token ids of each prompt; tokenised on a worker thread, so that a long prompt never holds
-    up the event loop (other requests' streams, health checks)."""
+    """Token ids of each prompt, tokenised off the event loop (`tokenizing`)."""
     if isinstance(prompt, str):
-        return [await asyncio.to_thread(model.runtime.encode, prompt)]
+        return [await tokenize(model.runtime.encode, prompt)]
     if not prompt:
         raise RequestError("the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
     if len(prompt) > MAX_PROMPTS:
         raise RequestError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS} are allowed", "prompt")
-    return [await asyncio.to_thread(model.runtime.encode, p) if isinstance(p, str) else list(p)  # type: ignore[union-attr]
-            for p in prompt]
+    prompts = []
+    for p in prompt:
+        prompts.append(await tokenize(model.runtime.encode, p) if isinstance(p, str) else list(p))  # type: ignore[union-attr]
+        model.check_prompt(prompts[-1])  # a bad one ends the work on the rest
+    return prompts
 
 
 def create_openai_router(registry: ModelRegistry) -> APIRouter:
@@ -190,7 +192,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
             raise RequestError("only response_format type 'text' is supported", "response_format")
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
-        prompt = await asyncio.to_thread(model.runtime.render_chat, messages)
+        prompt = await tokenize(model.runtime.render_chat, messages)
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival)
