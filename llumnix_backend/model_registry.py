@@ -385,6 +385,14 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name!r} is not loaded ({entry.state.value}{why})")
         return entry.model
 
+    @property
+    def ready(self) -> bool:
+        """Whether the server is ready: loading at start is over, it is not stopping, and one of
+        the models to serve from the start serves (a server started with none, an empty
+        repository to drop folders into, is ready at once)."""
+        return self.initial_load_done.is_set() and not self.stopping and (
+            bool(self.ready_models()) or not self.loaded_at_start)
+
     def ready_models(self) -> list[ServedModel]:
         return [e.model for e in self._entries.values() if e.serving_state is ModelState.READY and e.model is not None]
 

@@ -136,14 +136,22 @@ class ModelRuntime(abc.ABC):
     def max_model_len(self) -> int: ...
 
     @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt (with the tokenizer's special tokens); raise
-        `RequestError` for text the tokenizer cannot take."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's special tokens unless told
+        not to); raise `RequestError` for text the tokenizer cannot take."""
 
     @property
     def vocab_size(self) -> int | None:
         """Token ids are below this (None: not known, not checked)."""
         return None
+
+    @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of these token ids, special tokens left out."""
+
+    @abc.abstractmethod
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token id's vocabulary entry."""
 
     @abc.abstractmethod
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:

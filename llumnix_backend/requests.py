@@ -35,6 +35,17 @@ class GenerationRequest:
     def max_tokens(self) -> int | None:
         return self.sampling.get("max_tokens")
 
+    @property
+    def bound_to_its_engine(self) -> str | None:
+        """Why the request cannot continue on another instance with the same output, or None.
+        A structured-output request's grammar state, and a seeded sampler's random stream,
+        live in its engine and would start over elsewhere."""
+        if self.sampling.get("structured_outputs"):
+            return "its structured-output state lives in its engine"
+        if self.sampling.get("seed") is not None and self.sampling.get("temperature", 1.0) != 0:
+            return "its seeded random sampling lives in its engine"
+        return None
+
     def continued(self, token_ids: tuple[int, ...], kv_transfer: Any = None) -> GenerationRequest:
         """The request as another instance takes it over with `token_ids` (its prompt and
         everything generated so far) as the prompt: the sampling budget left, and the KV of

@@ -145,6 +145,7 @@ class ServedModel:
         self._streams: dict[str, RequestStream] = {}  # running requests, by id
         self._waiting: set[str] = set()  # of them, those whose first token is still to come
         self._migrating: set[str] = set()
+        self._bound: set[str] = set()  # running requests that cannot move (`bound_to_its_engine`)
         self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
         self._control: asyncio.Task | None = None
         self._closing = False  # the server is shutting down
@@ -368,16 +369,19 @@ class ServedModel:
         prompt of a batch is tokenised, so that a bad one stops the work on the rest)."""
         if not token_ids:
             raise RequestError("the prompt is empty", "prompt")
-        vocab = self.runtime.vocab_size
-        if vocab is not None:
-            bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise RequestError(f"prompt token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
+        self.check_token_ids(token_ids, "prompt")
         limit = self.runtime.max_model_len
         if len(token_ids) >= limit:
             raise RequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is {limit} tokens",
                 "prompt")
+
+    def check_token_ids(self, token_ids: Sequence[int], field: str) -> None:
+        vocab = self.runtime.vocab_size
+        if vocab is not None:
+            bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"{field} token id {bad} is outside the vocabulary (0 to {vocab - 1})", field)
 
     def _dispatch(self, request: GenerationRequest) -> str:
         policy = self.config.scheduler.dispatch_policy
@@ -409,6 +413,8 @@ class ServedModel:
         self._track_in_flight(request, instance_id)
         stream = RequestStream(request, instance_id, new_detokenizer=self._detokenizer_factory(request))
         self._streams[request.request_id] = stream
+        if request.bound_to_its_engine:
+            self._bound.add(request.request_id)
         tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
         self._waiting.add(request.request_id)
@@ -443,6 +449,7 @@ class ServedModel:
             raise
         finally:
             self._waiting.discard(request.request_id)
+            self._bound.discard(request.request_id)
             del self._streams[request.request_id]
             self._instances[stream.instance_id].untrack(request.request_id)
             tracker.finish()
@@ -468,6 +475,9 @@ class ServedModel:
             raise lost
         stream.handover = None  # a migration in flight ended with the source (the relay concluded it)
         lost_on, request = stream.instance_id, stream.request
+        if request.bound_to_its_engine:
+            raise EngineDead(f"{lost}; request {request.request_id} cannot continue on another instance: "
+                             f"{request.bound_to_its_engine}") from lost
         tokens = request.prompt_token_ids + tuple(stream.generated)
         if (request.max_tokens is not None and len(stream.generated) >= request.max_tokens) or \
                 len(tokens) >= self.runtime.max_model_len:
@@ -528,6 +538,9 @@ class ServedModel:
             raise MigrationRejected(Refusal.NOT_FOUND, f"no running request {request_id!r} in model {self.name!r}")
         if stream.handover is not None or request_id in self._migrating:
             raise MigrationRejected(Refusal.CONFLICT, f"request {request_id!r} is already migrating")
+        bound = stream.request.bound_to_its_engine
+        if bound:
+            raise MigrationRejected(Refusal.CONFLICT, f"request {request_id!r} cannot move: {bound}")
         views = {v.instance_id: v for v in self.views()}
         num_tokens = len(stream.request.prompt_token_ids) + len(stream.generated)
         check_destination(views, stream.instance_id, destination_id, num_tokens)
@@ -585,7 +598,7 @@ class ServedModel:
             try:
                 health = [s.health(i) for i, s in self._instances.items()]
                 plan = plan_tick(health, self.views(), self.config.scheduler, self._migrations_at,
-                                 frozenset(self._migrating), time.monotonic())
+                                 frozenset(self._migrating | self._bound), time.monotonic())
                 self._carry_out(plan)
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad tick
                 logger.exception("model %s: control loop tick failed", self.name)

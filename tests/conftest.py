@@ -89,6 +89,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     # Migration tests freeze a destination on purpose: give up on a stage after 3 s, not 30.
     # Stages copy 2 blocks (256 KiB each) per engine step, so longer requests take several.
     alpha_config["scheduler"]["migration"] = {"stage_timeout_s": 3, "stage_chunk_mib": 0.5}
+    # JSON without free whitespace, which random weights would otherwise emit for ever.
+    alpha_config["engine"]["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     alpha = write_model(repository, "alpha", alpha_config)
     (alpha / "weights").symlink_to(tiny_model)
     beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)

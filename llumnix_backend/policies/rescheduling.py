@@ -117,7 +117,8 @@ def plan_migrations(
     migrating: frozenset[str] = frozenset(),
 ) -> list[PlannedMigration]:
     """Migrations to start now. `in_flight` counts the migrations each instance already takes
-    part in; `migrating` requests are already on their way and are not picked again."""
+    part in; `migrating` requests are never picked: they are already on their way, or cannot
+    move (`GenerationRequest.bound_to_its_engine`)."""
     in_flight = in_flight or {}
     limit = settings.max_in_flight_per_instance
     load = [_Projection.of(v, priority, limit - in_flight.get(v.instance_id, 0)) for v in views]

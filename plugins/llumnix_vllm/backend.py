@@ -25,7 +25,7 @@ from llumnix_backend.gpus import GpuDevice
 from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import RequestError
-from llumnix_vllm.instance import SegmentTransfer, VllmInstance
+from llumnix_vllm.instance import SegmentTransfer, VllmInstance, sampling_params
 
 try:  # vLLM >= 0.12
     from vllm.tokenizers import cached_tokenizer_from_config
@@ -225,10 +225,10 @@ class VllmModelRuntime(ModelRuntime):
             raise RequestError(f"the prompt has {len(text):,} characters; this model's maximum context length of "
                                f"{self.max_model_len} tokens holds at most {self._max_prompt_chars:,}", field)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self._check_length(text, "prompt")
         try:
-            return self._tokenizer.encode(text)
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (UnicodeEncodeError, ValueError, TypeError) as exc:  # a lone surrogate, say
             raise RequestError(f"the prompt cannot be tokenized: {exc}", "prompt") from None
 
@@ -236,12 +236,18 @@ class VllmModelRuntime(ModelRuntime):
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return self._tokenizer.convert_ids_to_tokens(list(token_ids))
+
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise RequestError(f"model {self._name!r} has no chat template; use /v1/completions", "messages")
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+                messages, tokenize=False, **{"add_generation_prompt": True, **template_kwargs}
             )
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
@@ -270,7 +276,7 @@ class VllmModelRuntime(ModelRuntime):
             raise RequestError(f"unsupported sampling field(s): {', '.join(sorted(unknown))}")
         _check_sampling_bounds(sampling, self._vocab_size)
         try:
-            SamplingParams(**sampling)
+            sampling_params(sampling)
         except Exception as exc:  # noqa: BLE001 - vLLM's validation errors vary by version
             field = getattr(exc, "parameter", None)
             raise RequestError(str(exc), field) from None

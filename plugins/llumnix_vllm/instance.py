@@ -15,17 +15,17 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer
-from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.kv_transport import TransferSegment
@@ -33,13 +33,22 @@ from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
 from llumnix_vllm.worker_extension import agreed_export
 
+try:  # vLLM >= 0.30: errors caused by the request
+    from vllm.exceptions import VLLMClientError
+
+    _CLIENT_ERRORS: tuple[type[Exception], ...] = (ValueError, VLLMClientError)
+except ImportError:  # pragma: no cover - older vLLM raises ValueError
+    _CLIENT_ERRORS = (ValueError,)
+
 logger = logging.getLogger(__name__)
 
 FIRST_SNAPSHOT_TIMEOUT_S = 30.0
 # Per GPU, engines whose KV cache vLLM sizes by profiling start one at a time: each measures
 # the memory in use, which another engine loading on that GPU at the same moment would throw off.
 _GPU_STARTS: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-ENGINE_SHUTDOWN_GRACE_S = 5.0
+# How long an engine may take to stop before vLLM kills it: one that has compiled structured-
+# output grammars takes about 6 s on a small CPU host to exit (vLLM's own default is 5 s).
+ENGINE_SHUTDOWN_GRACE_S = 15.0
 
 
 class _NoEngineMetrics(PrometheusStatLogger):
@@ -83,6 +92,15 @@ def build_engine(engine_args: AsyncEngineArgs, token: str) -> AsyncLLM:
         log_requests=False,
         stat_loggers=[_NoEngineMetrics],
     )
+
+
+def sampling_params(sampling: Mapping[str, Any], **extra: Any) -> SamplingParams:
+    """vLLM's SamplingParams from a request's sampling fields (plain data: the structured-output
+    constraint arrives as a mapping)."""
+    fields = dict(sampling)
+    if fields.get("structured_outputs") is not None:
+        fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
+    return SamplingParams(**fields, **extra)
 
 
 class SegmentTransfer(KvTransfer):
@@ -228,11 +246,13 @@ class VllmInstance(EngineInstance):
         extra_args = None
         if request.kv_transfer is not None:
             extra_args = {"kv_transfer_params": segment_params(request.kv_transfer.segment.spec)}
-        params = SamplingParams(**request.sampling, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
+        params = sampling_params(request.sampling, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         outputs = engine.generate(prompt, params, request.request_id, priority=request.priority)
+        produced = False
         try:
             async for output in outputs:
+                produced = True
                 completion = output.outputs[0]
                 queue_time = None
                 if output.finished and output.metrics is not None:
@@ -251,6 +271,8 @@ class VllmInstance(EngineInstance):
         except Exception as exc:
             if not self.alive:
                 raise EngineDead(f"instance {self.instance_id} failed: {self.failure}") from exc
+            if isinstance(exc, _CLIENT_ERRORS) and not produced:  # vLLM refused the request (a bad schema, say)
+                raise RequestError(str(exc)) from exc
             raise
         finally:
             # Closing vLLM's generator aborts the request in the engine if it is unfinished.

@@ -29,10 +29,12 @@ from llumnix_server.errors import OPENAI_ERROR_TYPES, install_error_handlers
 from llumnix_server.kserve_api import create_kserve_router
 from llumnix_server.llumnix_api import create_llumnix_router
 from llumnix_server.openai_api import create_openai_router
+from llumnix_server.vllm_routes import create_vllm_router
 
 logger = logging.getLogger(__name__)
 
 UNAUTHENTICATED_PREFIXES = ("/v2/health/", "/metrics")
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/version"})  # vLLM's, open there too
 
 
 # Routes that move or unload work: with an operations key, only that key opens them.
@@ -58,7 +60,8 @@ class ApiKeyMiddleware:
         return self._client is None or hmac.compare_digest(given, self._client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(UNAUTHENTICATED_PREFIXES):
+        if (scope["type"] != "http" or scope["path"].startswith(UNAUTHENTICATED_PREFIXES)
+                or scope["path"] in UNAUTHENTICATED_PATHS):
             return await self._app(scope, receive, send)
         if self._allowed(scope["path"], dict(scope["headers"]).get(b"authorization", b"")):
             return await self._app(scope, receive, send)
@@ -160,6 +163,7 @@ def create_app(
     app.include_router(create_openai_router(registry))
     app.include_router(create_kserve_router(registry))
     app.include_router(create_llumnix_router(registry))
+    app.include_router(create_vllm_router(registry))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -41,9 +41,13 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# Routes whose errors take OpenAI's shape (vLLM's utility routes have it there); KServe's elsewhere.
+OPENAI_SHAPED = ("/v1/", "/tokenize", "/detokenize")
+
+
 def error_response(request: Request, status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
+    if request.url.path.startswith(OPENAI_SHAPED):
         body = {
             "error": {
                 "message": message,

@@ -14,13 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llumnix_backend.model_registry import ModelRegistry, ModelState
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
-from llumnix_server.sampling import SamplingFields
+from llumnix_server.sampling import SamplingFields, StructuredOutputs
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize
 
@@ -35,7 +35,12 @@ class GenerateParameters(SamplingFields):
 
     stream: bool = False
     exclude_input_in_output: bool = False
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=16, ge=1)  # vLLM's default, as vllm_backend has it
+    guided_decoding: StructuredOutputs | None = None  # vllm_backend's earlier name of structured_outputs
+
+    def constraint_fields(self) -> dict[str, Any]:
+        older = self.guided_decoding.engine_fields() if self.guided_decoding else {}
+        return {**older, **super().constraint_fields()}
 
 
 class GenerateRequest(BaseModel):
@@ -118,11 +123,7 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v2/health/ready")
     async def ready() -> Response:
-        # With models to serve from the start, at least one of them must serve; a server
-        # started with none (an empty repository to drop folders into) is ready at once.
-        is_ready = registry.initial_load_done.is_set() and not registry.stopping and (
-            bool(registry.ready_models()) or not registry.loaded_at_start)
-        return Response(status_code=200 if is_ready else 503)
+        return Response(status_code=200 if registry.ready else 503)
 
     @router.get("/v2/models/{model_name}")
     async def model_metadata(model_name: str) -> dict[str, Any]:

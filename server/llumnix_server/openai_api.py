@@ -2,8 +2,10 @@
 
 Sampling fields have the names and meanings of vLLM's own OpenAI server (its extensions
 included: top_k, min_p, min_tokens, ignore_eos, repetition_penalty, ...); `priority` is
-accepted as an extension field. Features this server does not implement (logprobs, echo,
-tools, structured output) are refused with a 400 naming the field, never silently ignored.
+accepted as an extension field. Structured outputs (`response_format`, `structured_outputs`
+and the older `guided_*` fields) are enforced by the engine. Fields vLLM's server takes that
+this one does not implement (`UNSUPPORTED`) are refused with a 400 naming the field, never
+silently ignored; other unknown fields are ignored, as vLLM ignores them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
-from llumnix_server.sampling import SamplingFields
+from llumnix_server.sampling import SamplingFields, structured_outputs
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize
 
@@ -30,12 +32,38 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own engine request)
 
 
+# Fields of vLLM's completion and chat requests that this server does not implement.
+UNSUPPORTED = frozenset({
+    "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "suffix", "tools", "tool_choice",
+    "parallel_tool_calls", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
+    "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
+    "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
+    "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "repetition_detection", "thinking_token_budget",
+    "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "request_id", "session_id",
+    "cache_salt", "chat_template",
+})
+# What a value of those means "not asked for" (a client may send the default).
+_NOT_ASKED = (None, False, 0, [], {})
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     n: int = Field(default=1, ge=1, le=16)
@@ -45,13 +73,34 @@ class _SamplingRequest(SamplingFields):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    logprobs: Any = None
+    response_format: ResponseFormat | None = None
     # vLLM's extension: each choice (each streamed chunk) also carries its token ids.
     return_token_ids: bool = False
 
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in _NOT_ASKED:
+                raise RequestError(f"{name} is not supported by this server", name)
+
+    def constraint_fields(self) -> dict[str, Any]:
+        given = super().constraint_fields()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return given
+        if fmt.type == "structural_tag":
+            raise RequestError("response_format type 'structural_tag' is not supported here; "
+                               "give structured_outputs.structural_tag", "response_format")
+        if fmt.type == "json_object":
+            given["json_object"] = True
+        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise RequestError("response_format.json_schema.schema: missing", "response_format")
+        else:
+            given["json"] = fmt.json_schema.schema_
+        structured_outputs(given, "response_format")  # one constraint only
+        return given
+
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
-        if self.logprobs not in (None, False):
-            raise RequestError("logprobs are not supported by this server", "logprobs")
+        self.refuse_unsupported()
         fields = super().sampling(defaults, max_tokens)
         if "logit_bias" in fields:
             try:
@@ -68,8 +117,6 @@ class _SamplingRequest(SamplingFields):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
-    echo: bool = False
-    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -83,8 +130,21 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # How the chat template renders the conversation (vLLM's fields; a template of the
+    # request's own is refused, as vLLM refuses it unless told to trust requests).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_arguments(self) -> dict[str, Any]:
+        for key in ("chat_template", "tokenize"):
+            if key in (self.chat_template_kwargs or {}):
+                raise RequestError(f"chat_template_kwargs.{key} is not accepted", "chat_template_kwargs")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise RequestError("add_generation_prompt and continue_final_message cannot both be true",
+                               "continue_final_message")
+        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
 
 
 def _usage(n_prompt: int, n_completion: int) -> dict[str, int]:
@@ -172,10 +232,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         arrival = time.monotonic()
-        if body.echo:
-            raise RequestError("echo is not supported by this server", "echo")
-        if body.suffix:
-            raise RequestError("suffix is not supported by this server", "suffix")
+        body.refuse_unsupported()
         model = registry.get(body.model)
         response_id = new_request_id("cmpl")
         prompts = await _completion_prompts(model, body.prompt)
@@ -186,13 +243,10 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
-        if body.tools:
-            raise RequestError("tools are not supported by this server", "tools")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise RequestError("only response_format type 'text' is supported", "response_format")
+        body.refuse_unsupported()
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
-        prompt = await tokenize(model.runtime.render_chat, messages)
+        prompt = await tokenize(lambda: model.runtime.render_chat(messages, **body.template_arguments()))
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival)

@@ -1,0 +1,166 @@
+"""Parity with vLLM's own server, through the real clients against the shared server's engines:
+structured outputs (enforced by vLLM's structured-output backend; the tiny model's weights are
+random, so only the constraint makes its output parse), the fields this server refuses by
+name, chat template arguments, and vLLM's utility routes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from llumnix_client import StreamedCompletion, migrate, other, running_on
+
+from llumnix_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+
+def post(server: ServerProcess, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + path, headers=server.headers, timeout=60, **kwargs)
+
+
+def openai_client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=60)
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+          "required": ["ok", "n"], "additionalProperties": False}
+
+
+def test_a_completion_follows_a_json_schema(serving) -> None:
+    result = openai_client(serving).completions.create(
+        model="alpha", prompt="A record:", max_tokens=40, temperature=0,
+        extra_body={"structured_outputs": {"json": SCHEMA}})
+    text = result.choices[0].text
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert result.choices[0].finish_reason == "stop"
+
+
+def test_chat_response_format_json_schema_and_json_object(serving) -> None:
+    client = openai_client(serving)
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    result = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "a record"}],
+                                            max_tokens=40, temperature=0, response_format=fmt)
+    jsonschema.validate(json.loads(result.choices[0].message.content), SCHEMA)
+    result = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "json"}],
+                                            max_tokens=30, temperature=0, response_format={"type": "json_object"})
+    if result.choices[0].finish_reason == "stop":  # (a random object may run past 30 tokens)
+        assert isinstance(json.loads(result.choices[0].message.content), dict)
+    else:
+        assert result.choices[0].message.content.startswith("{")
+
+
+def test_choice_and_regex_in_every_form(serving) -> None:
+    client = openai_client(serving)
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        result = client.completions.create(model="alpha", prompt="Yes or no?", max_tokens=5, extra_body=extra)
+        assert result.choices[0].text in ("yes", "no"), extra
+    result = client.completions.create(model="alpha", prompt="Code:", max_tokens=10,
+                                       extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", result.choices[0].text)
+    # Triton vllm_backend's key, through KServe generate (whose max_tokens defaults to 16).
+    response = post(serving, "/v2/models/alpha/generate",
+                    json={"text_input": "Pick:", "parameters": {"guided_decoding": {"choice": ["left", "right"]},
+                                                                "exclude_input_in_output": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()["text_output"] in ("left", "right")
+
+
+def test_generate_stops_at_16_tokens_by_default(serving) -> None:
+    response = post(serving, "/v2/models/alpha/generate",
+                    json={"text_input": "Go on", "parameters": {"ignore_eos": True, "exclude_input_in_output": True}})
+    assert response.status_code == 200, response.text
+    tokens = post(serving, "/v1/completions", json={"model": "alpha", "prompt": response.json()["text_output"],
+                                                    "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert tokens <= 17  # 16 generated tokens re-tokenise to about as many (BOS added)
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"structured_outputs": {"json": {"type": "objekt"}}}, None, "objekt"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs", "not regex and choice"),
+    ({"guided_json": SCHEMA, "response_format": {"type": "json_object"}}, "response_format", "one constraint"),
+    ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn", "unknown field"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "schema: missing"),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+     "structured_outputs.disable_any_whitespace", "engine.structured_outputs_config"),
+])
+def test_bad_constraints_are_400s(serving, body, field, words) -> None:
+    response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 4, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["param"] == field, error
+
+
+@pytest.mark.parametrize("field", ["logprobs", "echo", "prompt_logprobs", "tools", "use_beam_search",
+                                   "truncate_prompt_tokens", "chat_template", "suffix"])
+def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
+    value = {"tools": [{"type": "function", "function": {"name": "f"}}], "chat_template": "{{ x }}",
+             "suffix": "end"}.get(field, 2 if "logprobs" in field or field == "truncate_prompt_tokens" else True)
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == field
+    # The value that asks for nothing is accepted, as vLLM accepts it.
+    off = {"echo": False, "logprobs": None, "use_beam_search": False}
+    if field in off:
+        response = post(serving, "/v1/completions",
+                        json={"model": "alpha", "prompt": "x", "max_tokens": 2, field: off[field]})
+        assert response.status_code == 200, response.text
+
+
+def test_a_structured_output_request_is_not_migrated_and_says_why(serving) -> None:
+    run = StreamedCompletion(serving, "alpha", max_tokens=400, ignore_eos=False,
+                             structured_outputs={"regex": "[a-z]{400}"}).wait_for_tokens(5)
+    source = running_on(serving, run.request_id)
+    response = migrate(serving, run.request_id, other(source))
+    assert response.status_code == 409, response.text
+    assert "structured-output state" in response.text
+    run.result()
+    assert re.fullmatch("[a-z]+", "".join(run.text))
+
+
+def test_chat_template_arguments(serving) -> None:
+    def prompt_tokens(**extra) -> int:
+        response = post(serving, "/v1/chat/completions",
+                        json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                              **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens(add_generation_prompt=False) < prompt_tokens()
+    response = post(serving, "/v1/chat/completions",
+                    json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                          "chat_template_kwargs": {"chat_template": "x"}})
+    assert response.status_code == 400 and "chat_template_kwargs.chat_template" in response.text
+    assert httpx.codes.is_success(post(serving, "/v1/chat/completions", json={
+        "model": "alpha", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "he"}],
+        "max_tokens": 1, "add_generation_prompt": False, "continue_final_message": True}).status_code)
+
+
+def test_vllm_utility_routes(serving) -> None:
+    for path in ("/health", "/ping", "/version"):  # open without the API key, as in vLLM
+        response = httpx.get(serving.url + path, timeout=30)
+        assert response.status_code == 200, path
+    assert httpx.post(serving.url + "/ping", timeout=30).status_code == 200
+    assert httpx.get(serving.url + "/version", timeout=30).json()["version"]
+    assert httpx.post(serving.url + "/tokenize", json={"model": "alpha", "prompt": "hi"}, timeout=30).status_code == 401
+    tokens = post(serving, "/tokenize", json={"model": "alpha", "prompt": "hello", "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) and tokens["max_model_len"] == 4096
+    bare = post(serving, "/tokenize", json={"model": "alpha", "prompt": "hello", "add_special_tokens": False}).json()
+    assert bare["count"] <= tokens["count"]  # (the tiny tokenizer adds no special tokens)
+    assert post(serving, "/detokenize", json={"model": "alpha", "tokens": bare["tokens"]}).json() == {"prompt": "hello"}
+    chat = post(serving, "/tokenize", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 1
+    for path, body, field in (("/tokenize", {"model": "alpha"}, "prompt"),
+                              ("/detokenize", {"model": "alpha", "tokens": [99999]}, "tokens"),
+                              ("/tokenize", {"model": "nope", "prompt": "x"}, "model")):
+        response = post(serving, path, json=body)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == field, response.text
+    model = post(serving, "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1})
+    assert model.status_code == 200
+    assert openai_client(serving).models.retrieve("alpha").id == "alpha"
