@@ -149,6 +149,7 @@ class ServedModel:
         self._migrations_at: Counter[str] = Counter()  # migrations in flight per instance
         self._control: asyncio.Task | None = None
         self._closing = False  # the server is shutting down
+        self.stats = ModelStats()
         self._tasks: set[asyncio.Task] = set()  # what the control loop started: migrations, restarts
         self._start_slots: asyncio.Semaphore | None = None
         self._progress: ProgressCallback | None = None
@@ -415,7 +416,7 @@ class ServedModel:
         self._streams[request.request_id] = stream
         if request.bound_to_its_engine:
             self._bound.add(request.request_id)
-        tracker = _RequestTracker(self._metrics, self.name, instance_id, request.arrival_time, n_prompt)
+        tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request.arrival_time, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
         self._waiting.add(request.request_id)
         try:
@@ -698,11 +699,35 @@ class ServedModel:
                         plan.destination, report.reason)
 
 
+@dataclass
+class ModelStats:
+    """Counts of the requests a model served, as Triton's statistics extension reports them."""
+
+    success: int = 0
+    success_ns: int = 0  # arrival to the end, summed
+    fail: int = 0
+    fail_ns: int = 0
+    queue: int = 0
+    queue_ns: int = 0  # in the engines' queues, summed
+    last_inference_ms: int = 0  # wall-clock milliseconds since the epoch
+
+    def record(self, succeeded: bool, duration_s: float, queue_time_s: float | None) -> None:
+        if succeeded:
+            self.success, self.success_ns = self.success + 1, self.success_ns + int(duration_s * 1e9)
+        else:
+            self.fail, self.fail_ns = self.fail + 1, self.fail_ns + int(duration_s * 1e9)
+        if queue_time_s is not None:
+            self.queue, self.queue_ns = self.queue + 1, self.queue_ns + int(queue_time_s * 1e9)
+        self.last_inference_ms = int(time.time() * 1000)
+
+
 class _RequestTracker:
     """Per-request latency and token accounting, recorded once when the request ends."""
 
-    def __init__(self, metrics: ServerMetrics, model: str, instance_id: str, arrival: float, n_prompt: int) -> None:
+    def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str, arrival: float,
+                 n_prompt: int) -> None:
         self._metrics = metrics
+        self._stats = stats
         self._labels = (model, instance_id)
         self._arrival = arrival or time.monotonic()
         self._n_prompt = n_prompt
@@ -724,6 +749,7 @@ class _RequestTracker:
         m, labels = self._metrics, self._labels
         now = time.monotonic()
         m.requests.labels(*labels, self.outcome or "aborted").inc()
+        self._stats.record(self.outcome == "success", now - self._arrival, self._queue_time)
         m.prompt_tokens.labels(*labels).inc(self._n_prompt)
         m.generation_tokens.labels(*labels).inc(self._n_generated)
         if self._queue_time is not None:

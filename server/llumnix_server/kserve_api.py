@@ -1,7 +1,8 @@
-"""KServe v2 / Triton API: health, metadata, readiness, config, the repository index, and
-Triton's generate extension as its vLLM backend serves it (`text_input` in, `text_output` out;
-`parameters` carry the sampling fields and `priority`; `exclude_input_in_output`, default
-false, drops the prompt from a non-streaming `text_output`).
+"""KServe v2 / Triton API: health, metadata, readiness, config, statistics, the repository
+index, `infer` with the tensors of Triton's vLLM backend (`kserve_infer`), and Triton's generate
+extension as that backend serves it (`text_input` in, `text_output` out; `parameters` carry the
+sampling fields and `priority`; `exclude_input_in_output`, default false, drops the prompt from a
+non-streaming `text_output`). Every model route also answers under `/versions/{version}`.
 """
 
 from __future__ import annotations
@@ -9,23 +10,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from importlib.metadata import version
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llumnix_backend.model_registry import ModelRegistry, ModelState
+from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelState
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
+from llumnix_server.kserve_infer import HEADER_LENGTH, infer_response, parse_infer_request
 from llumnix_server.sampling import SamplingFields, StructuredOutputs
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize
 
 SERVER_NAME = "llumnix-backend"
-EXTENSIONS = ["model_repository", "generate", "llumnix"]
+EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "generate", "llumnix"]
 
 
 class GenerateParameters(SamplingFields):
@@ -115,7 +118,7 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": version("llumnix-backend"), "extensions": EXTENSIONS}
+        return {"name": SERVER_NAME, "version": package_version("llumnix-backend"), "extensions": EXTENSIONS}
 
     @router.get("/v2/health/live")
     async def live() -> Response:
@@ -125,18 +128,45 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
     async def ready() -> Response:
         return Response(status_code=200 if registry.ready else 503)
 
-    @router.get("/v2/models/{model_name}")
-    async def model_metadata(model_name: str) -> dict[str, Any]:
+    # Each model route also answers under /versions/{version}: the version served, or 404.
+    def both(method, path: str):
+        def register(handler):
+            method(path)(handler)
+            return method(path.replace("{model_name}", "{model_name}/versions/{version}"))(handler)
+        return register
+
+    def versioned(model_name: str, version: str | None) -> None:
+        """Raise ModelNotFound unless `version` is None or the version the model serves."""
+        model = registry.entry(model_name).model
+        served = str(model.source.version) if model is not None else None
+        if version is not None and version != served:
+            raise ModelNotFound(f"model {model_name!r} has no version {version!r} loaded"
+                                + (f" (it serves version {served})" if served else ""))
+
+    @router.get("/v2/models/stats")  # before /v2/models/{model_name}, which would take it
+    async def all_stats() -> dict[str, Any]:
+        return {"model_stats": [_stats(e.model) for e in registry.entries() if e.model is not None]}
+
+    @both(router.get, "/v2/models/{model_name}")
+    async def model_metadata(model_name: str, version: str | None = None) -> dict[str, Any]:
+        versioned(model_name, version)
         return _model_metadata(registry.loaded(model_name))
 
-    @router.get("/v2/models/{model_name}/ready")
-    async def model_ready(model_name: str) -> Response:
+    @both(router.get, "/v2/models/{model_name}/ready")
+    async def model_ready(model_name: str, version: str | None = None) -> Response:
         entry = registry.entry(model_name)
+        versioned(model_name, version)
         return Response(status_code=200 if entry.serving_state is ModelState.READY else 503)
 
-    @router.get("/v2/models/{model_name}/config")
-    async def model_config(model_name: str) -> dict[str, Any]:
+    @both(router.get, "/v2/models/{model_name}/config")
+    async def model_config(model_name: str, version: str | None = None) -> dict[str, Any]:
+        versioned(model_name, version)
         return _model_config(registry.loaded(model_name))
+
+    @both(router.get, "/v2/models/{model_name}/stats")
+    async def model_stats(model_name: str, version: str | None = None) -> dict[str, Any]:
+        versioned(model_name, version)
+        return {"model_stats": [_stats(registry.loaded(model_name))]}
 
     @router.post("/v2/repository/index")
     async def repository_index() -> list[dict[str, Any]]:
@@ -159,13 +189,42 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
         await registry.unload_model(model_name)
         return {}
 
-    @router.post("/v2/models/{model_name}/generate")
-    async def generate(model_name: str, request: Request):
+    @both(router.post, "/v2/models/{model_name}/generate")
+    async def generate(model_name: str, request: Request, version: str | None = None):
+        versioned(model_name, version)
         return await _generate(registry, model_name, await _parse(request), request, stream_route=False)
 
-    @router.post("/v2/models/{model_name}/generate_stream")
-    async def generate_stream(model_name: str, request: Request):
+    @both(router.post, "/v2/models/{model_name}/generate_stream")
+    async def generate_stream(model_name: str, request: Request, version: str | None = None):
+        versioned(model_name, version)
         return await _generate(registry, model_name, await _parse(request), request, stream_route=True)
+
+    @both(router.post, "/v2/models/{model_name}/infer")
+    async def infer(model_name: str, request: Request, version: str | None = None):
+        versioned(model_name, version)
+        inputs, client_id, wanted, binary = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        if inputs.get("stream"):
+            raise RequestError("stream: streaming needs generate_stream (HTTP infer carries one response)", "stream")
+        if "text_input" not in inputs:
+            raise RequestError("the text_input input is missing", "text_input")
+        body = GenerateRequest(text_input=inputs["text_input"], id=client_id,
+                               sampling_parameters=inputs.get("sampling_parameters"),
+                               exclude_input_in_output=inputs.get("exclude_input_in_output"))
+        run = await _start(registry, model_name, body, request)
+        text, finish_reason, n_out = await _collect(request, run.stream)
+        outputs = {"text_output": ("BYTES", ("" if run.params.exclude_input_in_output else body.text_input) + text)}
+        if inputs.get("return_finish_reason"):
+            outputs["finish_reason"] = ("BYTES", finish_reason or "")
+        if inputs.get("return_num_input_tokens"):
+            outputs["num_input_tokens"] = ("UINT32", run.prompt_tokens)
+        if inputs.get("return_num_output_tokens"):
+            outputs["num_output_tokens"] = ("UINT32", n_out)
+        unknown = wanted - set(outputs)
+        if unknown:
+            raise RequestError(f"unknown or not requested output(s) {sorted(unknown)}; ask for one with its "
+                               "return_* input", "outputs")
+        selected = {k: v for k, v in outputs.items() if not wanted or k in wanted}
+        return infer_response(run.envelope, selected, binary)
 
     return router
 
@@ -197,8 +256,16 @@ async def _parse(request: Request) -> GenerateRequest:
         raise RequestError(*first_validation_problem(exc.errors())) from None
 
 
-async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request,
-                    stream_route: bool):
+@dataclass
+class _Run:
+    params: GenerateParameters
+    prompt_tokens: int
+    envelope: dict[str, Any]
+    stream: AsyncIterator[GenerationDelta]
+
+
+async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request) -> _Run:
+    """Start a generate or infer request: checked, tokenised, dispatched, its first output in."""
     arrival = time.monotonic()
     model = registry.get(model_name)
     params = body.merged_parameters()
@@ -215,17 +282,51 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     )
     stream = await started(request, model.generate(gen_request))
     envelope = {"id": body.id or request_id, "model_name": model.name, "model_version": str(model.source.version)}
-    if stream_route or params.stream:
-        return StreamingResponse(_generate_events(envelope, stream), media_type="text/event-stream")
-    texts = []
+    return _Run(params, len(prompt), envelope, stream)
+
+
+async def _collect(request: Request, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
+    """(text, finish reason, tokens) of a whole request."""
+    texts: list[str] = []
+    finish: list[str | None] = [None]
+    tokens = [0]
 
     async def collect() -> None:
         async for delta in stream:
             texts.append(delta.text)
+            tokens[0] += len(delta.token_ids)
+            finish[0] = delta.finish_reason or finish[0]
 
     await unless_disconnected(request, collect())
-    prefix = "" if params.exclude_input_in_output else body.text_input
-    return JSONResponse(dict(envelope, text_output=prefix + "".join(texts)))
+    return "".join(texts), finish[0], tokens[0]
+
+
+async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request,
+                    stream_route: bool):
+    run = await _start(registry, model_name, body, request)
+    if stream_route or run.params.stream:
+        return StreamingResponse(_generate_events(run.envelope, run.stream), media_type="text/event-stream")
+    text, _, _ = await _collect(request, run.stream)
+    prefix = "" if run.params.exclude_input_in_output else body.text_input
+    return JSONResponse(dict(run.envelope, text_output=prefix + text))
+
+
+def _stats(model: ServedModel) -> dict[str, Any]:
+    """Triton's statistics for a model (one inference per request: no batching here)."""
+    stats = model.stats
+    count = stats.success + stats.fail
+    zero = {"count": 0, "ns": 0}
+    return {
+        "name": model.name, "version": str(model.source.version), "last_inference": stats.last_inference_ms,
+        "inference_count": count, "execution_count": count,
+        "inference_stats": {
+            "success": {"count": stats.success, "ns": stats.success_ns},
+            "fail": {"count": stats.fail, "ns": stats.fail_ns},
+            "queue": {"count": stats.queue, "ns": stats.queue_ns},
+            "compute_input": zero, "compute_infer": zero, "compute_output": zero, "cache_hit": zero, "cache_miss": zero,
+        },
+        "batch_stats": [],
+    }
 
 
 async def _generate_events(envelope: dict[str, Any], stream: AsyncIterator[GenerationDelta]) -> AsyncIterator[str]:

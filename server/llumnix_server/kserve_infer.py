@@ -1,0 +1,100 @@
+"""KServe v2 `infer` with the tensors of Triton's vLLM backend, so that `tritonclient`'s
+`infer()` works unchanged.
+
+Inputs (each of shape [1]): `text_input` (BYTES), and optionally `sampling_parameters` (BYTES, a
+JSON object), `exclude_input_in_output`, `stream`, `return_finish_reason`,
+`return_num_input_tokens` and `return_num_output_tokens` (BOOL). Outputs: `text_output`, and
+`finish_reason`, `num_input_tokens`, `num_output_tokens` when asked for. Tensors travel as JSON
+`data` or in Triton's binary tensor extension (the JSON header's length in
+`Inference-Header-Content-Length`, then the raw tensors; BYTES elements are a 4-byte
+little-endian length and the bytes), which tritonclient uses by default. Streaming needs a
+decoupled model, which HTTP infer cannot carry: `stream: true` is refused (use
+`generate_stream`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from llumnix_backend.requests import RequestError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
+               "return_num_output_tokens")
+KNOWN_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS)
+
+
+def _decode_binary(datatype: str, raw: bytes, name: str) -> list[Any]:
+    if datatype == "BYTES":
+        values, offset = [], 0
+        while offset < len(raw):
+            if offset + 4 > len(raw):
+                raise RequestError(f"input {name}: a BYTES element is cut short", name)
+            (size,) = struct.unpack_from("<I", raw, offset)
+            values.append(raw[offset + 4:offset + 4 + size].decode("utf-8", errors="strict"))
+            offset += 4 + size
+        return values
+    if datatype == "BOOL":
+        return [bool(b) for b in raw]
+    raise RequestError(f"input {name}: datatype {datatype} is not one this model takes (BYTES or BOOL)", name)
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], str | None, set[str], bool]:
+    """(inputs by name, request id, outputs asked for (empty: all), whether outputs go binary)."""
+    json_part, binary = (body, b"") if header_length is None else (body[:int(header_length)], body[int(header_length):])
+    try:
+        request = json.loads(json_part)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise RequestError("an infer request has a list of inputs", "inputs")
+    inputs: dict[str, Any] = {}
+    offset = 0
+    for tensor in request["inputs"]:
+        name, datatype = tensor.get("name"), tensor.get("datatype")
+        if name not in KNOWN_INPUTS:
+            raise RequestError(f"unknown input {name!r}; this model takes {', '.join(KNOWN_INPUTS)}", "inputs")
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            values = _decode_binary(datatype, binary[offset:offset + size], name)
+            offset += size
+        else:
+            values = tensor.get("data")
+            if isinstance(values, list) and values and isinstance(values[0], list):
+                values = values[0]
+        if not isinstance(values, list) or len(values) != 1:
+            raise RequestError(f"input {name}: expected one element (shape [1])", name)
+        expected = str if name in KNOWN_INPUTS[:2] else bool
+        if not isinstance(values[0], expected):
+            raise RequestError(f"input {name}: expected {'BYTES' if expected is str else 'BOOL'}", name)
+        inputs[name] = values[0]
+    wanted = {o.get("name") for o in request.get("outputs") or []}
+    binary_out = bool((request.get("parameters") or {}).get("binary_data_output")) or any(
+        (o.get("parameters") or {}).get("binary_data") for o in request.get("outputs") or [])
+    return inputs, request.get("id"), wanted, binary_out
+
+
+def infer_response(envelope: dict[str, Any], outputs: dict[str, tuple[str, Any]], binary: bool) -> Response:
+    """The response with `outputs` (name: (datatype, value)), as JSON or binary tensors."""
+    tensors, blobs = [], []
+    for name, (datatype, value) in outputs.items():
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [1]}
+        if binary:
+            raw = (struct.pack("<I", len(encoded := value.encode())) + encoded if datatype == "BYTES"
+                   else struct.pack("<I", value))
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = [value]
+        tensors.append(tensor)
+    header = dict(envelope, outputs=tensors)
+    if not binary:
+        return JSONResponse(header)
+    head = json.dumps(header).encode()
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(head))})
