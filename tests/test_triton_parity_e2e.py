@@ -88,3 +88,10 @@ def test_statistics_count_requests(serving) -> None:
     assert stats["version"] == "1" and stats["last_inference"] > 0 and stats["inference_stats"]["success"]["ns"] > 0
     names = {s["name"] for s in c.get_inference_statistics(headers=auth())["model_stats"]}
     assert {"alpha", "beta"} <= names
+
+
+def test_sixteen_tokens_unless_told_otherwise_as_in_vllm_backend(serving) -> None:
+    inputs = [tensor("text_input", "Go on"), tensor("sampling_parameters", json.dumps({"ignore_eos": True})),
+              tensor("return_num_output_tokens", True)]
+    result = client(serving).infer("alpha", inputs, headers=auth())
+    assert result.as_numpy("num_output_tokens")[0] == 16

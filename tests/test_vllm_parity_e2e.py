@@ -70,15 +70,6 @@ def test_choice_and_regex_in_every_form(serving) -> None:
     assert response.json()["text_output"] in ("left", "right")
 
 
-def test_generate_stops_at_16_tokens_by_default(serving) -> None:
-    response = post(serving, "/v2/models/alpha/generate",
-                    json={"text_input": "Go on", "parameters": {"ignore_eos": True, "exclude_input_in_output": True}})
-    assert response.status_code == 200, response.text
-    tokens = post(serving, "/v1/completions", json={"model": "alpha", "prompt": response.json()["text_output"],
-                                                    "max_tokens": 1}).json()["usage"]["prompt_tokens"]
-    assert tokens <= 17  # 16 generated tokens re-tokenise to about as many (BOS added)
-
-
 @pytest.mark.parametrize(("body", "field", "words"), [
     ({"structured_outputs": {"json": {"type": "objekt"}}}, None, "objekt"),
     ({"structured_outputs": {"choice": ["a"], "regex": "b"}}, "structured_outputs", "not regex and choice"),
