@@ -42,6 +42,8 @@ from llumnix_backend.requests import GenerationDelta, GenerationRequest, Request
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
 logger = logging.getLogger(__name__)
+# One line per request as it ends (`llumnix-serve --no-request-log` turns it off).
+request_log = logging.getLogger("llumnix.requests")
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
@@ -416,7 +418,7 @@ class ServedModel:
         self._streams[request.request_id] = stream
         if request.bound_to_its_engine:
             self._bound.add(request.request_id)
-        tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request.arrival_time, n_prompt)
+        tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request, n_prompt)
         running: GenerationRequest | None = request  # as the current instance runs it
         self._waiting.add(request.request_id)
         try:
@@ -453,7 +455,7 @@ class ServedModel:
             self._bound.discard(request.request_id)
             del self._streams[request.request_id]
             self._instances[stream.instance_id].untrack(request.request_id)
-            tracker.finish()
+            tracker.finish(stream.instance_id)
 
     def _admit(self) -> None:
         """Raise `ShuttingDown` once the server stops, and `Overloaded` if the model already has
@@ -724,12 +726,13 @@ class ModelStats:
 class _RequestTracker:
     """Per-request latency and token accounting, recorded once when the request ends."""
 
-    def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str, arrival: float,
-                 n_prompt: int) -> None:
+    def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str,
+                 request: GenerationRequest, n_prompt: int) -> None:
         self._metrics = metrics
         self._stats = stats
         self._labels = (model, instance_id)
-        self._arrival = arrival or time.monotonic()
+        self._request_id = request.request_id
+        self._arrival = request.arrival_time or time.monotonic()
         self._n_prompt = n_prompt
         self._first_token_at: float | None = None
         self._n_generated = 0
@@ -745,10 +748,16 @@ class _RequestTracker:
         if delta.finished:
             self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
 
-    def finish(self) -> None:
+    def finish(self, last_instance: str) -> None:
+        """Record the request's figures; `last_instance`: where it ended (after any switch)."""
         m, labels = self._metrics, self._labels
         now = time.monotonic()
-        m.requests.labels(*labels, self.outcome or "aborted").inc()
+        outcome = self.outcome or "aborted"
+        ttft = "-" if self._first_token_at is None else f"{1e3 * (self._first_token_at - self._arrival):.0f}"
+        request_log.info("model=%s instance=%s request=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.0f "
+                         "outcome=%s", labels[0], last_instance, self._request_id, self._n_prompt, self._n_generated,
+                         ttft, 1e3 * (now - self._arrival), outcome)
+        m.requests.labels(*labels, outcome).inc()
         self._stats.record(self.outcome == "success", now - self._arrival, self._queue_time)
         m.prompt_tokens.labels(*labels).inc(self._n_prompt)
         m.generation_tokens.labels(*labels).inc(self._n_generated)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -81,5 +82,16 @@ def test_sigterm_lets_short_requests_finish_and_ends_long_ones_after_the_grace(t
         assert not _wait_gone(engines, timeout=30)
         log = (tmp_path / "server.log").read_text()
         assert "Traceback" not in log and "leaked" not in log, server.log_tail()
+        # One line per request as it ends, with what it was and how it ended.
+        assert re.search(r"model=solo instance=0 request=\S+ prompt_tokens=\d+ output_tokens=60 ttft_ms=\d+ "
+                         r"e2e_ms=\d+ outcome=success", log), log[-3000:]
+        assert re.search(r"model=solo .* outcome=shutdown", log)
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_the_request_log_can_be_turned_off(tmp_path: Path) -> None:
+    from llumnix_server.cli import parse_args
+
+    assert parse_args(["--model-repository", str(tmp_path)]).request_log
+    assert not parse_args(["--model-repository", str(tmp_path), "--no-request-log"]).request_log

@@ -7,7 +7,10 @@ name, chat template arguments, and vLLM's utility routes.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import jsonschema
@@ -155,3 +158,18 @@ def test_vllm_utility_routes(serving) -> None:
     model = post(serving, "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1})
     assert model.status_code == 200
     assert openai_client(serving).models.retrieve("alpha").id == "alpha"
+
+
+def test_vllm_bench_serve_runs_against_the_server(serving, tiny_model, tmp_path) -> None:
+    """vLLM's own serving benchmark, through `llumnix-bench-serve` (vLLM's CPU build cannot run
+    `vllm bench serve` itself)."""
+    command = [sys.executable, "-m", "llumnix_server.bench_serve", "--backend", "openai", "--base-url", serving.url,
+               "--model", "alpha", "--tokenizer", str(tiny_model), "--dataset-name", "random",
+               "--random-input-len", "16", "--random-output-len", "8", "--num-prompts", "4",
+               "--ready-check-timeout-sec", "0", "--save-result", "--result-dir", str(tmp_path),
+               "--result-filename", "bench.json"]
+    done = subprocess.run(command, env={**os.environ, "OPENAI_API_KEY": serving.api_key}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 4 and result["total_output_tokens"] > 0, result

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="poll mode: act on a model folder once it has been unchanged this long")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
                         help="refuse (413) request bodies larger than this")
+    parser.add_argument("--no-request-log", dest="request_log", action="store_false",
+                        help="no log line per request (model, instance, tokens, TTFT, outcome)")
     parser.add_argument("--shutdown-grace-s", type=float, default=30, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long running requests may take to finish before they "
                              "end with an error (new ones get 503 at once)")
@@ -68,6 +70,7 @@ def configure_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_level)
+    logging.getLogger("llumnix.requests").disabled = not args.request_log
 
     import uvicorn
 
