@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from llumnix_backend.snapshot import InstanceSnapshot
 
@@ -50,6 +50,10 @@ class ServerMetrics:
         self.requests = Counter(
             "llumnix:requests", "Requests by outcome (success, aborted, error, timeout, rejected, overloaded).",
             (*MODEL_INSTANCE, "outcome"), registry=r,
+        )
+        self.request_success = Counter(
+            "vllm:request_success", "Requests that finished, by why (stop, length, abort), as vLLM counts them.",
+            (*MODEL_INSTANCE, "finished_reason"), registry=r,
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", MODEL_INSTANCE, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", MODEL_INSTANCE, registry=r)
@@ -168,7 +172,9 @@ class _InstanceCollector:
         kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels=labels)
         kv_total = GaugeMetricFamily("llumnix:kv_blocks_total", "KV blocks of the instance.", labels=labels)
         freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual KV room in tokens per request: decode steps left).", labels=labels)
-        preemptions = GaugeMetricFamily("vllm:num_preemptions", "Preemptions since the instance started.", labels=labels)
+        # A counter, as in vLLM; it starts again from 0 when an instance restarts.
+        preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions since the instance started.",
+                                          labels=labels)
         state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
         gpus = GaugeMetricFamily("llumnix:instance_gpus", "GPUs an instance runs on (label gpus: their indices).",
                                  labels=[*labels, "gpus"])

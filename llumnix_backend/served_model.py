@@ -737,6 +737,7 @@ class _RequestTracker:
         self._first_token_at: float | None = None
         self._n_generated = 0
         self._queue_time: float | None = None
+        self._finish_reason: str | None = None
         self.outcome: str | None = None
 
     def observe(self, delta: GenerationDelta) -> None:
@@ -746,6 +747,7 @@ class _RequestTracker:
         if delta.queue_time is not None:
             self._queue_time = delta.queue_time
         if delta.finished:
+            self._finish_reason = delta.finish_reason
             self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
 
     def finish(self, last_instance: str) -> None:
@@ -758,6 +760,8 @@ class _RequestTracker:
                          "outcome=%s", labels[0], last_instance, self._request_id, self._n_prompt, self._n_generated,
                          ttft, 1e3 * (now - self._arrival), outcome)
         m.requests.labels(*labels, outcome).inc()
+        if self._finish_reason is not None:
+            m.request_success.labels(*labels, self._finish_reason).inc()
         self._stats.record(self.outcome == "success", now - self._arrival, self._queue_time)
         m.prompt_tokens.labels(*labels).inc(self._n_prompt)
         m.generation_tokens.labels(*labels).inc(self._n_generated)

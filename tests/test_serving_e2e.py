@@ -495,6 +495,8 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         'vllm:num_requests_running{instance="1",model_name="alpha"}',
         'vllm:num_requests_waiting{instance="0",model_name="beta"}',
         'vllm:kv_cache_usage_perc{instance="0",model_name="alpha"}',
+        "# TYPE vllm:num_preemptions_total counter",
+        'vllm:request_success_total{finished_reason="length",instance="',
         'llumnix:instance_freeness{instance="0",model_name="alpha"}',
         'llumnix:instance_state{instance="0",model_name="alpha",state="ready"} 1.0',
         'llumnix:dispatch_decisions_total{instance="0",model_name="alpha",policy="llumnix"}',
