@@ -168,3 +168,18 @@ def test_triton_kind_gpu_groups_mean_count_instances_on_each_listed_gpu() -> Non
     # Other kinds only count; a host without GPUs counts a KIND_GPU group's instances too.
     assert triton_instance_groups([("KIND_MODEL", 2, []), ("KIND_AUTO", 1, [])], num_gpus=8) == (3, None)
     assert triton_instance_groups([("KIND_GPU", 2, [])], num_gpus=0) == (2, None)
+
+
+@pytest.mark.parametrize("num_gpus", [4, 8])
+def test_one_7b_instance_per_gpu_as_the_multi_gpu_policy_run_needs(num_gpus: int) -> None:
+    """Issue 14's layout: one instance of its own per GPU, each instance's KV share of its GPU
+    undivided; then the migration benchmark's two instances on different GPUs."""
+    config = parse_model_config({"instances": num_gpus, "resources": {"gpus_per_instance": 1}}, "c.yaml")
+    demand = demand_of(config.resources, 1)
+    gpus = inventory(num_gpus)
+    assert start(gpus, "bench", demand, num_gpus) == [(g,) for g in range(num_gpus)]
+    assert instances_per_gpu(demand, num_gpus, num_gpus) == 1
+    with pytest.raises(PlacementError):
+        gpus.acquire("bench/extra", demand)
+    pair = parse_model_config({"instances": 2, "resources": {"gpus": [[0], [num_gpus - 1]]}}, "c.yaml")
+    assert start(inventory(num_gpus), "migration", demand_of(pair.resources, 1), 2) == [(0,), (num_gpus - 1,)]
