@@ -60,6 +60,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, and the most likely tokens at its position."""
+
+    token: str  # the token's text, as the detokenizer wrote it
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token text, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class GenerationDelta:
     """What one engine step added to a request's output."""
 
@@ -71,6 +80,8 @@ class GenerationDelta:
     queue_time: float | None = None
     # Prompt tokens whose KV the engine did not compute (prefix cache, migrated KV), if known.
     num_cached_tokens: int | None = None
+    # One per token of `token_ids`, when the request asked for logprobs (sampling "logprobs").
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def finished(self) -> bool:

@@ -332,7 +332,7 @@ def test_tritonclient_health_metadata_readiness_config(serving: ServerProcess) -
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "priority": "high"}, 400, "priority", "integer"),
         ("/v1/completions", {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature", "non-negative"),
         ("/v1/completions", {"prompt": "hi"}, 400, "model", "required"),
-        ("/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not supported"),
+        ("/v1/completions", {"model": "alpha", "prompt": "hi", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
         ("/v1/completions", {"model": "alpha", "prompt": [5, 99999]}, 400, "prompt", "token id 99999 is outside"),
         ("/v1/completions", {"model": "alpha", "prompt": [-1]}, 400, "prompt", "token id -1 is outside"),
         ("/v1/completions", {"model": "alpha", "prompt": [2**40]}, 400, "prompt", "outside the vocabulary"),

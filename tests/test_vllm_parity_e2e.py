@@ -89,7 +89,7 @@ def test_bad_constraints_are_400s(serving, body, field, words) -> None:
     assert words in error["message"] and error["param"] == field, error
 
 
-@pytest.mark.parametrize("field", ["logprobs", "echo", "prompt_logprobs", "tools", "use_beam_search",
+@pytest.mark.parametrize("field", ["echo", "prompt_logprobs", "tools", "use_beam_search",
                                    "truncate_prompt_tokens", "chat_template", "suffix"])
 def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
     value = {"tools": [{"type": "function", "function": {"name": "f"}}], "chat_template": "{{ x }}",
@@ -100,7 +100,7 @@ def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> 
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["param"] == field
     # The value that asks for nothing is accepted, as vLLM accepts it.
-    off = {"echo": False, "logprobs": None, "use_beam_search": False}
+    off = {"echo": False, "use_beam_search": False}
     if field in off:
         response = post(serving, "/v1/completions",
                         json={"model": "alpha", "prompt": "x", "max_tokens": 2, field: off[field]})
@@ -173,3 +173,26 @@ def test_vllm_bench_serve_runs_against_the_server(serving, tiny_model, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["completed"] == 4 and result["total_output_tokens"] > 0, result
+
+
+def test_logprobs_of_completions_and_chat(serving) -> None:
+    client = openai_client(serving)
+    result = client.completions.create(model="alpha", prompt="Some", max_tokens=6, logprobs=3, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
+    # Greedy: the chosen token is the most likely one.
+    assert all(max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    chunks = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            logprobs=True, top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    content = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+               for entry in chunk.choices[0].logprobs.content]
+    assert len(content) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
+    plain = client.completions.create(model="alpha", prompt="Some", max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    response = post(serving, "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 2, "top_logprobs": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"

@@ -25,7 +25,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.kv_transport import TransferSegment
@@ -265,6 +265,7 @@ class VllmInstance(EngineInstance):
                     stop_reason=completion.stop_reason,
                     queue_time=queue_time,
                     num_cached_tokens=output.num_cached_tokens,
+                    logprobs=_token_logprobs(completion, request.sampling.get("logprobs")),
                 )
         except EngineDead:
             raise
@@ -277,6 +278,20 @@ class VllmInstance(EngineInstance):
         finally:
             # Closing vLLM's generator aborts the request in the engine if it is unfinished.
             await outputs.aclose()
+
+
+def _token_logprobs(completion: Any, top_n: int | None) -> tuple[TokenLogprob, ...] | None:
+    """vLLM's logprobs of the new tokens (a dict per token: the sampled one and the `top_n` most
+    likely) as plain data."""
+    if top_n is None or not completion.logprobs:
+        return None
+    result = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.values(), key=lambda c: c.rank)[:top_n]
+        result.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
+                                   tuple((c.decoded_token or "", c.logprob) for c in ranked)))
+    return tuple(result)
 
 
 def _engine_exit(engine: AsyncLLM) -> str | None:

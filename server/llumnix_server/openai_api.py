@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields, structured_outputs
@@ -34,7 +34,7 @@ MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own eng
 
 # Fields of vLLM's completion and chat requests that this server does not implement.
 UNSUPPORTED = frozenset({
-    "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "suffix", "tools", "tool_choice",
+    "prompt_logprobs", "logprob_token_ids", "echo", "suffix", "tools", "tool_choice",
     "parallel_tool_calls", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
     "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
     "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
@@ -42,6 +42,7 @@ UNSUPPORTED = frozenset({
     "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "request_id", "session_id",
     "cache_salt", "chat_template",
 })
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 # What a value of those means "not asked for" (a client may send the default).
 _NOT_ASKED = (None, False, 0, [], {})
 
@@ -99,9 +100,15 @@ class _SamplingRequest(SamplingFields):
         structured_outputs(given, "response_format")  # one constraint only
         return given
 
+    def logprobs_wanted(self) -> int | None:
+        """How many most likely tokens to report at each position; None: no logprobs."""
+        return None
+
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         self.refuse_unsupported()
         fields = super().sampling(defaults, max_tokens)
+        if (top_n := self.logprobs_wanted()) is not None:
+            fields["logprobs"] = top_n
         if "logit_bias" in fields:
             try:
                 fields["logit_bias"] = {int(k): v for k, v in fields["logit_bias"].items()}
@@ -117,6 +124,10 @@ class _SamplingRequest(SamplingFields):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -130,11 +141,18 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # How the chat template renders the conversation (vLLM's fields; a template of the
     # request's own is refused, as vLLM refuses it unless told to trust requests).
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_arguments(self) -> dict[str, Any]:
         for key in ("chat_template", "tokenize"):
@@ -256,6 +274,27 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     return router
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
+
+
+def _completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
+    """OpenAI's completions logprobs; `text_offset`: where the first token's text starts."""
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [_finite(t.logprob) for t in tokens],
+            "top_logprobs": [{text: _finite(lp) for text, lp in t.top} for t in tokens], "text_offset": offsets}
+
+
+def _chat_logprobs(tokens: Sequence[TokenLogprob], _: int) -> dict[str, Any]:
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*c) for c in t.top]} for t in tokens]}
+
+
 @dataclass(frozen=True)
 class _Shape:
     """How one endpoint lays out a choice's text: completions and chat differ only here."""
@@ -264,14 +303,17 @@ class _Shape:
     chunk_object: str
     full: Callable[[str], dict[str, Any]]  # the whole text of a finished choice
     delta: Callable[[str], dict[str, Any]]  # one streamed piece
+    logprobs: Callable[[Sequence[TokenLogprob], int], dict[str, Any]]  # tokens, and where their text starts
     stream_preamble: dict[str, Any] | None = None  # sent once per choice before any token
 
 
-_COMPLETION = _Shape("text_completion", "text_completion", lambda t: {"text": t}, lambda t: {"text": t})
+_COMPLETION = _Shape("text_completion", "text_completion", lambda t: {"text": t}, lambda t: {"text": t},
+                     _completion_logprobs)
 _CHAT = _Shape(
     "chat.completion", "chat.completion.chunk",
     full=lambda t: {"message": {"role": "assistant", "content": t}},
     delta=lambda t: {"delta": {"content": t} if t else {}},
+    logprobs=_chat_logprobs,
     stream_preamble={"delta": {"role": "assistant", "content": ""}},
 )
 
@@ -287,7 +329,8 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
     collected = await unless_disconnected(request, _collect(stream, n_choices))
     result_choices = []
     for i, choice in enumerate(collected):
-        result_choices.append({"index": i, **shape.full("".join(choice.texts)), "logprobs": None,
+        logprobs = shape.logprobs(choice.logprobs, 0) if body.logprobs_wanted() is not None else None
+        result_choices.append({"index": i, **shape.full("".join(choice.texts)), "logprobs": logprobs,
                                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         if body.return_token_ids:
             result_choices[-1]["token_ids"] = choice.token_ids
@@ -300,6 +343,7 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
 class _CollectedChoice:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -310,6 +354,7 @@ async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -
         choice = choices[index]
         choice.texts.append(delta.text)
         choice.token_ids.extend(delta.token_ids)
+        choice.logprobs.extend(delta.logprobs or ())
         if delta.finished:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
     return choices
@@ -322,12 +367,16 @@ async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, Genera
             choice = {"index": index, **shape.stream_preamble, "logprobs": None, "finish_reason": None}
             yield _sse(dict(chunk, choices=[choice]))
     n_tokens = 0
+    text_offsets = [0] * n_choices  # each choice's text so far, for its logprobs' offsets
     try:
         async for index, delta in stream:
             if not delta.token_ids and not delta.finished:
                 continue  # a prefill chunk: nothing to tell the client yet
             n_tokens += len(delta.token_ids)
-            choice = {"index": index, **shape.delta(delta.text), "logprobs": None, "finish_reason": delta.finish_reason}
+            logprobs = shape.logprobs(delta.logprobs, text_offsets[index]) if delta.logprobs else None
+            text_offsets[index] += len(delta.text)
+            choice = {"index": index, **shape.delta(delta.text), "logprobs": logprobs,
+                      "finish_reason": delta.finish_reason}
             if delta.finished:
                 choice["stop_reason"] = delta.stop_reason
             if token_ids:
