@@ -67,6 +67,14 @@ def _future() -> asyncio.Future:
     return asyncio.get_running_loop().create_future()
 
 
+def _abort_handover(handover: Handover, why: MigrationAborted) -> None:
+    """Tell the relay the destination will not take over (unless it knows already). The relay
+    may have concluded meanwhile (the request finished) and never read it: mark it read."""
+    if not handover.destination_ready.done():
+        handover.destination_ready.set_exception(why)
+        handover.destination_ready.exception()
+
+
 @dataclass
 class Handover:
     """A migration of one request's stream to a destination, from its first stage to the switch.
@@ -343,8 +351,7 @@ async def migrate_request(
     except Exception as exc:  # noqa: BLE001 - any failure before the switch only aborts it
         report.reason = f"{type(exc).__name__}: {exc}"
     finally:
-        if not handover.destination_ready.done():
-            handover.destination_ready.set_exception(MigrationAborted(report.reason))
+        _abort_handover(handover, MigrationAborted(report.reason))
         if stopped and not report.committed:
             await _resume(source, request.request_id)
         if report.committed or not handed:
@@ -436,8 +443,7 @@ async def _start_destination(destination: EngineInstance, continuation: Generati
         first = await asyncio.wait_for(anext(stream), settings.stage_timeout_s)
     except BaseException as exc:
         await stream.aclose()
-        if not handover.destination_ready.done():
-            handover.destination_ready.set_exception(MigrationAborted(f"the destination failed: {exc!r}"))
+        _abort_handover(handover, MigrationAborted(f"the destination failed: {exc!r}"))
         raise MigrationAborted(f"the destination failed: {exc!r}") from exc
     if handover.outcome.done():  # the relay already moved on (request finished, client gone)
         await stream.aclose()
