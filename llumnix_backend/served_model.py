@@ -755,10 +755,11 @@ class _RequestTracker:
         m, labels = self._metrics, self._labels
         now = time.monotonic()
         outcome = self.outcome or "aborted"
-        ttft = "-" if self._first_token_at is None else f"{1e3 * (self._first_token_at - self._arrival):.0f}"
-        request_log.info("model=%s instance=%s request=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s e2e_ms=%.0f "
-                         "outcome=%s", labels[0], last_instance, self._request_id, self._n_prompt, self._n_generated,
-                         ttft, 1e3 * (now - self._arrival), outcome)
+        if request_log.isEnabledFor(logging.INFO):
+            ttft = "-" if self._first_token_at is None else f"{1e3 * (self._first_token_at - self._arrival):.0f}"
+            request_log.info("model=%s instance=%s request=%s prompt_tokens=%d output_tokens=%d ttft_ms=%s "
+                             "e2e_ms=%.0f outcome=%s", labels[0], last_instance, self._request_id, self._n_prompt,
+                             self._n_generated, ttft, 1e3 * (now - self._arrival), outcome)
         m.requests.labels(*labels, outcome).inc()
         if self._finish_reason is not None:
             m.request_success.labels(*labels, self._finish_reason).inc()

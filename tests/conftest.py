@@ -6,7 +6,9 @@ end-to-end test of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,19 @@ def warm_up(server: ServerProcess, models: list[str]) -> None:
         response = httpx.post(server.url + "/v1/completions", headers=server.headers, timeout=60,
                               json={"model": model, "prompt": "warm up", "max_tokens": 4})
         assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def serving_one_model(repository: Path, model: str, config: dict[str, Any], log_name: str) -> Iterator[ServerProcess]:
+    """A server over a repository of one model, once each instance has answered once; stopped after."""
+    write_model(repository, model, config)
+    server = llumnix_server(repository, repository.parent / log_name).start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, [model] * config["instances"])
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

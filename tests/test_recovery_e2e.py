@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from conftest import ENGINE_START_TIMEOUT_S, serving_one_model, tiny_config
 from llumnix_client import PROMPT, StreamedCompletion, engine_pid, instances, running_on
 
-from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+from llumnix_server.launcher import ServerProcess
 
 MODEL = "gamma"
 TOKENS = 1500
@@ -31,14 +31,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Server
     # Only failures move requests here; a hung engine is found within 3 s.
     config["scheduler"]["migration"] = {"rescheduling": False}
     config["scheduler"]["health"] = {"stale_after_s": 3, "restart_backoff_s": 0.5}
-    write_model(repository, MODEL, config)
-    server = llumnix_server(repository, repository.parent / "recovery-server.log").start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [MODEL, MODEL])
+    with serving_one_model(repository, MODEL, config, "recovery-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

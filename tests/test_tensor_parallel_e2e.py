@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from conftest import ENGINE_START_TIMEOUT_S, serving_one_model, tiny_config, write_model
 from llumnix_client import StreamedCompletion, engine_pid, instances, migrate, other, running_on
 
-from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -35,14 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Server
     config["resources"]["cpu_threads"] = 1  # per worker: four workers share this host's cores
     config["scheduler"]["migration"] = {"rescheduling": False}  # only the tests move requests
     config["scheduler"]["health"] = {"restart_backoff_s": 0.5}
-    write_model(repository, MODEL, config)
-    server = llumnix_server(repository, repository.parent / "tensor-parallel-server.log").start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [MODEL, MODEL])
+    with serving_one_model(repository, MODEL, config, "tensor-parallel-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -287,18 +287,16 @@ async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest
 
 async def _collect(request: Request, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
     """(text, finish reason, tokens) of a whole request."""
-    texts: list[str] = []
-    finish: list[str | None] = [None]
-    tokens = [0]
 
-    async def collect() -> None:
+    async def collect() -> tuple[str, str | None, int]:
+        texts, finish, tokens = [], None, 0
         async for delta in stream:
             texts.append(delta.text)
-            tokens[0] += len(delta.token_ids)
-            finish[0] = delta.finish_reason or finish[0]
+            tokens += len(delta.token_ids)
+            finish = delta.finish_reason or finish
+        return "".join(texts), finish, tokens
 
-    await unless_disconnected(request, collect())
-    return "".join(texts), finish[0], tokens[0]
+    return await unless_disconnected(request, collect())
 
 
 async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request,
