@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from llumnix_backend.config import MigrationSettings
 from llumnix_backend.errors import Refusal, Refused
-from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime
+from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime, NotExported
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, blocks_for
 
@@ -280,11 +280,11 @@ async def migrate_request(
     sent = 0
     handed: set[str] = set()  # ids of the destination requests that read the transfer
 
-    def copied(result: KvExport | None) -> KvExport:
+    def copied(result: KvExport | NotExported) -> KvExport:
         nonlocal sent
         report.copies += 1
-        if result is None:
-            raise MigrationAborted("the request is not decoding on the source")
+        if isinstance(result, NotExported):
+            raise MigrationAborted(f"the request is not decoding on the source: {result.reason}")
         report.blocks += result.blocks - sent
         sent = result.blocks
         return result
@@ -333,7 +333,7 @@ async def migrate_request(
         ensure_destination_room()
         final_began = time.monotonic()
         final = await _stop_and_export(source, request.request_id, transfer, sent, settings.stage_timeout_s)
-        stopped = final is not None
+        stopped = isinstance(final, KvExport)
         final = copied(final)
         report.final_copy_s = time.monotonic() - final_began
         handover.generated_at_copy = len(final.token_ids) - len(request.prompt_token_ids)
@@ -399,7 +399,7 @@ def _close_once_released(transfer, destination: EngineInstance, request_ids: fro
 
 
 async def _stop_and_export(source: EngineInstance, request_id: str, transfer, first_block: int,
-                           timeout_s: float) -> KvExport | None:
+                           timeout_s: float) -> KvExport | NotExported:
     """The final copy. If it is not answered in time, the source may still stop the request
     later; it resumes it then."""
     stopping = asyncio.ensure_future(source.stop_and_export_kv(request_id, transfer, first_block))
@@ -407,7 +407,7 @@ async def _stop_and_export(source: EngineInstance, request_id: str, transfer, fi
         return await asyncio.wait_for(asyncio.shield(stopping), timeout_s)
     except BaseException:
         def resume_if_stopped(done: asyncio.Future) -> None:
-            if not done.cancelled() and done.exception() is None and done.result() is not None:
+            if not done.cancelled() and done.exception() is None and isinstance(done.result(), KvExport):
                 task = asyncio.ensure_future(_resume(source, request_id))
                 _background_tasks.add(task)
                 task.add_done_callback(_background_tasks.discard)

@@ -49,6 +49,14 @@ class KvExport:
     blocks: int  # block positions of the request the transfer now holds (from 0)
 
 
+@dataclass(frozen=True)
+class NotExported:
+    """An export's answer when the request is not decoding on the engine now; `reason` says
+    what it is doing instead (finished, preempted, in prefill, not scheduled last step)."""
+
+    reason: str
+
+
 class KvTransfer(abc.ABC):
     """Where one migration's KV blocks travel from source to destination (shared memory on
     one host, say). The front end creates it and closes it once the migration has ended."""
@@ -81,17 +89,18 @@ class EngineInstance(abc.ABC):
 
     @abc.abstractmethod
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        max_blocks: int | None = None) -> KvExport | None:
+                        max_blocks: int | None = None) -> KvExport | NotExported:
         """Between two engine steps, copy the full KV blocks of a decoding request from position
-        `first_block` on into `transfer`, at most `max_blocks` of them. None if the request is
-        not decoding here (finished, preempted, still in prefill). The request keeps running."""
+        `first_block` on into `transfer`, at most `max_blocks` of them; `NotExported` if the
+        request is not decoding here. The request keeps running."""
 
     @abc.abstractmethod
-    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer, first_block: int) -> KvExport | None:
+    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
+                                 first_block: int) -> KvExport | NotExported:
         """The final stage: between two engine steps, stop decoding the request here and copy
         the rest of its KV blocks, the one still being written included. The request keeps its
-        blocks, unscheduled, until `resume_request` or its abort. None (and nothing stopped) if
-        it is not decoding here."""
+        blocks, unscheduled, until `resume_request` or its abort. `NotExported` (and nothing
+        stopped) if it is not decoding here."""
 
     @abc.abstractmethod
     async def resume_request(self, request_id: str) -> None:

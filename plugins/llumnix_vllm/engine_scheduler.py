@@ -129,14 +129,17 @@ class LlumnixScheduler(Scheduler):
 
     # --- migration's final stage --------------------------------------------------------------
 
-    def llumnix_stop(self, request_id: str) -> bool:
-        """Stop scheduling the decoding request the front end calls `request_id`; False (and
-        nothing stopped) if it is not decoding here."""
+    def llumnix_stop(self, request_id: str) -> str | None:
+        """Stop scheduling the decoding request the front end calls `request_id`. Returns why
+        not (and stops nothing) if it is not decoding here, else None."""
         request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
-        if request is None or not self._request_load(request, 0).decoding:
-            return False
+        if request is None:
+            waiting = any(external_request_id(r.request_id) == request_id for r in self.waiting)
+            return "it waits in the engine's queue" if waiting else "the engine does not run it"
+        if not self._request_load(request, 0).decoding:
+            return f"it is in prefill ({request.num_computed_tokens} of {request.num_tokens} tokens computed)"
         self._stopped.add(request.request_id)
-        return True
+        return None
 
     def llumnix_resume(self, request_id: str) -> None:
         self._stopped = {i for i in self._stopped if external_request_id(i) != request_id}
@@ -199,19 +202,20 @@ class LlumnixScheduler(Scheduler):
 
 
 def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: int,
-                        segment: dict[str, Any]) -> dict[str, Any] | None:
+                        segment: dict[str, Any]) -> dict[str, Any]:
     """Stop the request and copy the rest of its KV in one go between two engine steps, so that
     no step can run in between (see `LlumnixWorkerExtension.llumnix_export_kv`)."""
     scheduler = engine_core.scheduler
-    if not scheduler.llumnix_stop(request_id):
-        return None
+    why_not = scheduler.llumnix_stop(request_id)
+    if why_not:
+        return {"not_exported": why_not}
     try:
         result = agreed_export(engine_core.collective_rpc("llumnix_export_kv",
                                                           args=(request_id, first_block, segment, True)))
     except BaseException:
         scheduler.llumnix_resume(request_id)
         raise
-    if result is None:
+    if "not_exported" in result:
         scheduler.llumnix_resume(request_id)
     return result
 

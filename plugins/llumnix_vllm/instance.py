@@ -24,7 +24,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer
+from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer, NotExported
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
@@ -222,7 +222,7 @@ class VllmInstance(EngineInstance):
         await self._running_engine().abort(request_id)  # vLLM ends its stream with an abort output
 
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
-                        max_blocks: int | None = None) -> KvExport | None:
+                        max_blocks: int | None = None) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
         answers = await self._running_engine().collective_rpc(
@@ -230,7 +230,8 @@ class VllmInstance(EngineInstance):
         )
         return _kv_export(agreed_export(answers))
 
-    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer, first_block: int) -> KvExport | None:
+    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
+                                 first_block: int) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
         result = await self._running_engine().engine_core.call_utility_async(
@@ -307,6 +308,8 @@ def _engine_exit(engine: AsyncLLM) -> str | None:
     return None
 
 
-def _kv_export(result: dict[str, Any] | None) -> KvExport | None:
+def _kv_export(result: dict[str, Any]) -> KvExport | NotExported:
     """`llumnix_export_kv`'s answer, which travels as plain data."""
-    return None if result is None else KvExport(tuple(result["token_ids"]), result["blocks"])
+    if "not_exported" in result:
+        return NotExported(result["not_exported"])
+    return KvExport(tuple(result["token_ids"]), result["blocks"])

@@ -20,7 +20,7 @@ def external_request_id(internal_id: str) -> str:
     return internal_id
 
 
-def agreed_export(answers: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def agreed_export(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """The one answer of `llumnix_export_kv` from every worker of an engine: with tensor
     parallelism each rank copies its own shard, and all must have copied the same blocks."""
     first = answers[0]
@@ -47,24 +47,26 @@ class LlumnixWorkerExtension:
         return torch.get_num_threads()
 
     def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
-                          include_partial: bool, max_blocks: int | None = None) -> dict[str, Any] | None:
+                          include_partial: bool, max_blocks: int | None = None) -> dict[str, Any]:
         """Copy a decoding request's KV blocks, from position `first_block` on, into `segment`.
 
         Copies full blocks only, or also the last partial one with `include_partial`; at most
         `max_blocks` (the engine does not step while this runs). Returns
         the request's tokens (prompt + generated: all but the last have their KV copied) and
-        how many block positions the segment now holds; None if the request is not decoding
-        here now (finished, preempted, still in prefill).
+        how many block positions the segment now holds; or, under "not_exported", why the
+        request is not decoding here now.
         """
         spec = SegmentSpec(**segment)  # plain data on the wire
         runner = self.model_runner
         internal = next((r for r in runner.requests if external_request_id(r) == request_id), None)
+        if internal is None:
+            return {"not_exported": "the engine's workers do not hold it (finished or preempted)"}
         # Only a request scheduled in the last step has its KV where its block table says.
-        if internal is None or internal not in runner.input_batch.req_id_to_index:
-            return None
+        if internal not in runner.input_batch.req_id_to_index:
+            return {"not_exported": "the engine did not schedule it in its last step"}
         state = runner.requests[internal]
         if not state.output_token_ids:
-            return None
+            return {"not_exported": "it is in prefill"}
         tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
         with_kv = len(tokens) - 1  # the newest token is sampled but not yet computed
         block_size = self.vllm_config.cache_config.block_size
