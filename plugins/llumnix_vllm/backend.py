@@ -122,6 +122,11 @@ class VllmBackend(Backend):
             logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: set resources.cpu_kv_cache_gib per model")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        # Engines start from threads of this process, several at once, and vLLM forks their
+        # engine processes by default on GPU: a fork while another thread holds a lock breaks
+        # the child (on the H200 one of four parallel starts once failed with filelock's "os.fork
+        # is unsafe while filelock is changing descriptor ownership"). vLLM's CPU build spawns.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
         if current_platform.is_cpu():
