@@ -37,6 +37,7 @@ class RunSummary:
     figures: dict[str, dict[str, float]] = field(default_factory=dict)  # class -> figure -> value
 
     def row(self, klass: str = "all") -> dict:
+        """One class's figures (its own request counts; the instance counters are the run's)."""
         return {"policy": self.policy, "workload": self.workload, "rate": self.rate, "seed": self.seed,
                 "class": klass, "completed": self.completed, "failed": self.failed,
                 "preemptions": self.preemptions, "migrations": self.migrations, **self.figures.get(klass, {})}
@@ -49,6 +50,8 @@ def _figures(outcomes: list[Outcome], duration_s: float) -> dict[str, float]:
     ttft = [o.ttft_s for o in ok]
     gaps = [g for o in ok for g in o.token_gaps]
     return {
+        "completed": len(ok),
+        "failed": len(outcomes) - len(ok),
         "mean_ttft_s": statistics.fmean(ttft),
         "p50_ttft_s": percentile(ttft, 50),
         "p99_ttft_s": percentile(ttft, 99),
@@ -80,7 +83,7 @@ def table(summaries: list[RunSummary]) -> str:
         for klass, f in s.figures.items():
             if not f:
                 continue
-            rows.append([s.workload, f"{s.rate:g}", str(s.seed), s.policy, klass, str(s.completed), str(s.failed),
+            rows.append([s.workload, f"{s.rate:g}", str(s.seed), s.policy, klass, str(f["completed"]), str(f["failed"]),
                          f"{f['mean_ttft_s']:.3f}", f"{f['p99_ttft_s']:.3f}", f"{f['p99_tbt_s']:.3f}",
                          f"{f['mean_e2e_s']:.2f}", f"{f['throughput_tok_s']:.0f}", str(s.preemptions),
                          str(s.migrations)])
