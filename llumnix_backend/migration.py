@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from llumnix_backend.config import MigrationSettings
 from llumnix_backend.errors import Refusal, Refused
-from llumnix_backend.plugin import EngineInstance, KvExport, ModelRuntime, NotExported
+from llumnix_backend.plugin import Detokenizer, EngineInstance, KvExport, ModelRuntime, NotExported
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, blocks_for
 
@@ -110,10 +110,11 @@ class RequestStream:
 
     Text across a switch of instance (a migration's, a replay's): the new instance's
     detokenizer starts after every token so far, so text the old one held back (a character
-    whose bytes are split over tokens) is lost and what follows can come out garbled. From the
-    first switch on, the stream's text is therefore written by its own detokenizer
+    whose bytes are split over tokens, the start of a possible stop string) is lost, what
+    follows can come out garbled, and a stop string that spans the switch is not found. From
+    the first switch on, the stream's text is therefore written by its own detokenizer
     (`new_detokenizer`), fed every token from the start as an undisturbed engine would have
-    been, and the engines' text is no longer used.
+    been; the engines' text is no longer used, and a stop string it finds ends the stream.
     """
 
     request: GenerationRequest
@@ -126,9 +127,9 @@ class RequestStream:
     ended_by: Exception | None = None
     # Makes a detokenizer for this request: token ids in, the text they add out. None: the
     # engines' text is used even after a switch.
-    new_detokenizer: Callable[[], Callable[[Sequence[int]], str]] | None = None
+    new_detokenizer: Callable[[], Detokenizer] | None = None
     _delivered_text: list[str] = field(default_factory=list)
-    _detokenize: Callable[[Sequence[int]], str] | None = None
+    _detokenize: Detokenizer | None = None
     _owed: str = ""  # text of tokens delivered before the switch that the client still lacks
 
     def switched(self) -> None:
@@ -137,7 +138,7 @@ class RequestStream:
             return  # (after a first switch the stream writes its own text already)
         try:
             self._detokenize = self.new_detokenizer()
-            so_far = self._detokenize(self.generated)
+            so_far = self._detokenize(GenerationDelta(tuple(self.generated), "")).text
         except Exception:  # noqa: BLE001 - a text repair must never cost the stream itself
             logger.exception("request %s: no detokenizer of its own; the engines' text is used", self.request.request_id)
             self.new_detokenizer = self._detokenize = None
@@ -147,13 +148,19 @@ class RequestStream:
         self._delivered_text = []  # no longer needed
 
     def deliver(self, delta: GenerationDelta) -> GenerationDelta:
-        self.generated.extend(delta.token_ids)
+        """The delta as the client gets it; one that ends the output is `finished`."""
         self.last_delivery = time.monotonic()
         if self._detokenize is not None:
-            text, self._owed = self._owed + self._detokenize(delta.token_ids), ""
-            return replace(delta, text=text)
-        if self.new_detokenizer is not None:  # (kept only for a switch to compare with)
+            written = self._detokenize(delta)
+            delta = replace(delta, text=self._owed + written.text)
+            self._owed = ""
+            if written.stop is not None:  # the tokens past the stop string are not output
+                kept = written.kept
+                delta = replace(delta, token_ids=delta.token_ids[:kept], finish_reason="stop", stop_reason=written.stop,
+                                logprobs=delta.logprobs and delta.logprobs[:kept])
+        elif self.new_detokenizer is not None:  # (kept only for a switch to compare with)
             self._delivered_text.append(delta.text)
+        self.generated.extend(delta.token_ids)
         return delta
 
 
@@ -163,6 +170,17 @@ async def _stop(source: AsyncIterator[GenerationDelta], pending: asyncio.Future 
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
     await source.aclose()
+
+
+def _deliver_until_finished(stream: RequestStream, deltas: list[GenerationDelta]) -> list[GenerationDelta]:
+    """Deliver deltas in order, up to the one that ends the output (the stream's own
+    detokenizer can end it early, at a stop string that spans a switch)."""
+    delivered: list[GenerationDelta] = []
+    for delta in deltas:
+        delivered.append(stream.deliver(delta))
+        if delivered[-1].finished:
+            break
+    return delivered
 
 
 async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
@@ -190,8 +208,11 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
                 if handover.destination_ready.done():
                     stream.handover = None
                     if handover.destination_ready.exception() is not None:
-                        for held in handover.held:  # the source simply goes on
-                            yield stream.deliver(held)
+                        out = _deliver_until_finished(stream, handover.held)  # the source simply goes on
+                        for held in out:
+                            yield held
+                        if out and out[-1].finished:
+                            return
                         continue
                     first, destination = handover.destination_ready.result()
                     await _stop(source, pending)
@@ -214,21 +235,30 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
             if handover is None:
                 if delta is None:
                     return
-                yield stream.deliver(delta)
-                if delta.finished:
+                delta = stream.deliver(delta)
+                yield delta
+                if delta.finished:  # (the engine's, or a stop string across a switch: the engine is stopped)
                     return
             elif delta is None or delta.finished:
                 handover.conclude(SOURCE_FINISHED)
                 stream.handover = None
-                for held in handover.held + ([delta] if delta else []):
-                    yield stream.deliver(held)
+                for held in _deliver_until_finished(stream, handover.held + ([delta] if delta else [])):
+                    yield held
                 return
             elif not handover.held and handover.copied_past(len(stream.generated) + len(delta.token_ids)):
-                yield stream.deliver(delta)  # produced before the copy: the destination goes on after it
+                delta = stream.deliver(delta)  # produced before the copy: the destination goes on after it
+                yield delta
+                if delta.finished:
+                    handover.conclude(SOURCE_FINISHED)
+                    stream.handover = None
+                    return
             elif not handover.held and handover.copied_past(len(stream.generated) + 1):
                 handover.conclude(SOURCE_AHEAD)  # it spans the copy point: its text cannot be split
                 stream.handover = None
-                yield stream.deliver(delta)
+                delta = stream.deliver(delta)
+                yield delta
+                if delta.finished:
+                    return
             else:
                 handover.held.append(delta)
     finally:

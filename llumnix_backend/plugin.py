@@ -57,6 +57,20 @@ class NotExported:
     reason: str
 
 
+@dataclass(frozen=True)
+class DetokenizedText:
+    """What a batch of generated tokens adds to a request's text."""
+
+    text: str  # the text to show now (text that could still turn out to start a stop string waits)
+    kept: int  # how many of the batch's tokens belong to the output (fewer after a stop string)
+    stop: str | None = None  # the stop string that ended the output in this batch, if one did
+
+
+# An engine's deltas in, in order (their token ids, and how the engine finished the request:
+# a stop token's text is left out as the engine leaves it out); their text out.
+Detokenizer = Callable[[GenerationDelta], DetokenizedText]
+
+
 class KvTransfer(abc.ABC):
     """Where one migration's KV blocks travel from source to destination (shared memory on
     one host, say). The front end creates it and closes it once the migration has ended."""
@@ -167,10 +181,10 @@ class ModelRuntime(abc.ABC):
         """Token ids of a chat conversation rendered by the model's chat template."""
 
     @abc.abstractmethod
-    def new_detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool
-                        ) -> Callable[[Sequence[int]], str]:
-        """A detokenizer for a request with this prompt: give it the generated token ids in
-        order, it returns the text each batch adds, exactly as the engine's own would."""
+    def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:
+        """A detokenizer for a request with this prompt and sampling: give it the generated
+        token ids in order, it returns the text each batch adds and the stop string that ends
+        the output, exactly as the engine's own would."""
 
     @abc.abstractmethod
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:

@@ -414,7 +414,9 @@ class ServedModel:
             raise
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
-        stream = RequestStream(request, instance_id, new_detokenizer=self._detokenizer_factory(request))
+        stream = RequestStream(request, instance_id,
+                               new_detokenizer=lambda: self.runtime.new_detokenizer(request.prompt_token_ids,
+                                                                                   request.sampling))
         self._streams[request.request_id] = stream
         if request.bound_to_its_engine:
             self._bound.add(request.request_id)
@@ -506,14 +508,6 @@ class ServedModel:
         logger.warning("model %s: request %s continues on instance %s after %d tokens (%s)", self.name,
                        request.request_id, instance_id, len(stream.generated), lost)
         return continuation
-
-    def _detokenizer_factory(self, request: GenerationRequest):
-        """Makes the detokenizer a stream writes its text with after a switch; None with stop
-        strings (the engines evaluate them on their own text, so theirs is kept)."""
-        if request.sampling.get("stop"):
-            return None
-        skip = request.sampling.get("skip_special_tokens", True)
-        return lambda: self.runtime.new_detokenizer(request.prompt_token_ids, skip)
 
     def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
         """Count the request against the instance until it shows in the instance's snapshots."""

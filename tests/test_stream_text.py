@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llumnix_backend.migration import RequestStream
+from llumnix_backend.plugin import DetokenizedText
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
 
 
@@ -37,10 +38,10 @@ def new_detokenizer():
     """The stream's own detokenizer: one that has seen every token from the start."""
     seen: list[int] = []
 
-    def text_of(token_ids) -> str:
-        texts = engine_texts([], [*seen, *token_ids])[len(seen):]
-        seen.extend(token_ids)
-        return "".join(texts)
+    def text_of(delta: GenerationDelta) -> DetokenizedText:
+        texts = engine_texts([], [*seen, *delta.token_ids])[len(seen):]
+        seen.extend(delta.token_ids)
+        return DetokenizedText("".join(texts), len(delta.token_ids))
 
     return text_of
 

@@ -22,9 +22,9 @@ from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
 from llumnix_backend.config import ConfigError, ModelSource
 from llumnix_backend.gpus import GpuDevice
-from llumnix_backend.plugin import Backend, EngineInstance, KvTransfer, ModelRuntime
+from llumnix_backend.plugin import Backend, DetokenizedText, Detokenizer, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.policies.placement import GpuPlacement
-from llumnix_backend.requests import RequestError
+from llumnix_backend.requests import GenerationDelta, RequestError
 from llumnix_vllm.instance import SegmentTransfer, VllmInstance, sampling_params
 
 try:  # vLLM >= 0.12
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 GIB = 1 << 30
+# The sampling fields vLLM's detokenizer reads: what text a token adds, and where a stop string ends it.
+_DETOKENIZER_FIELDS = ("skip_special_tokens", "spaces_between_special_tokens", "stop", "include_stop_str_in_output",
+                       "min_tokens")
 SCHEDULER_CLS = "llumnix_vllm.engine_scheduler.LlumnixScheduler"
 WORKER_EXTENSION_CLS = "llumnix_vllm.worker_extension.LlumnixWorkerExtension"
 ENGINE_ARG_FIELDS = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
@@ -259,19 +262,22 @@ class VllmModelRuntime(ModelRuntime):
         self._check_length(text, "messages")
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def new_detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool
-                        ) -> Callable[[Sequence[int]], str]:
+    def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:
         # vLLM's own incremental detokenizer, set up as an engine sets it up for a new request
-        # (it reads only these fields of the request), so its text matches byte for byte.
+        # (it reads only these fields of the request), so its text and its stop-string matches
+        # are the engine's, byte for byte.
+        fields = {k: sampling[k] for k in _DETOKENIZER_FIELDS if sampling.get(k) is not None}
         request = SimpleNamespace(request_id="llumnix-text", prompt_token_ids=list(prompt_token_ids),
-                                  prompt_embeds=None,
-                                  sampling_params=SamplingParams(skip_special_tokens=skip_special_tokens))
+                                  prompt_embeds=None, sampling_params=SamplingParams(**fields))
         detokenizer = IncrementalDetokenizer.from_new_request(self._tokenizer, request)
 
-        def text_of(token_ids: Sequence[int]) -> str:
-            before = len(detokenizer.output_text)
-            detokenizer.update(list(token_ids), False)
-            return detokenizer.output_text[before:]
+        def text_of(delta: GenerationDelta) -> DetokenizedText:
+            before = len(detokenizer.output_token_ids)
+            # The engine leaves a stop token's text out (a stop string it matched is not one).
+            stop_token = delta.finish_reason == "stop" and not isinstance(delta.stop_reason, str)
+            stop = detokenizer.update(list(delta.token_ids), stop_token)
+            text = detokenizer.get_next_output_text(delta.finished or stop is not None, delta=True)
+            return DetokenizedText(text, len(detokenizer.output_token_ids) - before, stop)
 
         return text_of
 
