@@ -33,6 +33,8 @@ from llumnix_server.vllm_routes import create_vllm_router
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_GRPC_MESSAGE_BYTES = 4 << 20
+GRPC_STOP_GRACE_S = 1.0
 UNAUTHENTICATED_PREFIXES = ("/v2/health/", "/metrics")
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/version"})  # vLLM's, open there too
 
@@ -140,7 +142,11 @@ def create_app(
     on_loaded: Callable[[ModelRegistry], None] | None = None,
     max_request_bytes: int | None = None,
     operations_key: str | None = None,
+    grpc_address: tuple[str, int] | None = None,
 ) -> FastAPI:
+    """The HTTP application; with `grpc_address` (host, port), KServe's gRPC service runs beside
+    it in the same event loop (`kserve_grpc`)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
@@ -149,6 +155,13 @@ def create_app(
             if on_loaded is not None:
                 on_loaded(registry)
 
+        grpc_server = None
+        if grpc_address is not None:
+            from llumnix_server.kserve_grpc import create_grpc_server
+
+            grpc_server = create_grpc_server(registry, *grpc_address, api_key=api_key, operations_key=operations_key,
+                                             max_request_bytes=max_request_bytes or DEFAULT_GRPC_MESSAGE_BYTES)
+            await grpc_server.start()
         loading = asyncio.create_task(load(), name="load-repository")
         try:
             yield
@@ -156,6 +169,8 @@ def create_app(
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loading
+            if grpc_server is not None:  # its streams ended with the registry's grace period
+                await grpc_server.stop(GRPC_STOP_GRACE_S)
             await registry.shutdown()
 
     app = FastAPI(title="Llumnix Backend", lifespan=lifespan)

@@ -1,4 +1,4 @@
-"""`llumnix-serve`: serve a model repository on one HTTP endpoint."""
+"""`llumnix-serve`: serve a model repository on one HTTP endpoint (and KServe gRPC beside it)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-repository", type=Path, required=True, help="folder with one sub-folder per model")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001,
+                        help="KServe v2 gRPC on this port, as Triton serves it (0: no gRPC)")
     parser.add_argument("--api-key", default=os.environ.get("LLUMNIX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLUMNIX_API_KEY)")
     parser.add_argument("--operations-api-key", default=os.environ.get("LLUMNIX_OPERATIONS_API_KEY"),
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--model-repository {args.model_repository} is not a folder")
     if args.max_request_bytes < 1:
         parser.error("--max-request-bytes must be positive")
+    if not 0 <= args.grpc_port < 65536:
+        parser.error("--grpc-port must be a port number (0: no gRPC)")
     if args.max_parallel_starts < 1:
         parser.error("--max-parallel-starts must be at least 1")
     if args.shutdown_grace_s < 0:
@@ -78,12 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     from llumnix_server.app import GracefulServer, create_app
     from llumnix_server.startup_report import StartupReport
 
-    report = StartupReport(f"http://{args.host}:{args.port}")
+    report = StartupReport(f"http://{args.host}:{args.port}", f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
                              ModelControlMode(args.model_control_mode), frozenset(args.load_model),
                              args.repository_quiet_s)
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary,
-                     max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key)
+                     max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key,
+                     grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.log_level == "debug",
                             timeout_graceful_shutdown=int(args.shutdown_grace_s + SHUTDOWN_BACKSTOP_S))

@@ -76,7 +76,7 @@ class GenerateRequest(BaseModel):
             raise RequestError(*first_validation_problem(exc.errors(), "parameters")) from None
 
 
-def _model_metadata(model: ServedModel) -> dict[str, Any]:
+def metadata_of(model: ServedModel) -> dict[str, Any]:
     return {
         "name": model.name,
         "versions": [str(model.source.version)],
@@ -91,9 +91,9 @@ def _model_metadata(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def _model_config(model: ServedModel) -> dict[str, Any]:
+def config_of(model: ServedModel) -> dict[str, Any]:
     config = model.config
-    metadata = _model_metadata(model)
+    metadata = metadata_of(model)
     scheduler = config.scheduler
     return {
         "name": model.name,
@@ -145,12 +145,12 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/v2/models/stats")  # before /v2/models/{model_name}, which would take it
     async def all_stats() -> dict[str, Any]:
-        return {"model_stats": [_stats(e.model) for e in registry.entries() if e.model is not None]}
+        return {"model_stats": [stats_of(e.model) for e in registry.entries() if e.model is not None]}
 
     @both(router.get, "/v2/models/{model_name}")
     async def model_metadata(model_name: str, version: str | None = None) -> dict[str, Any]:
         versioned(model_name, version)
-        return _model_metadata(registry.loaded(model_name))
+        return metadata_of(registry.loaded(model_name))
 
     @both(router.get, "/v2/models/{model_name}/ready")
     async def model_ready(model_name: str, version: str | None = None) -> Response:
@@ -161,12 +161,12 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
     @both(router.get, "/v2/models/{model_name}/config")
     async def model_config(model_name: str, version: str | None = None) -> dict[str, Any]:
         versioned(model_name, version)
-        return _model_config(registry.loaded(model_name))
+        return config_of(registry.loaded(model_name))
 
     @both(router.get, "/v2/models/{model_name}/stats")
     async def model_stats(model_name: str, version: str | None = None) -> dict[str, Any]:
         versioned(model_name, version)
-        return {"model_stats": [_stats(registry.loaded(model_name))]}
+        return {"model_stats": [stats_of(registry.loaded(model_name))]}
 
     @router.post("/v2/repository/index")
     async def repository_index() -> list[dict[str, Any]]:
@@ -205,26 +205,9 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
         inputs, client_id, wanted, binary = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
         if inputs.get("stream"):
             raise RequestError("stream: streaming needs generate_stream (HTTP infer carries one response)", "stream")
-        if "text_input" not in inputs:
-            raise RequestError("the text_input input is missing", "text_input")
-        body = GenerateRequest(text_input=inputs["text_input"], id=client_id,
-                               sampling_parameters=inputs.get("sampling_parameters"),
-                               exclude_input_in_output=inputs.get("exclude_input_in_output"))
-        run = await _start(registry, model_name, body, request)
+        run = await start_infer(registry, model_name, inputs, client_id, request)
         text, finish_reason, n_out = await _collect(request, run.stream)
-        outputs = {"text_output": ("BYTES", ("" if run.params.exclude_input_in_output else body.text_input) + text)}
-        if inputs.get("return_finish_reason"):
-            outputs["finish_reason"] = ("BYTES", finish_reason or "")
-        if inputs.get("return_num_input_tokens"):
-            outputs["num_input_tokens"] = ("UINT32", run.prompt_tokens)
-        if inputs.get("return_num_output_tokens"):
-            outputs["num_output_tokens"] = ("UINT32", n_out)
-        unknown = wanted - set(outputs)
-        if unknown:
-            raise RequestError(f"unknown or not requested output(s) {sorted(unknown)}; ask for one with its "
-                               "return_* input", "outputs")
-        selected = {k: v for k, v in outputs.items() if not wanted or k in wanted}
-        return infer_response(run.envelope, selected, binary)
+        return infer_response(run.envelope, infer_outputs(run, inputs, wanted, text, finish_reason, n_out), binary)
 
     return router
 
@@ -257,15 +240,50 @@ async def _parse(request: Request) -> GenerateRequest:
 
 
 @dataclass
-class _Run:
+class Run:
+    """A started generate or infer request."""
+
+    body: GenerateRequest
     params: GenerateParameters
     prompt_tokens: int
     envelope: dict[str, Any]
     stream: AsyncIterator[GenerationDelta]
 
 
-async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request) -> _Run:
-    """Start a generate or infer request: checked, tokenised, dispatched, its first output in."""
+async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str, Any], client_id: str | None,
+                      request: Request | None) -> Run:
+    """Start an infer request from its input tensors (`kserve_infer.checked_input`'s values)."""
+    if "text_input" not in inputs:
+        raise RequestError("the text_input input is missing", "text_input")
+    body = GenerateRequest(text_input=inputs["text_input"], id=client_id,
+                           sampling_parameters=inputs.get("sampling_parameters"),
+                           stream=inputs.get("stream"), exclude_input_in_output=inputs.get("exclude_input_in_output"))
+    return await _start(registry, model_name, body, request)
+
+
+def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], text: str, finish_reason: str | None,
+                  n_out: int, with_prompt: bool = True) -> dict[str, tuple[str, Any]]:
+    """An infer response's output tensors (name: (datatype, value)): `text_output` (after the
+    prompt unless `exclude_input_in_output`, or `with_prompt` is off as for a streamed part),
+    and what the `return_*` inputs ask for; only those in `wanted` if it names any."""
+    prefix = run.body.text_input if with_prompt and not run.params.exclude_input_in_output else ""
+    outputs = {"text_output": ("BYTES", prefix + text)}
+    if inputs.get("return_finish_reason"):
+        outputs["finish_reason"] = ("BYTES", finish_reason or "")
+    if inputs.get("return_num_input_tokens"):
+        outputs["num_input_tokens"] = ("UINT32", run.prompt_tokens)
+    if inputs.get("return_num_output_tokens"):
+        outputs["num_output_tokens"] = ("UINT32", n_out)
+    unknown = wanted - set(outputs)
+    if unknown:
+        raise RequestError(f"unknown or not requested output(s) {sorted(unknown)}; ask for one with its "
+                           "return_* input", "outputs")
+    return {k: v for k, v in outputs.items() if not wanted or k in wanted}
+
+
+async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request | None) -> Run:
+    """Start a generate or infer request: checked, tokenised, dispatched, its first output in
+    (with an HTTP `request`, given up if its client goes away meanwhile)."""
     arrival = time.monotonic()
     model = registry.get(model_name)
     params = body.merged_parameters()
@@ -282,7 +300,7 @@ async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest
     )
     stream = await started(request, model.generate(gen_request))
     envelope = {"id": body.id or request_id, "model_name": model.name, "model_version": str(model.source.version)}
-    return _Run(params, len(prompt), envelope, stream)
+    return Run(body, params, len(prompt), envelope, stream)
 
 
 async def _collect(request: Request, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
@@ -309,7 +327,7 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     return JSONResponse(dict(run.envelope, text_output=prefix + text))
 
 
-def _stats(model: ServedModel) -> dict[str, Any]:
+def stats_of(model: ServedModel) -> dict[str, Any]:
     """Triton's statistics for a model (one inference per request: no batching here)."""
     stats = model.stats
     count = stats.success + stats.fail

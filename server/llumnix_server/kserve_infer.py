@@ -29,19 +29,47 @@ BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "ret
 KNOWN_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS)
 
 
-def _decode_binary(datatype: str, raw: bytes, name: str) -> list[Any]:
+def decode_tensor(datatype: str, raw: bytes, name: str) -> list[Any]:
+    """The elements of a tensor in Triton's raw layout (the HTTP binary extension's, and gRPC's
+    `raw_input_contents`)."""
     if datatype == "BYTES":
         values, offset = [], 0
         while offset < len(raw):
             if offset + 4 > len(raw):
                 raise RequestError(f"input {name}: a BYTES element is cut short", name)
             (size,) = struct.unpack_from("<I", raw, offset)
-            values.append(raw[offset + 4:offset + 4 + size].decode("utf-8", errors="strict"))
+            try:
+                values.append(raw[offset + 4:offset + 4 + size].decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise RequestError(f"input {name}: a BYTES element is not UTF-8 ({exc.reason})", name) from None
             offset += 4 + size
         return values
     if datatype == "BOOL":
         return [bool(b) for b in raw]
     raise RequestError(f"input {name}: datatype {datatype} is not one this model takes (BYTES or BOOL)", name)
+
+
+def check_input_name(name: Any) -> None:
+    if name not in KNOWN_INPUTS:
+        raise RequestError(f"unknown input {name!r}; this model takes {', '.join(KNOWN_INPUTS)}", "inputs")
+
+
+def checked_input(name: str, values: Any) -> Any:
+    """The one value of input `name` (shape [1]), of the type the model takes for it."""
+    if not isinstance(values, list) or len(values) != 1:
+        raise RequestError(f"input {name}: expected one element (shape [1])", name)
+    expected = str if name in KNOWN_INPUTS[:2] else bool
+    if not isinstance(values[0], expected):
+        raise RequestError(f"input {name}: expected {'BYTES' if expected is str else 'BOOL'}", name)
+    return values[0]
+
+
+def encode_tensor(datatype: str, value: Any) -> bytes:
+    """One element in Triton's raw layout: BYTES as a 4-byte little-endian length and the bytes."""
+    if datatype == "BYTES":
+        encoded = value.encode()
+        return struct.pack("<I", len(encoded)) + encoded
+    return struct.pack("<I", value)  # UINT32
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], str | None, set[str], bool]:
@@ -57,22 +85,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
     offset = 0
     for tensor in request["inputs"]:
         name, datatype = tensor.get("name"), tensor.get("datatype")
-        if name not in KNOWN_INPUTS:
-            raise RequestError(f"unknown input {name!r}; this model takes {', '.join(KNOWN_INPUTS)}", "inputs")
+        check_input_name(name)
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            values = _decode_binary(datatype, binary[offset:offset + size], name)
+            values = decode_tensor(datatype, binary[offset:offset + size], name)
             offset += size
         else:
             values = tensor.get("data")
             if isinstance(values, list) and values and isinstance(values[0], list):
                 values = values[0]
-        if not isinstance(values, list) or len(values) != 1:
-            raise RequestError(f"input {name}: expected one element (shape [1])", name)
-        expected = str if name in KNOWN_INPUTS[:2] else bool
-        if not isinstance(values[0], expected):
-            raise RequestError(f"input {name}: expected {'BYTES' if expected is str else 'BOOL'}", name)
-        inputs[name] = values[0]
+        inputs[name] = checked_input(name, values)
     wanted = {o.get("name") for o in request.get("outputs") or []}
     binary_out = bool((request.get("parameters") or {}).get("binary_data_output")) or any(
         (o.get("parameters") or {}).get("binary_data") for o in request.get("outputs") or [])
@@ -85,8 +107,7 @@ def infer_response(envelope: dict[str, Any], outputs: dict[str, tuple[str, Any]]
     for name, (datatype, value) in outputs.items():
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [1]}
         if binary:
-            raw = (struct.pack("<I", len(encoded := value.encode())) + encoded if datatype == "BYTES"
-                   else struct.pack("<I", value))
+            raw = encode_tensor(datatype, value)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

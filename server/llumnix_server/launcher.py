@@ -39,6 +39,11 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     api_key: str | None = None
     process: subprocess.Popen | None = None
+    grpc_port: int | None = None  # KServe gRPC, when the server has it on
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -95,12 +100,14 @@ class ServerProcess:
 
 def llumnix_server(repository: Path, log_path: Path, api_key: str | None = None, port: int | None = None,
                    extra_args: tuple[str, ...] = ()) -> ServerProcess:
+    """HTTP on `port` (a free one by default), gRPC on another free port (`grpc_port`)."""
     port = port or free_port()
+    grpc_port = free_port()
     command = [sys.executable, "-m", "llumnix_server.cli", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", str(port), *extra_args]
+               "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *extra_args]
     if api_key:
         command += ["--api-key", api_key]
-    return ServerProcess(command, port, log_path, api_key=api_key)
+    return ServerProcess(command, port, log_path, api_key=api_key, grpc_port=grpc_port)
 
 
 def wait_for_repository(server: ServerProcess, timeout: float) -> list[dict]:

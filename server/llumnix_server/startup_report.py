@@ -11,8 +11,9 @@ from llumnix_backend.served_model import InstanceEvent
 
 
 class StartupReport:
-    def __init__(self, base_url: str, out: TextIO = sys.stdout) -> None:
+    def __init__(self, base_url: str, grpc_address: str | None = None, out: TextIO = sys.stdout) -> None:
         self._base_url = base_url
+        self._grpc = f", KServe v2 gRPC {grpc_address}" if grpc_address else ""
         self._out = out
 
     def _print(self, line: str) -> None:
@@ -48,5 +49,5 @@ class StartupReport:
         self._print("")
         self._print(
             f"[llumnix] serving {len(registry.ready_models())} model(s) on {self._base_url}: "
-            f"OpenAI {self._base_url}/v1, KServe v2 {self._base_url}/v2, metrics {self._base_url}/metrics"
+            f"OpenAI {self._base_url}/v1, KServe v2 {self._base_url}/v2{self._grpc}, metrics {self._base_url}/metrics"
         )

@@ -23,8 +23,11 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away first (the request is then aborted)."""
+async def unless_disconnected(request: Request | None, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (the request is then aborted).
+    Without an HTTP request (gRPC), the caller's own cancellation does that."""
+    if request is None:
+        return await work
     work_task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
@@ -43,7 +46,7 @@ async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
         yield item
 
 
-async def started(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def started(request: Request | None, stream: AsyncIterator[T]) -> AsyncIterator[T]:
     """Wait for the stream's first item, so dispatch and validation errors surface as a proper
     HTTP error before a 200 is sent; returns an iterator that still yields every item."""
     try:

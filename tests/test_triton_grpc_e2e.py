@@ -1,0 +1,112 @@
+"""KServe v2 gRPC through `tritonclient.grpc`, unchanged, against the shared server (its own
+free port for `--grpc-port`): health, metadata, config, the repository index, statistics,
+`infer()` with the vLLM backend's tensors, and streaming infer as Triton serves a decoupled
+vllm_backend model. The same greedy request gives the same text over gRPC as over HTTP."""
+
+from __future__ import annotations
+
+import json
+import queue
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from conftest import API_KEY
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.engine
+
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+SAMPLING = json.dumps({"max_tokens": 8, "temperature": 0, "ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def client(serving) -> triton.InferenceServerClient:
+    with triton.InferenceServerClient(serving.grpc_url) as c:
+        yield c
+
+
+def tensor(name: str, value) -> triton.InferInput:
+    datatype = "BOOL" if isinstance(value, bool) else "BYTES"
+    t = triton.InferInput(name, [1], datatype)
+    t.set_data_from_numpy(np.array([value], dtype=bool if datatype == "BOOL" else object))
+    return t
+
+
+def inputs(prompt: str, **options) -> list[triton.InferInput]:
+    return [tensor("text_input", prompt), tensor("sampling_parameters", SAMPLING),
+            *(tensor(name, value) for name, value in options.items())]
+
+
+def test_health_metadata_config_and_index(client) -> None:
+    assert client.is_server_live() and client.is_server_ready()  # open without a key, as on HTTP
+    assert client.is_model_ready("alpha")
+    assert not client.is_model_ready("no-such-model")
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.get_server_metadata()
+    assert "model_repository" in client.get_server_metadata(headers=AUTH).extensions
+    metadata = client.get_model_metadata("alpha", headers=AUTH)
+    assert metadata.name == "alpha" and [i.name for i in metadata.inputs][:2] == ["text_input", "stream"]
+    config = client.get_model_config("alpha", headers=AUTH).config
+    assert config.model_transaction_policy.decoupled and config.instance_group[0].count == 2
+    index = {m.name: m for m in client.get_model_repository_index(headers=AUTH).models}
+    assert index["alpha"].state == "READY" and index["bad-yaml"].state == "UNAVAILABLE"
+    assert "invalid YAML" in index["bad-yaml"].reason
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'") as refused:
+        client.get_model_metadata("nope", headers=AUTH)
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_infer_matches_http(client, serving) -> None:
+    result = client.infer("alpha", inputs("Hello", exclude_input_in_output=True, return_finish_reason=True,
+                                          return_num_output_tokens=True), headers=AUTH)
+    text = result.as_numpy("text_output")[0].decode()
+    assert result.as_numpy("finish_reason")[0].decode() == "length"
+    assert result.as_numpy("num_output_tokens")[0] == 8
+    over_http = httpx.post(f"{serving.url}/v2/models/alpha/generate", headers=serving.headers, timeout=60,
+                           json={"text_input": "Hello", "parameters": json.loads(SAMPLING)})
+    assert over_http.status_code == 200, over_http.text
+    assert over_http.json()["text_output"] == "Hello" + text
+
+
+def test_infer_errors_name_what_was_wrong(client) -> None:
+    with pytest.raises(InferenceServerException, match="unknown input 'colour'") as refused:
+        client.infer("alpha", [tensor("text_input", "x"), tensor("colour", "red")], headers=AUTH)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="ModelStreamInfer"):
+        client.infer("alpha", inputs("x", stream=True), headers=AUTH)
+
+
+def test_streaming_infer_sends_each_delta_then_the_final_marker(client) -> None:
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=AUTH)
+    try:
+        client.async_stream_infer("alpha", inputs("Hello", stream=True, return_num_output_tokens=True),
+                                  enable_empty_final_response=True)
+        parts, counts = [], []
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                assert not response.outputs
+                break
+            parts.append(result.as_numpy("text_output")[0].decode())
+            counts.append(int(result.as_numpy("num_output_tokens")[0]))
+        assert counts[-1] == 8 and counts == sorted(counts) and len(parts) > 1
+        # A failed request answers in-band; the stream stays open for the next one.
+        client.async_stream_infer("no-such-model", inputs("x"))
+        _, error = results.get(timeout=60)
+        assert "unknown model 'no-such-model'" in str(error)
+    finally:
+        client.stop_stream()
+    whole = client.infer("alpha", inputs("Hello", exclude_input_in_output=True), headers=AUTH)
+    assert "".join(parts) == whole.as_numpy("text_output")[0].decode()
+
+
+def test_statistics_count_grpc_requests(client) -> None:
+    before = client.get_inference_statistics("alpha", headers=AUTH).model_stats[0].inference_stats.success.count
+    client.infer("alpha", inputs("Hi"), headers=AUTH)
+    after = client.get_inference_statistics("alpha", headers=AUTH).model_stats[0]
+    assert after.inference_stats.success.count == before + 1 and after.inference_stats.success.ns > 0
