@@ -18,7 +18,6 @@ import json
 import struct
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from llumnix_backend.requests import RequestError
