@@ -50,14 +50,17 @@ def test_tensor_parallel_instances_serve(server, baseline) -> None:
     assert baseline.finish_reason == "length" and len(baseline.token_ids) == TOKENS
 
 
-@pytest.mark.xfail(strict=False, reason="on a loaded machine the migration sometimes aborts with 'the request is "
-                   "not decoding on the source' (seen twice in clean-clone CI runs; cause not found yet)")
 def test_a_migrated_stream_is_token_identical(server, baseline) -> None:
     run = StreamedCompletion(server, MODEL, max_tokens=TOKENS).wait_for_tokens(100)
     source = running_on(server, run.request_id, MODEL)
     response = migrate(server, run.request_id, other(source), MODEL)
     assert response.status_code == 200, response.text
     report = response.json()
+    if not report["committed"] and "not decoding on the source" in report["reason"]:
+        # Seen twice in clean-clone CI runs (never alone, nor under CPU hogs here): report the
+        # engine's own account of why, which the summary shows (`-ra`).
+        run.result()
+        pytest.xfail(f"TP migration aborted on a loaded machine: {report['reason']}")
     assert report["committed"], report["reason"]
     assert report["blocks"] >= 1 and report["bytes"] > 0
     run.result()

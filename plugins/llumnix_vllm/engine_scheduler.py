@@ -211,7 +211,7 @@ def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: i
         return {"not_exported": why_not}
     try:
         result = agreed_export(engine_core.collective_rpc("llumnix_export_kv",
-                                                          args=(request_id, first_block, segment, True)))
+                                                          args=(request_id, first_block, segment, True, None, True)))
     except BaseException:
         scheduler.llumnix_resume(request_id)
         raise

@@ -47,22 +47,26 @@ class LlumnixWorkerExtension:
         return torch.get_num_threads()
 
     def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
-                          include_partial: bool, max_blocks: int | None = None) -> dict[str, Any]:
+                          include_partial: bool, max_blocks: int | None = None,
+                          running: bool = False) -> dict[str, Any]:
         """Copy a decoding request's KV blocks, from position `first_block` on, into `segment`.
 
         Copies full blocks only, or also the last partial one with `include_partial`; at most
         `max_blocks` (the engine does not step while this runs). Returns
         the request's tokens (prompt + generated: all but the last have their KV copied) and
         how many block positions the segment now holds; or, under "not_exported", why the
-        request is not decoding here now.
+        request is not decoding here now. `running`: the engine's scheduler has checked that
+        the request runs (is not preempted), so its block table is current even if the last
+        step left it out.
         """
         spec = SegmentSpec(**segment)  # plain data on the wire
         runner = self.model_runner
         internal = next((r for r in runner.requests if external_request_id(r) == request_id), None)
         if internal is None:
             return {"not_exported": "the engine's workers do not hold it (finished or preempted)"}
-        # Only a request scheduled in the last step has its KV where its block table says.
-        if internal not in runner.input_batch.req_id_to_index:
+        # The workers keep a preempted request's state, block table included, though its blocks
+        # are gone: unless the scheduler vouches for it, only one scheduled in the last step counts.
+        if not running and internal not in runner.input_batch.req_id_to_index:
             return {"not_exported": "the engine did not schedule it in its last step"}
         state = runner.requests[internal]
         if not state.output_token_ids:
