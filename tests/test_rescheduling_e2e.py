@@ -211,7 +211,8 @@ def test_a_request_preempted_during_its_migration_stays_and_completes_on_its_sou
         finally:
             set_draining(gamma, "1", False, MODEL)
     report = migrating.result().json()
-    assert not report["committed"] and report["reason"] == "the request is not decoding on the source", report
+    # (why, as the engine saw it: queued again, or left out of the step that preempted it)
+    assert not report["committed"] and report["reason"].startswith("the request is not decoding on the source: "), report
     # Both complete on instance 0, the preempted one after recomputing its KV there.
     finish(gamma, [high, low])
 
