@@ -210,8 +210,9 @@ def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: i
     if why_not:
         return {"not_exported": why_not}
     try:
-        result = agreed_export(engine_core.collective_rpc("llumnix_export_kv",
-                                                          args=(request_id, first_block, segment, True, None, True)))
+        result = agreed_export(engine_core.collective_rpc(
+            "llumnix_export_kv", args=(request_id, first_block, segment),
+            kwargs={"include_partial": True, "running": True}))  # (llumnix_stop checked it runs)
     except BaseException:
         scheduler.llumnix_resume(request_id)
         raise

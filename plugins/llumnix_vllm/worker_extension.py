@@ -63,7 +63,7 @@ class LlumnixWorkerExtension:
         runner = self.model_runner
         internal = next((r for r in runner.requests if external_request_id(r) == request_id), None)
         if internal is None:
-            return {"not_exported": "the engine's workers do not hold it (finished or preempted)"}
+            return {"not_exported": "the engine's workers do not hold it (it finished or was aborted)"}
         # The workers keep a preempted request's state, block table included, though its blocks
         # are gone: unless the scheduler vouches for it, only one scheduled in the last step counts.
         if not running and internal not in runner.input_batch.req_id_to_index:

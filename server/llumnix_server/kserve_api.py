@@ -206,7 +206,7 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
         if inputs.get("stream"):
             raise RequestError("stream: streaming needs generate_stream (HTTP infer carries one response)", "stream")
         run = await start_infer(registry, model_name, inputs, client_id, request)
-        text, finish_reason, n_out = await _collect(request, run.stream)
+        text, finish_reason, n_out = await collect_output(request, run.stream)
         return infer_response(run.envelope, infer_outputs(run, inputs, wanted, text, finish_reason, n_out), binary)
 
     return router
@@ -220,7 +220,11 @@ def _config_override(body: bytes) -> dict | None:
         data = json.loads(body)
     except ValueError as exc:
         raise RequestError(f"the body is not valid JSON: {exc}") from None
-    config = (data.get("parameters") or {}).get("config") if isinstance(data, dict) else None
+    return config_override((data.get("parameters") or {}).get("config") if isinstance(data, dict) else None)
+
+
+def config_override(config: Any) -> dict | None:
+    """A load request's `parameters.config` (a JSON string, or an object) as a model config."""
     if isinstance(config, str):
         try:
             config = json.loads(config)
@@ -303,8 +307,9 @@ async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest
     return Run(body, params, len(prompt), envelope, stream)
 
 
-async def _collect(request: Request, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
-    """(text, finish reason, tokens) of a whole request."""
+async def collect_output(request: Request | None, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
+    """(text, finish reason, tokens) of a whole request (with an HTTP `request`, given up if its
+    client goes away)."""
 
     async def collect() -> tuple[str, str | None, int]:
         texts, finish, tokens = [], None, 0
@@ -322,7 +327,7 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     run = await _start(registry, model_name, body, request)
     if stream_route or run.params.stream:
         return StreamingResponse(_generate_events(run.envelope, run.stream), media_type="text/event-stream")
-    text, _, _ = await _collect(request, run.stream)
+    text, _, _ = await collect_output(request, run.stream)
     prefix = "" if run.params.exclude_input_in_output else body.text_input
     return JSONResponse(dict(run.envelope, text_output=prefix + text))
 

@@ -12,7 +12,6 @@ status the core error has there. The service and messages are those tritonclient
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import AsyncIterator
 from importlib.metadata import version as package_version
 from typing import Any
@@ -25,7 +24,7 @@ from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelSt
 from llumnix_backend.requests import RequestError
 from llumnix_server.errors import as_api_error
 from llumnix_server.kserve_api import (
-    EXTENSIONS, SERVER_NAME, config_of, infer_outputs, metadata_of, start_infer, stats_of,
+    EXTENSIONS, SERVER_NAME, collect_output, config_of, config_override, infer_outputs, metadata_of, start_infer, stats_of,
 )
 from llumnix_server.kserve_infer import check_input_name, checked_input, decode_tensor, encode_tensor
 
@@ -126,15 +125,8 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryModelLoad(self, request, context):
-        override = None
-        if "config" in request.parameters:
-            try:
-                override = json.loads(request.parameters["config"].string_param)
-            except ValueError as exc:
-                raise RequestError(f"parameters.config is not valid JSON: {exc}", "parameters.config") from None
-            if not isinstance(override, dict):
-                raise RequestError("parameters.config must be a JSON object (a model config)", "parameters.config")
-        await self._registry.load_model(request.model_name, override)
+        config = request.parameters["config"].string_param if "config" in request.parameters else None
+        await self._registry.load_model(request.model_name, config_override(config))
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
@@ -148,12 +140,8 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise RequestError("stream: a streamed request needs ModelStreamInfer (ModelInfer carries one response)",
                                "stream")
         run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
-        texts, finish, n_out = [], None, 0
-        async for delta in run.stream:
-            texts.append(delta.text)
-            n_out += len(delta.token_ids)
-            finish = delta.finish_reason or finish
-        return _response(run.envelope, infer_outputs(run, inputs, wanted, "".join(texts), finish, n_out))
+        text, finish, n_out = await collect_output(None, run.stream)
+        return _response(run.envelope, infer_outputs(run, inputs, wanted, text, finish, n_out))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Requests one after another on the stream; each one's responses, then its final
@@ -173,12 +161,8 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
                             infer_response=_response(run.envelope, outputs, final=False))
                     yield service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, {}, final=True))
                 else:
-                    texts, finish, n_out = [], None, 0
-                    async for delta in run.stream:
-                        texts.append(delta.text)
-                        n_out += len(delta.token_ids)
-                        finish = delta.finish_reason or finish
-                    outputs = infer_outputs(run, inputs, wanted, "".join(texts), finish, n_out)
+                    text, finish, n_out = await collect_output(None, run.stream)
+                    outputs = infer_outputs(run, inputs, wanted, text, finish, n_out)
                     yield service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs, final=True))
             except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
                 yield service_pb2.ModelStreamInferResponse(error_message=as_api_error(exc).message)
