@@ -11,7 +11,10 @@ and driven through vLLM's own `AsyncLLM` by the same loads:
 - `vllm-sync-priority`, `vllm-sync-connector`: `vllm-sync` plus one of what Llumnix adds
   (priority scheduling; the migration connector), to tell their costs apart;
 - `llumnix`: the engine arguments this project's backend gives every instance
-  (`LlumnixScheduler`, the migration connector, priority scheduling, async scheduling off).
+  (`LlumnixScheduler`, the migration connector, priority scheduling; async scheduling where
+  vLLM turns it on, with `LlumnixAsyncScheduler`);
+- `llumnix-sync`: the same with async scheduling off, as the backend ran before its hooks
+  worked under async scheduling.
 
 All keep Llumnix's worker extension, which only adds methods (on the CPU it sizes the
 thread pool, so that the engines compare on equal threads).
@@ -55,11 +58,11 @@ from llumnix_vllm.snapshot_channel import new_instance_token
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import command_line, markdown_table, publish  # noqa: E402
 
-VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix")
+VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix", "llumnix-sync")
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # read by each engine process as it starts
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}
 # What the backend adds for Llumnix, beyond its worker extension.
-LLUMNIX_ONLY = ("scheduler_cls", "kv_transfer_config", "scheduling_policy", "async_scheduling")
+LLUMNIX_ONLY = ("scheduler_cls", "kv_transfer_config", "scheduling_policy")
 
 
 def backend_engine_args(work: Path, args) -> tuple[AsyncEngineArgs, int | None]:
@@ -81,6 +84,8 @@ def backend_engine_args(work: Path, args) -> tuple[AsyncEngineArgs, int | None]:
 def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineArgs:
     if variant == "llumnix":
         return llumnix
+    if variant == "llumnix-sync":
+        return dataclasses.replace(llumnix, async_scheduling=False)
     plain = dataclasses.replace(llumnix, **{k: FIELD_DEFAULTS[k] for k in LLUMNIX_ONLY})
     if variant in ("vllm", "vllm-v1"):
         return plain
@@ -142,11 +147,17 @@ async def measure(variant: str, engine_args: AsyncEngineArgs, cpu_threads: int |
                    "burst": await load(engine, rng, vocab, args.burst, args, "burst")}
         return {"variant": variant, "engine_start_s": started_s,
                 "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
-                "scheduler": vllm_config.scheduler_config.get_scheduler_cls().__name__,
+                "scheduler": scheduler_name(vllm_config.scheduler_config),
                 "model_runner": "vLLM's choice" if variant == "vllm" else "V1",
                 "policy": vllm_config.scheduler_config.policy, **figures}
     finally:
         engine.shutdown()
+
+
+def scheduler_name(scheduler_config) -> str:
+    """The class the engine runs: Llumnix's scheduler picks its async variant as vLLM creates it."""
+    name = scheduler_config.get_scheduler_cls().__name__
+    return name.replace("Llumnix", "LlumnixAsync") if name == "LlumnixScheduler" and scheduler_config.async_scheduling else name
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:

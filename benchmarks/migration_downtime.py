@@ -11,9 +11,11 @@ One llumnix-serve with a model of two instances. For each sequence length L:
   prompt plus generated tokens on the destination).
 
 Each point is the median of --repeats runs, all in one process on the same two instances.
+Every migrated stream (greedy) is also run again unmigrated, and the table says how many were
+token-identical to it.
 
     python benchmarks/migration_downtime.py [--lengths 128,256,512,1024,2048,4096] [--repeats 5]
-        [--shape tiny|llama-2-7b] [--name migration]
+        [--shape tiny|llama-2-7b] [--dtype float32] [--no-async-scheduling] [--name migration]
 
 `--shape tiny` (default) runs the generated 2-layer model on the CPU; `--shape llama-2-7b` runs
 Llama-2-7B's architecture with dummy weights (GPU: both instances share one GPU by
@@ -55,11 +57,17 @@ SHAPES = {"tiny": "tiny llama (2 layers, hidden 256), 2 instances",
 def model_config(work: Path, args, max_len: int) -> dict:
     if args.shape == "tiny":
         model_dir = ensure_model(work / "model", TinyLlamaRecipe(seed=0))
-        return {"engine": {"model": str(model_dir), "max_model_len": max_len, "enforce_eager": True},
-                "resources": {"cpu_kv_cache_gib": args.kv_cache_gib}}
-    model_dir = write_llama_2_7b_shape(work / "model")
-    return {"engine": {"model": str(model_dir), "load_format": "dummy", "max_model_len": max_len},
-            "resources": {"gpu_memory_utilization": args.gpu_memory_utilization}}
+        config = {"engine": {"model": str(model_dir), "max_model_len": max_len, "enforce_eager": True},
+                  "resources": {"cpu_kv_cache_gib": args.kv_cache_gib}}
+    else:
+        model_dir = write_llama_2_7b_shape(work / "model")
+        config = {"engine": {"model": str(model_dir), "load_format": "dummy", "max_model_len": max_len},
+                  "resources": {"gpu_memory_utilization": args.gpu_memory_utilization}}
+    if args.dtype:
+        config["engine"]["dtype"] = args.dtype
+    if args.no_async_scheduling:
+        config["engine"]["async_scheduling"] = False
+    return config
 
 
 def start_server(work: Path, config: dict, transport: str, log: Path | None) -> ServerProcess:
@@ -78,6 +86,7 @@ class TimedStream:
 
     def __init__(self, server: ServerProcess, prompt: list[int], max_tokens: int) -> None:
         self.arrivals: list[float] = []
+        self.token_ids: list[int] = []
         self.request_id: str | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._read, args=(server, prompt, max_tokens), daemon=True)
@@ -95,6 +104,7 @@ class TimedStream:
                 self.request_id = event["id"]
                 for choice in event["choices"]:
                     self.arrivals += [now] * len(choice.get("token_ids") or [])
+                    self.token_ids += choice.get("token_ids") or []
                 if len(self.arrivals) >= DECODE_BEFORE:
                     self._started.set()
 
@@ -139,7 +149,10 @@ def measure_migration(server: ServerProcess, prompt: list[int], decode_after: in
     if not report.get("committed"):
         raise RuntimeError(f"migration not committed: {report}")
     switched = report["switched_at_token"]
-    return {"client_downtime_s": stream.switch_gap(switched), "inter_token_s": stream.typical_gap(began),
+    wait_idle(server)
+    undisturbed = TimedStream(server, prompt, DECODE_BEFORE + decode_after)
+    undisturbed.join()
+    return {"token_identical": stream.token_ids == undisturbed.token_ids, "client_downtime_s": stream.switch_gap(switched), "inter_token_s": stream.typical_gap(began),
             "stage_stall_s": stream.longest_gap(began, switched), "server_downtime_s": report["downtime_s"],
             "final_copy_s": report["final_copy_s"],
             "total_s": report["duration_s"], "stages": report["stages"], "blocks": report["blocks"],
@@ -178,6 +191,9 @@ def main() -> None:
     parser.add_argument("--decode-after", type=int, default=128,
                         help="tokens the request may still generate once the migration starts: it must "
                              "outlive the migration (the host path on GPU copies for seconds)")
+    parser.add_argument("--dtype", help="the engines' dtype (default: vLLM's choice for the model)")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="turn vLLM's async scheduling off (on GPU it is on by default)")
     parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--server-log", type=Path, help="keep the server's log here")
     parser.add_argument("--name", default="migration", help="file name of the figures in --out")
@@ -229,6 +245,7 @@ def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
         "blocks": median("blocks"),
         "recomputed_tokens": max(m["recomputed_tokens"] for m in migrations),
         "recompute_ms": statistics.median(recomputes) * 1000,
+        "token_identical": f"{sum(m['token_identical'] for m in migrations)}/{len(migrations)}",
     }
 
 
@@ -242,7 +259,8 @@ def build_report(rows: dict[int, dict], args) -> dict:
         "command": command_line(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "settings": {"repeats": args.repeats, "decode_after": args.decode_after, "model": SHAPES[args.shape], "device": device_name(),
-                     "transport": args.transport,
+                     "transport": args.transport, "dtype": args.dtype or "the model's",
+                     "async_scheduling": not args.no_async_scheduling,
                      **({"kv_cache_gib": args.kv_cache_gib} if args.shape == "tiny"
                         else {"gpu_memory_utilization": args.gpu_memory_utilization})},
         "results": {str(k): rows[k] for k in lengths},
@@ -261,10 +279,11 @@ def build_report(rows: dict[int, dict], args) -> dict:
 def report_table(report: dict) -> str:
     header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)",
               "of which last copy ms", "longest pause before the switch ms", "migration ms", "stages", "blocks",
-              "recomputed tokens", "recompute ms"]
+              "recomputed tokens", "recompute ms", "token-identical"]
     rows = [[k, f"{r['inter_token_ms']:.1f}", f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}",
              f"{r['final_copy_ms']:.1f}", f"{r['stage_stall_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
-             f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), f"{r['recompute_ms']:.1f}"]
+             f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), f"{r['recompute_ms']:.1f}",
+             r["token_identical"]]
             for k, r in report["results"].items()]
     comparison = "; ".join(f"{k}: {v:.3f}" for k, v in report["comparison"].items())
     return f"{markdown_table(header, rows)}\n\n{comparison}"

@@ -27,7 +27,8 @@ def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.P
     return alive
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["sigterm", "sigint", "sigkill"])
+# SIGTERM, under load, is test_sigterm_lets_short_requests_finish_and_ends_long_ones_after_the_grace.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_no_engine_process_survives_the_server(tmp_path: Path, tiny_model: Path, sig: int) -> None:
     write_model(tmp_path / "repo", "solo", tiny_config(str(tiny_model)))
     server = llumnix_server(tmp_path / "repo", tmp_path / "server.log").start()

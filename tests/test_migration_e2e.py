@@ -189,7 +189,7 @@ def test_a_request_that_finishes_during_its_migration_completes_on_its_source(se
     report = migrating.result().json()
     # Seen by the relay (it ended the stream) or by the next copy (nothing left to copy).
     finished = ("the request finished on the source",
-                "the request is not decoding on the source: the engine's workers do not hold it")
+                "the request is not decoding on the source: the engine does not run it")
     assert not report["committed"] and report["reason"].startswith(finished), report
     assert run.token_ids == baseline.token_ids[:300] and run.finish_reason == "length"
     assert wait_idle(serving) == {"0": 0, "1": 0}

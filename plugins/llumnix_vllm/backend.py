@@ -157,9 +157,6 @@ class VllmBackend(Backend):
             "kv_connector_module_path": "llumnix_vllm.migration_connector",
             "kv_role": "kv_both",
         }
-        if not current_platform.is_cpu():
-            # Migration copies a request's KV between steps: outputs must not run a step ahead.
-            args.setdefault("async_scheduling", False)
         resources = config.resources
         if current_platform.is_cpu():
             args["kv_cache_memory_bytes"] = int(resources.cpu_kv_cache_gib * GIB)

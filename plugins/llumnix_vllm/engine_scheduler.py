@@ -6,10 +6,18 @@ finished, aborted or preempted; decode progress at most every 10 ms) it publishe
 idles, so the front end always holds a fresh view without ever asking the engine (and waiting
 on it).
 
-For a migration's final stage it stops a request: the request stays, holding its KV blocks,
-but is not scheduled, until the migration resumes it (it gave up) or aborts it (the
-destination took over). The front end reaches this through two EngineCore utility methods
-registered below, which run between engine steps.
+It says which of a request's KV blocks a migration stage copies (`llumnix_export_plan`): the
+scheduler, not the workers, knows which tokens have landed. For a migration's final stage it
+stops a request: the request stays, holding its KV blocks, but is not scheduled, until the
+migration resumes it (it gave up) or aborts it (the destination took over). The front end
+reaches these through EngineCore utility methods registered below, which run between engine
+steps.
+
+Under vLLM's async scheduling (`LlumnixAsyncScheduler`, picked wherever vLLM turns async
+scheduling on) a step can be in flight while a utility method runs: the request's newest
+token is not known yet and its KV is being written. The final stage then stops the request
+and answers "in flight"; the front end asks again, and the next engine iteration has landed
+that step (vLLM keeps at most one step in flight between iterations).
 
 It also ends the engine process if the server that started it disappears without shutting it
 down (killed with SIGKILL, say), so no engine outlives its server.
@@ -29,13 +37,13 @@ import threading
 import time
 from typing import Any
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.request import RequestStatus
 
 from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
-from llumnix_vllm.worker_extension import agreed_export, external_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +51,38 @@ HEARTBEAT_INTERVAL_S = 0.05
 STEP_REPORT_INTERVAL_S = 0.01
 STEP_TRACE_ENV = "LLUMNIX_STEP_TRACE_DIR"
 STEP_TRACE_HEADER = "step_s,prefill_tokens,decode_seqs,context_tokens\n"
+IN_FLIGHT = "in_flight"  # the final stage's answer while the request's last step has not landed
+
+# vLLM appends "-" and 8 random characters to the id the front end gave a request.
+_INTERNAL_ID_SUFFIX_LEN = 9
+
+
+def external_request_id(internal_id: str) -> str:
+    if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
+        return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
+    return internal_id
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What a migration stage copies: `block_ids` hold positions `first_block` to `end`."""
+
+    token_ids: list[int]  # prompt + generated, as landed; all but the last have their KV
+    block_ids: list[int]
+    end: int
 
 
 class LlumnixScheduler(Scheduler):
+    """vLLM's scheduler with Llumnix's hooks; `LlumnixAsyncScheduler` where vLLM schedules
+    asynchronously. vLLM names one scheduler class before it decides on async scheduling, so
+    this one picks its variant when vLLM instantiates it. (The variant is a mixin over
+    `AsyncScheduler`, as vLLM's own `DiffusionAsyncScheduler` is.)"""
+
+    def __new__(cls, vllm_config, *args: Any, **kwargs: Any):
+        asynchronous = vllm_config.scheduler_config.async_scheduling
+        chosen = LlumnixAsyncScheduler if cls is LlumnixScheduler and asynchronous else cls
+        return super().__new__(chosen)
+
     def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
@@ -108,6 +145,8 @@ class LlumnixScheduler(Scheduler):
         if self._trace is not None:
             self._trace.record(scheduler_output, self.requests)
         result = super().update_from_output(scheduler_output, *args, **kwargs)
+        if self._stopped:  # (under async scheduling a stopped request's step in flight can finish it)
+            self._stopped = {i for i in self._stopped if i in self.requests and not self.requests[i].is_finished()}
         # A decode step that only grew the running requests by a token each changes little:
         # report it at most every STEP_REPORT_INTERVAL_S. Any change of who runs or waits (a
         # request finished, admitted or preempted) is reported at once.
@@ -129,17 +168,44 @@ class LlumnixScheduler(Scheduler):
 
     # --- migration's final stage --------------------------------------------------------------
 
-    def llumnix_stop(self, request_id: str) -> str | None:
-        """Stop scheduling the decoding request the front end calls `request_id`. Returns why
-        not (and stops nothing) if it is not decoding here, else None."""
+    def _decoding_request(self, request_id: str):
+        """The running request the front end calls `request_id`, or why it is not decoding here."""
         request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
         if request is None:
             waiting = any(external_request_id(r.request_id) == request_id for r in self.waiting)
             return "it waits in the engine's queue" if waiting else "the engine does not run it"
         if not self._request_load(request, 0).decoding:
             return f"it is in prefill ({request.num_computed_tokens} of {request.num_tokens} tokens computed)"
+        return request
+
+    def llumnix_export_plan(self, request_id: str, first_block: int, capacity_blocks: int,
+                            include_partial: bool, max_blocks: int | None = None) -> ExportPlan | str:
+        """The blocks of a decoding request to copy from position `first_block` on: full ones
+        only, or also the last partial one with `include_partial`; at most `max_blocks`. Or why
+        the request is not decoding here. Every landed token but the newest has its KV computed
+        (under async scheduling, the newest one's KV may be in flight: it is not copied)."""
+        request = self._decoding_request(request_id)
+        if isinstance(request, str):
+            return request
+        token_ids = list(request.all_token_ids)
+        with_kv = len(token_ids) - 1
+        end = -(-with_kv // self.block_size) if include_partial else with_kv // self.block_size
+        if max_blocks is not None:
+            end = min(end, first_block + max_blocks)
+        if end > capacity_blocks:
+            raise ValueError(f"request {request_id} needs {end} blocks, the segment holds {capacity_blocks}")
+        block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
+        return ExportPlan(token_ids, list(block_ids[first_block:end]), end)
+
+    def llumnix_stop(self, request_id: str) -> str | None:
+        """Stop scheduling the decoding request the front end calls `request_id` (again, if
+        stopped already): IN_FLIGHT while a step of it has not landed, or why it is not decoding
+        here (and nothing is stopped), else None."""
+        request = self._decoding_request(request_id)
+        if isinstance(request, str):
+            return request
         self._stopped.add(request.request_id)
-        return None
+        return IN_FLIGHT if request.num_output_placeholders else None
 
     def llumnix_resume(self, request_id: str) -> None:
         self._stopped = {i for i in self._stopped if external_request_id(i) != request_id}
@@ -197,28 +263,47 @@ class LlumnixScheduler(Scheduler):
         # snapshot and treats the instance accordingly.
         try:
             self._heartbeat.publish(self._snapshot())
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("llumnix: could not publish a load snapshot")
+
+
+class LlumnixAsyncScheduler(LlumnixScheduler, AsyncScheduler):
+    """Llumnix's hooks over vLLM's `AsyncScheduler` (see the module docstring)."""
+
+
+def _save_blocks(engine_core: EngineCore, plan: ExportPlan, segment: dict[str, Any], first_block: int) -> dict[str, Any]:
+    engine_core.collective_rpc("llumnix_save_blocks", args=(segment, plan.block_ids, first_block))
+    return {"token_ids": plan.token_ids, "blocks": plan.end}
+
+
+def _export_kv(engine_core: EngineCore, request_id: str, first_block: int, segment: dict[str, Any],
+               max_blocks: int) -> dict[str, Any]:
+    """A pre-copy stage: the request's full blocks from `first_block` on, at most `max_blocks`."""
+    plan = engine_core.scheduler.llumnix_export_plan(request_id, first_block, segment["capacity_blocks"],
+                                                     include_partial=False, max_blocks=max_blocks)
+    if isinstance(plan, str):
+        return {"not_exported": plan}
+    return _save_blocks(engine_core, plan, segment, first_block)
 
 
 def _stop_and_export_kv(engine_core: EngineCore, request_id: str, first_block: int,
                         segment: dict[str, Any]) -> dict[str, Any]:
     """Stop the request and copy the rest of its KV in one go between two engine steps, so that
-    no step can run in between (see `LlumnixWorkerExtension.llumnix_export_kv`)."""
+    no step can run in between; `{IN_FLIGHT: True}` (stopped, nothing copied) while a step of
+    it is still in flight."""
     scheduler = engine_core.scheduler
     why_not = scheduler.llumnix_stop(request_id)
+    if why_not == IN_FLIGHT:
+        return {IN_FLIGHT: True}
     if why_not:
         return {"not_exported": why_not}
     try:
-        result = agreed_export(engine_core.collective_rpc(
-            "llumnix_export_kv", args=(request_id, first_block, segment),
-            kwargs={"include_partial": True, "running": True}))  # (llumnix_stop checked it runs)
+        plan = scheduler.llumnix_export_plan(request_id, first_block, segment["capacity_blocks"], include_partial=True)
+        assert isinstance(plan, ExportPlan), plan  # (llumnix_stop found it decoding)
+        return _save_blocks(engine_core, plan, segment, first_block)
     except BaseException:
         scheduler.llumnix_resume(request_id)
         raise
-    if "not_exported" in result:
-        scheduler.llumnix_resume(request_id)
-    return result
 
 
 def _resume_request(engine_core: EngineCore, request_id: str) -> None:
@@ -227,8 +312,10 @@ def _resume_request(engine_core: EngineCore, request_id: str) -> None:
 
 # `engine_core.call_utility_async(name, ...)` reaches EngineCore methods by name; vLLM has no other
 # way for the front end to reach the scheduler.
+EngineCore.llumnix_export_kv = _export_kv
 EngineCore.llumnix_stop_and_export_kv = _stop_and_export_kv
 EngineCore.llumnix_resume_request = _resume_request
+
 
 
 class _StepTrace:

@@ -28,10 +28,10 @@ from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
+from llumnix_vllm.engine_scheduler import IN_FLIGHT
 from llumnix_vllm.kv_transport import TransferSegment
 from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
-from llumnix_vllm.worker_extension import agreed_export
 
 try:  # vLLM >= 0.30: errors caused by the request
     from vllm.exceptions import VLLMClientError
@@ -49,6 +49,7 @@ _GPU_STARTS: collections.defaultdict[int, asyncio.Lock] = collections.defaultdic
 # How long an engine may take to stop before vLLM kills it: one that has compiled structured-
 # output grammars takes about 6 s on a small CPU host to exit (vLLM's own default is 5 s).
 ENGINE_SHUTDOWN_GRACE_S = 15.0
+MAX_IN_FLIGHT_ANSWERS = 100  # a final stage's asks while the request's step is in flight
 
 
 class _NoEngineMetrics(PrometheusStatLogger):
@@ -225,19 +226,24 @@ class VllmInstance(EngineInstance):
                         max_blocks: int | None = None) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
-        answers = await self._running_engine().collective_rpc(
-            "llumnix_export_kv", args=(request_id, first_block, segment, False, max_blocks)
-        )
-        return _kv_export(agreed_export(answers))
+        return _kv_export(await self._running_engine().engine_core.call_utility_async(
+            "llumnix_export_kv", request_id, first_block, segment, max_blocks
+        ))
 
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
                                  first_block: int) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
         segment = dataclasses.asdict(transfer.segment.spec)
-        result = await self._running_engine().engine_core.call_utility_async(
-            "llumnix_stop_and_export_kv", request_id, first_block, segment
-        )
-        return _kv_export(result)
+        engine_core = self._running_engine().engine_core
+        # Under async scheduling the engine stops the request but answers "in flight" while a
+        # step of it has not landed; each call is served at the next engine iteration, which
+        # lands it. (A bound, not a wait: an engine that stops iterating times the stage out.)
+        for _ in range(MAX_IN_FLIGHT_ANSWERS):
+            result = await engine_core.call_utility_async("llumnix_stop_and_export_kv", request_id, first_block, segment)
+            if IN_FLIGHT not in result:
+                return _kv_export(result)
+        await self.resume_request(request_id)
+        return NotExported(f"a step of it stayed in flight through {MAX_IN_FLIGHT_ANSWERS} engine iterations")
 
     async def resume_request(self, request_id: str) -> None:
         await self._running_engine().engine_core.call_utility_async("llumnix_resume_request", request_id)

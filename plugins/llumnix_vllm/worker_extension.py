@@ -1,6 +1,5 @@
-"""Methods Llumnix adds to vLLM's workers (`ParallelConfig.worker_extension_cls`), reached from
-the front end through `AsyncLLM.collective_rpc`. They run between engine steps, when no forward
-pass is touching the KV cache."""
+"""Methods Llumnix adds to vLLM's workers (`ParallelConfig.worker_extension_cls`), reached through
+`collective_rpc`. They run between engine steps."""
 
 from __future__ import annotations
 
@@ -9,24 +8,6 @@ from typing import Any
 import torch
 
 from llumnix_vllm.kv_transport import KvBlockIO, SegmentSpec, worker_rank
-
-# vLLM appends "-" and 8 random characters to the id the front end gave a request.
-_INTERNAL_ID_SUFFIX_LEN = 9
-
-
-def external_request_id(internal_id: str) -> str:
-    if len(internal_id) > _INTERNAL_ID_SUFFIX_LEN and internal_id[-_INTERNAL_ID_SUFFIX_LEN] == "-":
-        return internal_id[:-_INTERNAL_ID_SUFFIX_LEN]
-    return internal_id
-
-
-def agreed_export(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The one answer of `llumnix_export_kv` from every worker of an engine: with tensor
-    parallelism each rank copies its own shard, and all must have copied the same blocks."""
-    first = answers[0]
-    if any(answer != first for answer in answers[1:]):
-        raise RuntimeError(f"the engine's workers exported different KV for one request: {answers}")
-    return first
 
 
 class LlumnixWorkerExtension:
@@ -46,41 +27,12 @@ class LlumnixWorkerExtension:
             raise RuntimeError("this CPU has AMX, but Linux refused this process its tile state")
         return torch.get_num_threads()
 
-    def llumnix_export_kv(self, request_id: str, first_block: int, segment: dict[str, Any],
-                          include_partial: bool, max_blocks: int | None = None,
-                          running: bool = False) -> dict[str, Any]:
-        """Copy a decoding request's KV blocks, from position `first_block` on, into `segment`.
-
-        Copies full blocks only, or also the last partial one with `include_partial`; at most
-        `max_blocks` (the engine does not step while this runs). Returns
-        the request's tokens (prompt + generated: all but the last have their KV copied) and
-        how many block positions the segment now holds; or, under "not_exported", why the
-        request is not decoding here now. `running`: the engine's scheduler has checked that
-        the request runs (is not preempted), so its block table is current even if the last
-        step left it out.
-        """
-        spec = SegmentSpec(**segment)  # plain data on the wire
-        runner = self.model_runner
-        internal = next((r for r in runner.requests if external_request_id(r) == request_id), None)
-        if internal is None:
-            return {"not_exported": "the engine's workers do not hold it (it finished or was aborted)"}
-        # The workers keep a preempted request's state, block table included, though its blocks
-        # are gone: unless the scheduler vouches for it, only one scheduled in the last step counts.
-        if not running and internal not in runner.input_batch.req_id_to_index:
-            return {"not_exported": "the engine did not schedule it in its last step"}
-        state = runner.requests[internal]
-        if not state.output_token_ids:
-            return {"not_exported": "it is in prefill"}
-        tokens = list(state.prompt_token_ids) + list(state.output_token_ids)
-        with_kv = len(tokens) - 1  # the newest token is sampled but not yet computed
-        block_size = self.vllm_config.cache_config.block_size
-        end = -(-with_kv // block_size) if include_partial else with_kv // block_size
-        if max_blocks is not None:
-            end = min(end, first_block + max_blocks)
-        if end > spec.capacity_blocks:
-            raise ValueError(f"request {request_id} needs {end} blocks, the segment holds {spec.capacity_blocks}")
-        self._llumnix_block_io().save(spec, list(state.block_ids[0][first_block:end]), first_block)
-        return {"token_ids": tokens, "blocks": end}
+    def llumnix_save_blocks(self, segment: dict[str, Any], block_ids: list[int], first_position: int) -> None:
+        """Copy KV blocks `block_ids` (positions `first_position` on of one request) into
+        `segment`; with tensor parallelism each rank copies its own shard. Which blocks hold
+        computed KV is the engine's scheduler's to say (`LlumnixScheduler.llumnix_export_plan`):
+        under async scheduling the workers' own token lists hold placeholders."""
+        self._llumnix_block_io().save(SegmentSpec(**segment), block_ids, first_position)
 
     def _llumnix_block_io(self) -> KvBlockIO:
         if getattr(self, "_llumnix_io", None) is None:
