@@ -6,9 +6,7 @@ end-to-end test of the session.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +55,36 @@ def warm_up(server: ServerProcess, models: list[str]) -> None:
         assert response.status_code == 200, response.text
 
 
-@contextlib.contextmanager
-def serving_one_model(repository: Path, model: str, config: dict[str, Any], log_name: str) -> Iterator[ServerProcess]:
-    """A server over a repository of one model, once each instance has answered once; stopped after."""
-    write_model(repository, model, config)
-    server = llumnix_server(repository, repository.parent / log_name).start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [model] * config["instances"])
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_model(tmp_path_factory.mktemp("models") / "tiny-llama", TinyLlamaRecipe(seed=0))
+
+
+@pytest.fixture(scope="session")
+def killable(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+    """A server whose engines the failure tests kill, apart from `serving`; its two models start
+    together. Only failures, and the tests themselves, move requests here:
+    `gamma` (test_recovery_e2e): 2 instances; a hung engine is found within 3 s.
+    `wide` (test_tensor_parallel_e2e): 2 instances of tensor_parallel_size 2 (two worker
+    processes each, one KV shard per rank)."""
+    repository = tmp_path_factory.mktemp("killable")
+    gamma = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
+    gamma["scheduler"]["migration"] = {"rescheduling": False}
+    gamma["scheduler"]["health"] = {"stale_after_s": 3, "restart_backoff_s": 0.5}
+    wide = tiny_config(str(tiny_model), instances=2, max_model_len=2048)
+    wide["engine"]["tensor_parallel_size"] = 2
+    wide["resources"]["cpu_threads"] = 1  # per worker: six workers share this host's cores
+    wide["scheduler"]["migration"] = {"rescheduling": False}
+    wide["scheduler"]["health"] = {"restart_backoff_s": 0.5}
+    write_model(repository, "gamma", gamma)
+    write_model(repository, "wide", wide)
+    server = llumnix_server(repository, repository.parent / "killable-server.log").start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, ["gamma", "gamma", "wide", "wide"])
+        yield server
+    finally:
+        server.stop()
 
 
 # The broken folders of the shared repository: (name, config text, what its reason must say).

@@ -3,7 +3,7 @@ worker processes each, one KV shard per rank). They serve, a greedy stream migra
 them (each rank's shard to the same rank on the other side) is token-identical to an
 unmigrated one, and a killed instance's requests replay on the other.
 
-These tests kill an engine, so they have a server of their own.
+These tests kill an engine, so they run on a server of their own (`killable`, model `wide`).
 """
 
 from __future__ import annotations
@@ -14,29 +14,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import serving_one_model, tiny_config, write_model
+from conftest import tiny_config, write_model
 from llumnix_client import StreamedCompletion, engine_pid, instances, migrate, other, running_on
 
 from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
 
-MODEL = "wide"
+MODEL = "wide"  # on `killable`
 # Long enough that a migration under way (its first one pays for mapping the segments) is not
 # outrun by the request's end on a busy machine (600 once was: 4.3 s).
 TOKENS = 1700
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
-    repository = tmp_path_factory.mktemp("tensor-parallel")
-    config = tiny_config(str(tiny_model), instances=2, max_model_len=2048)
-    config["engine"]["tensor_parallel_size"] = 2
-    config["resources"]["cpu_threads"] = 1  # per worker: four workers share this host's cores
-    config["scheduler"]["migration"] = {"rescheduling": False}  # only the tests move requests
-    config["scheduler"]["health"] = {"restart_backoff_s": 0.5}
-    with serving_one_model(repository, MODEL, config, "tensor-parallel-server.log") as server:
-        yield server
+def server(killable: ServerProcess) -> ServerProcess:
+    return killable
 
 
 @pytest.fixture(scope="module")

@@ -157,11 +157,15 @@ def create_app(
 
         grpc_server = None
         if grpc_address is not None:
-            from llumnix_server.kserve_grpc import create_grpc_server
-
-            grpc_server = create_grpc_server(registry, *grpc_address, api_key=api_key, operations_key=operations_key,
-                                             max_request_bytes=max_request_bytes or DEFAULT_GRPC_MESSAGE_BYTES)
-            await grpc_server.start()
+            try:
+                from llumnix_server.kserve_grpc import create_grpc_server
+            except ImportError as exc:  # an install without the project's dependencies (--no-deps)
+                logger.error("KServe gRPC is off: %s (it needs grpcio and tritonclient[grpc]); HTTP serves", exc)
+            else:
+                grpc_server = create_grpc_server(registry, *grpc_address, api_key=api_key,
+                                                 operations_key=operations_key,
+                                                 max_request_bytes=max_request_bytes or DEFAULT_GRPC_MESSAGE_BYTES)
+                await grpc_server.start()
         loading = asyncio.create_task(load(), name="load-repository")
         try:
             yield
