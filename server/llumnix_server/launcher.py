@@ -6,6 +6,7 @@ Used by the end-to-end tests and the benchmarks: they talk to a real server over
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -20,9 +21,17 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are picked (picked one
+    at a time, two could be the same port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 class ServerFailed(RuntimeError):
@@ -101,8 +110,10 @@ class ServerProcess:
 def llumnix_server(repository: Path, log_path: Path, api_key: str | None = None, port: int | None = None,
                    extra_args: tuple[str, ...] = ()) -> ServerProcess:
     """HTTP on `port` (a free one by default), gRPC on another free port (`grpc_port`)."""
-    port = port or free_port()
-    grpc_port = free_port()
+    http_port, grpc_port = free_ports(2)
+    port = port or http_port
+    if grpc_port == port:
+        grpc_port = http_port
     command = [sys.executable, "-m", "llumnix_server.cli", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *extra_args]
     if api_key:
