@@ -3,7 +3,8 @@
 Request metrics are observed as requests finish. Instance gauges (running and waiting
 requests, KV usage, freeness, state) are read from the latest snapshots when Prometheus
 scrapes, so they are never stale and cost nothing between scrapes. Names follow vLLM's where
-the meaning is the same (`vllm:time_to_first_token_seconds`, ...), with an `instance` label.
+the meaning is the same (`vllm:time_to_first_token_seconds`, ...), with vLLM's labels: `engine`
+(the instance's id) and `model_name`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-MODEL_INSTANCE = ("model_name", "instance")
+# vLLM's labels; an `instance` label would clash with the one Prometheus gives each scrape target
+# (it renames ours to `exported_instance`).
+MODEL_INSTANCE = ("model_name", "engine")
 
 
 @dataclass(frozen=True)

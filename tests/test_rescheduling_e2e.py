@@ -295,7 +295,7 @@ def test_a_destination_that_dies_mid_migration_leaves_the_request_on_its_source(
         assert dead["snapshot"]["engine_pid"] != doomed, dead
     else:
         assert dead["state"] in ("failed", "starting") and "SIGKILL" in dead["error"], dead
-    series = f'llumnix:instance_failures_total{{instance="{other(source)}",model_name="{MODEL}"}} '
+    series = f'llumnix:instance_failures_total{{engine="{other(source)}",model_name="{MODEL}"}} '
     (line,) = [x for x in httpx.get(gamma.url + "/metrics", timeout=30).text.splitlines() if x.startswith(series)]
     assert float(line.removeprefix(series)) >= 1
     deadline = time.monotonic() + 10

@@ -229,7 +229,7 @@ def _dispatch_counts(server: ServerProcess, model: str) -> dict[str, float]:
     counts = {}
     for line in get(server, "/metrics").text.splitlines():
         if line.startswith("llumnix:dispatch_decisions_total{") and f'model_name="{model}"' in line:
-            instance = line.split('instance="')[1].split('"')[0]
+            instance = line.split('engine="')[1].split('"')[0]
             counts[instance] = float(line.rsplit(" ", 1)[1])
     return counts
 
@@ -486,20 +486,21 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
     post(serving, "/v1/completions", json={"model": "alpha", "prompt": "metrics", "priority": 99})
     text = get(serving, "/metrics").text
     for needle in (
-        'llumnix:requests_total{instance="',
+        'llumnix:requests_total{engine="',
         'outcome="success"',
-        'vllm:time_to_first_token_seconds_bucket{instance="',
+        'vllm:time_to_first_token_seconds_bucket{engine="',
         "vllm:request_time_per_output_token_seconds_count",
         "vllm:e2e_request_latency_seconds_count",
         "vllm:request_queue_time_seconds_count",
-        'vllm:num_requests_running{instance="1",model_name="alpha"}',
-        'vllm:num_requests_waiting{instance="0",model_name="beta"}',
-        'vllm:kv_cache_usage_perc{instance="0",model_name="alpha"}',
+        'vllm:num_requests_running{engine="1",model_name="alpha"}',
+        'vllm:num_requests_waiting{engine="0",model_name="beta"}',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="alpha"}',
         "# TYPE vllm:num_preemptions_total counter",
-        'vllm:request_success_total{finished_reason="length",instance="',
-        'llumnix:instance_freeness{instance="0",model_name="alpha"}',
-        'llumnix:instance_state{instance="0",model_name="alpha",state="ready"} 1.0',
-        'llumnix:dispatch_decisions_total{instance="0",model_name="alpha",policy="llumnix"}',
+        'vllm:request_success_total{engine="',
+        'finished_reason="length"',
+        'llumnix:instance_freeness{engine="0",model_name="alpha"}',
+        'llumnix:instance_state{engine="0",model_name="alpha",state="ready"} 1.0',
+        'llumnix:dispatch_decisions_total{engine="0",model_name="alpha",policy="llumnix"}',
         'llumnix:ready_instances{model_name="alpha"} 2.0',
         'outcome="rejected"',
     ):
