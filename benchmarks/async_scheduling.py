@@ -52,6 +52,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from llumnix_backend.repository import load_model_source
 from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
 from llumnix_vllm.backend import VllmBackend
+from llumnix_vllm.engine_scheduler import LlumnixAsyncScheduler, LlumnixScheduler
 from llumnix_vllm.instance import build_engine
 from llumnix_vllm.snapshot_channel import new_instance_token
 
@@ -156,8 +157,10 @@ async def measure(variant: str, engine_args: AsyncEngineArgs, cpu_threads: int |
 
 def scheduler_name(scheduler_config) -> str:
     """The class the engine runs: Llumnix's scheduler picks its async variant as vLLM creates it."""
-    name = scheduler_config.get_scheduler_cls().__name__
-    return name.replace("Llumnix", "LlumnixAsync") if name == "LlumnixScheduler" and scheduler_config.async_scheduling else name
+    cls = scheduler_config.get_scheduler_cls()
+    if cls is LlumnixScheduler and scheduler_config.async_scheduling:
+        cls = LlumnixAsyncScheduler
+    return cls.__name__
 
 
 def ratios(results: list[dict]) -> dict[str, dict[str, float]]:

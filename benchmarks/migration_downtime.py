@@ -152,7 +152,8 @@ def measure_migration(server: ServerProcess, prompt: list[int], decode_after: in
     wait_idle(server)
     undisturbed = TimedStream(server, prompt, DECODE_BEFORE + decode_after)
     undisturbed.join()
-    return {"token_identical": stream.token_ids == undisturbed.token_ids, "client_downtime_s": stream.switch_gap(switched), "inter_token_s": stream.typical_gap(began),
+    return {"token_identical": stream.token_ids == undisturbed.token_ids,
+            "client_downtime_s": stream.switch_gap(switched), "inter_token_s": stream.typical_gap(began),
             "stage_stall_s": stream.longest_gap(began, switched), "server_downtime_s": report["downtime_s"],
             "final_copy_s": report["final_copy_s"],
             "total_s": report["duration_s"], "stages": report["stages"], "blocks": report["blocks"],

@@ -111,7 +111,7 @@ class LlumnixScheduler(Scheduler):
 
     def finish_requests(self, *args: Any, **kwargs: Any):
         result = super().finish_requests(*args, **kwargs)
-        self._stopped = {i for i in self._stopped if i in self.requests and not self.requests[i].is_finished()}
+        self._forget_finished_stopped()
         self._publish()
         return result
 
@@ -146,7 +146,7 @@ class LlumnixScheduler(Scheduler):
             self._trace.record(scheduler_output, self.requests)
         result = super().update_from_output(scheduler_output, *args, **kwargs)
         if self._stopped:  # (under async scheduling a stopped request's step in flight can finish it)
-            self._stopped = {i for i in self._stopped if i in self.requests and not self.requests[i].is_finished()}
+            self._forget_finished_stopped()
         # A decode step that only grew the running requests by a token each changes little:
         # report it at most every STEP_REPORT_INTERVAL_S. Any change of who runs or waits (a
         # request finished, admitted or preempted) is reported at once.
@@ -207,6 +207,9 @@ class LlumnixScheduler(Scheduler):
         self._stopped.add(request.request_id)
         return IN_FLIGHT if request.num_output_placeholders else None
 
+    def _forget_finished_stopped(self) -> None:
+        self._stopped = {i for i in self._stopped if i in self.requests and not self.requests[i].is_finished()}
+
     def llumnix_resume(self, request_id: str) -> None:
         self._stopped = {i for i in self._stopped if external_request_id(i) != request_id}
 
@@ -263,7 +266,7 @@ class LlumnixScheduler(Scheduler):
         # snapshot and treats the instance accordingly.
         try:
             self._heartbeat.publish(self._snapshot())
-        except Exception:
+        except Exception:  # noqa: BLE001
             logger.exception("llumnix: could not publish a load snapshot")
 
 
@@ -315,7 +318,6 @@ def _resume_request(engine_core: EngineCore, request_id: str) -> None:
 EngineCore.llumnix_export_kv = _export_kv
 EngineCore.llumnix_stop_and_export_kv = _stop_and_export_kv
 EngineCore.llumnix_resume_request = _resume_request
-
 
 
 class _StepTrace:
