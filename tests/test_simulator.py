@@ -59,6 +59,17 @@ def test_preemption_by_recomputation_when_blocks_run_out() -> None:
     assert second.finished_at > first.finished_at
 
 
+def test_a_request_waits_until_its_whole_prompt_fits_not_just_its_first_chunk() -> None:
+    """As vLLM admits (`scheduler_reserve_full_isl`): the first request holds 4 of 10 blocks
+    and grows to 7; the second's first chunk (2 blocks) would fit, its 28-token prompt (7
+    blocks) does not. Admitted chunk by chunk, the two would outgrow the 10 blocks and one be
+    preempted; instead the second starts when the first has finished, and nothing is."""
+    result = Simulation(PROFILE, 1, settings()).run([Item(0.0, 16, 12), Item(0.001, 28, 1)])
+    first, second = result.requests
+    assert result.num_preemptions == 0
+    assert second.first_token_at > first.finished_at
+
+
 def test_priority_decides_admission_and_the_victim() -> None:
     """The urgent request queued last is admitted first, and it is never the one preempted."""
     items = [Item(0.0, 16, 12, priority=0), Item(0.0005, 16, 12, priority=5), Item(0.0006, 16, 12, priority=-5)]

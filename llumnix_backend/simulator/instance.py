@@ -5,7 +5,8 @@ its prompt under the token budget, or one decode token); a request whose new tok
 block when none is free preempts the least urgent running request (highest priority value,
 then latest arrival), which frees its blocks and goes back to the queue to be recomputed. Then,
 only if nothing was preempted, queued requests are admitted in priority order while the budget,
-`max_num_seqs` and free blocks allow; the head of the queue blocks the rest. A request whose
+`max_num_seqs` and free blocks allow (room for a request's whole sequence, not only its first
+chunk, as vLLM checks); the head of the queue blocks the rest. A request whose
 prompt is fully computed samples a token at the end of the step.
 """
 
@@ -151,10 +152,12 @@ class SimulatedInstance:
             waiting = self._waiting
             while waiting and budget > 0 and len(running) < profile.max_num_seqs:
                 request = waiting[0][3]
+                # vLLM admits a request only if its whole sequence fits, not just the first
+                # chunk (`scheduler_reserve_full_isl`, on by default in 0.26 and 0.32).
+                if _blocks(request.num_tokens, block_size) - request.blocks > self.free_blocks:
+                    break
                 n = min(request.num_tokens - request.computed, budget)
                 needed = _blocks(request.computed + n, block_size) - request.blocks
-                if needed > self.free_blocks:
-                    break
                 heapq.heappop(waiting)
                 request.preempted = False
                 self.free_blocks -= needed
