@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from llumnix_backend.config import PrioritySettings
 from llumnix_backend.tiny_models import LLAMA_2_7B_BLOCK_BYTES, TinyLlamaRecipe, ensure_model, write_llama_2_7b_shape
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
@@ -193,7 +194,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     add_sweep_arguments(parser, lengths="sharegpt", arrivals="poisson", rates="2,3", requests=120, max_len=2048)
-    parser.add_argument("--headroom-tokens", type=int, default=1024)
+    parser.add_argument("--headroom-tokens", type=int, default=PrioritySettings().headroom_tokens)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--name", default="policy_eval")

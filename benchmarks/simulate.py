@@ -66,7 +66,9 @@ def compare(real_path: Path, profile, headroom_tokens: int, migration: dict) -> 
     for run in (r for r in real["runs"] if r["class"] == "all" and "priorities off" not in r["policy"]):
         spec = WorkloadSpec(s["lengths"], s["arrivals"], run["rate"], s["requests"], s["high_share"],
                             length_scale=s["length_scale"], max_len=s["max_len"], seed=run["seed"])
-        summary, _ = simulate(profile, s["instances"], run["policy"], spec, headroom_tokens, migration)
+        # The real run's headroom, whatever today's default (older reports ran with 1,024).
+        summary, _ = simulate(profile, s["instances"], run["policy"], spec, s.get("headroom_tokens", headroom_tokens),
+                              migration)
         summaries.append(summary)
         sim = summary.row()
         ratio = lambda key: f"{sim[key] / run[key]:.2f}" if run.get(key) else "-"  # noqa: E731
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--blocks", type=int, help="KV blocks per instance (default: the profile's)")
     add_sweep_arguments(parser, lengths="azure-conv", arrivals="trace", rates="20", requests=2000, max_len=8192)
-    parser.add_argument("--headroom-tokens", type=int, default=1024)
+    parser.add_argument("--headroom-tokens", type=int, default=PrioritySettings().headroom_tokens)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--name", default="simulate")
     parser.add_argument("--compare", type=Path)

@@ -9,7 +9,7 @@ is a function of its inputs alone.
 - `kv_usage`: lowest fraction of KV blocks in use, counting what queued requests will need.
 - `llumnix`: highest freeness, Llumnix's (OSDI '24) measure of how many more decode steps an
   instance can sustain: free virtual KV room in tokens per request in the batch, where virtual
-  usage is the physical usage, plus what queued requests need, plus KV headroom kept for each
+  usage is the physical usage, plus what queued requests need, plus any KV headroom kept for each
   high-priority request; a draining instance has infinite virtual usage.
 
 Freeness is counted in tokens (a decode step adds one token per request), so it means the same
