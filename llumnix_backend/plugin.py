@@ -169,8 +169,8 @@ class ModelRuntime(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """The text of these token ids, special tokens left out."""
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of these token ids, special tokens left out unless told otherwise."""
 
     @abc.abstractmethod
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:

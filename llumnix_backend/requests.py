@@ -56,16 +56,36 @@ class GenerationRequest:
             sampling["max_tokens"] -= generated
         if sampling.get("min_tokens"):
             sampling["min_tokens"] = max(0, sampling["min_tokens"] - generated)
+        if generated:
+            # The prompt's logprobs came with the first generated token: the instance taking
+            # over must not send them again (nor those of its longer prompt).
+            sampling.pop("prompt_logprobs", None)
         return replace(self, prompt_token_ids=tuple(token_ids), sampling=sampling, kv_transfer=kv_transfer)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log probability, and the most likely tokens at its position."""
+    """A generated token's (or an echoed prompt token's) log probability, and the most likely
+    tokens at its position."""
 
     token: str  # the token's text, as the detokenizer wrote it
-    logprob: float
+    logprob: float | None  # None only for an echoed prompt's first token: nothing precedes it
     top: tuple[tuple[str, float], ...] = ()  # (token text, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class RankedLogprob:
+    """A token the engine reports at a prompt position, as vLLM's `Logprob` with its token id."""
+
+    token_id: int
+    token: str  # its text, as the detokenizer wrote it
+    logprob: float
+    rank: int  # 1: the most likely token there
+
+
+# vLLM's prompt logprobs: per prompt token, None for the first (nothing precedes it), else the
+# prompt's own token followed by the most likely ones at its position, as vLLM lists them.
+PromptLogprobs = tuple[tuple[RankedLogprob, ...] | None, ...]
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,9 @@ class GenerationDelta:
     num_cached_tokens: int | None = None
     # One per token of `token_ids`, when the request asked for logprobs (sampling "logprobs").
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # One per prompt token, on the delta with the first generated token (the prefill's end),
+    # when the request asked for them (sampling "prompt_logprobs").
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:

@@ -114,3 +114,13 @@ def test_a_migrated_request_loads_its_kv_only_on_its_first_admission() -> None:
     assert _segment_of(SimpleNamespace(kv_transfer_params=params, num_output_tokens=0)) is not None
     assert _segment_of(SimpleNamespace(kv_transfer_params=params, num_output_tokens=288)) is None
     assert _segment_of(SimpleNamespace(kv_transfer_params=None, num_output_tokens=0)) is None
+
+
+def test_a_continuation_asks_for_prompt_logprobs_only_before_the_first_token() -> None:
+    """They come with the first generated token: a request continued after it (migrated,
+    replayed) must not send them again, nor those of its longer prompt; one lost before it must."""
+    from llumnix_backend.requests import GenerationRequest
+
+    request = GenerationRequest("r", (5, 6, 7), {"max_tokens": 10, "logprobs": 1, "prompt_logprobs": 2})
+    assert request.continued((5, 6, 7)).sampling == request.sampling
+    assert request.continued((5, 6, 7, 8, 9)).sampling == {"max_tokens": 8, "logprobs": 1}

@@ -1,7 +1,7 @@
 """Parity with vLLM's own server, through the real clients against the shared server's engines:
 structured outputs (enforced by vLLM's structured-output backend; the tiny model's weights are
 random, so only the constraint makes its output parse), the fields this server refuses by
-name, chat template arguments, and vLLM's utility routes.
+name, chat template arguments, vLLM's utility routes, logprobs, `echo` and prompt logprobs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def post(server: ServerProcess, path: str, **kwargs) -> httpx.Response:
 
 def openai_client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=60)
+
+
+def prompt_ids(server: ServerProcess, text: str) -> list[int]:
+    return post(server, "/tokenize", json={"model": "alpha", "prompt": text}).json()["tokens"]
+
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -89,13 +94,18 @@ def test_bad_constraints_are_400s(serving, body, field, words) -> None:
     assert words in error["message"] and error["param"] == field, error
 
 
-@pytest.mark.parametrize("field", ["echo", "prompt_logprobs", "tools", "use_beam_search",
-                                   "truncate_prompt_tokens", "chat_template", "suffix"])
+# Completions take these; chat does not yet.
+CHAT_REFUSES = ("echo", "prompt_logprobs")
+
+
+@pytest.mark.parametrize("field", ["tools", "use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix",
+                                   *CHAT_REFUSES])
 def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
     value = {"tools": [{"type": "function", "function": {"name": "f"}}], "chat_template": "{{ x }}",
              "suffix": "end"}.get(field, 2 if "logprobs" in field or field == "truncate_prompt_tokens" else True)
-    for path, body in (("/v1/completions", {"prompt": "x"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+    endpoints = (("/v1/completions", {"prompt": "x"}),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}))
+    for path, body in endpoints[1:] if field in CHAT_REFUSES else endpoints:
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["param"] == field
@@ -196,3 +206,74 @@ def test_logprobs_of_completions_and_chat(serving) -> None:
     response = post(serving, "/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
                                                            "max_tokens": 2, "top_logprobs": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
+
+
+def test_echo_puts_each_prompt_before_its_completion(serving) -> None:
+    client = openai_client(serving)
+    greedy = {"model": "alpha", "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(prompt="Once upon", **greedy)
+    echoed = client.completions.create(prompt="Once upon", echo=True, **greedy)
+    assert echoed.choices[0].text == "Once upon" + plain.choices[0].text
+    assert echoed.choices[0].logprobs is None
+    assert echoed.usage == plain.usage
+    chunks = [c.choices[0].text for c in client.completions.create(prompt="Once upon", echo=True, stream=True,
+                                                                    **greedy)]
+    assert chunks[0].startswith("Once upon") and "".join(chunks) == echoed.choices[0].text
+    two = client.completions.create(prompt=["Once upon", "Hello"], echo=True, n=2, **greedy)
+    prompts = ["Once upon", "Once upon", "Hello", "Hello"]  # the choices go prompt by prompt, n each
+    assert [c.text[:len(p)] for c, p in zip(two.choices, prompts)] == prompts
+    # Token ids are echoed as vLLM decodes them: special tokens kept (1 is <s>).
+    ids = client.completions.create(prompt=[1, *prompt_ids(serving, "Once upon")], echo=True, **greedy)
+    assert ids.choices[0].text.startswith("<s>Once upon")
+
+
+def test_echo_with_logprobs_covers_the_prompt_then_the_completion(serving) -> None:
+    client = openai_client(serving)
+    prompt = "Once upon"
+    ids = prompt_ids(serving, prompt)
+    n_prompt = len(ids)
+    greedy = {"model": "alpha", "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2,
+              "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(**greedy).choices[0].logprobs
+    choice = client.completions.create(echo=True, **greedy).choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == n_prompt + 4
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert "".join(logprobs.tokens[:n_prompt]) == prompt
+    assert logprobs.text_offset[:n_prompt + 1] == list(range(n_prompt + 1))  # one character per prompt token
+    # The prompt's tokens: the engine's prompt logprobs (which come along, as in vLLM).
+    by_id = choice.model_extra["prompt_logprobs"]
+    own = [position[str(token_id)]["logprob"] for token_id, position in zip(ids[1:], by_id[1:])]
+    assert logprobs.token_logprobs[1:n_prompt] == pytest.approx(own)
+    assert all(len(top) == 2 and max(top.values()) >= lp
+               for top, lp in zip(logprobs.top_logprobs[1:n_prompt], own))
+    # Then the completion's, as without echo.
+    assert logprobs.tokens[n_prompt:] == plain.tokens
+    assert logprobs.token_logprobs[n_prompt:] == pytest.approx(plain.token_logprobs, abs=1e-4)
+    # Streamed: the prompt's in the first chunk.
+    chunks = [c.choices[0].logprobs for c in client.completions.create(echo=True, stream=True, **greedy)
+              if c.choices[0].logprobs]
+    assert chunks[0].token_logprobs[0] is None and len(chunks[0].tokens) == n_prompt + 1
+    assert [t for chunk in chunks for t in chunk.tokens] == logprobs.tokens
+
+
+def test_prompt_logprobs_as_vllm_returns_them(serving) -> None:
+    client = openai_client(serving)
+    prompt = "The quick brown fox"
+    ids = prompt_ids(serving, prompt)
+    choice = client.completions.create(model="alpha", prompt=prompt, max_tokens=2,
+                                       extra_body={"prompt_logprobs": 3}).choices[0]
+    assert choice.logprobs is None
+    positions = choice.model_extra["prompt_logprobs"]
+    assert len(positions) == len(ids) and positions[0] is None
+    for token_id, text, position in zip(ids[1:], prompt[1:], positions[1:]):
+        own = position[str(token_id)]
+        assert next(iter(position)) == str(token_id)  # the prompt's own token first, as vLLM lists it
+        assert own["decoded_token"] == text and own["logprob"] <= 0
+        # The 3 most likely, and the prompt's own token if it is not one of them.
+        ranked = sorted(position.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked][:3] == [1, 2, 3] and len(position) == (3 if own["rank"] <= 3 else 4)
+        assert [e["logprob"] for e in ranked] == sorted((e["logprob"] for e in ranked), reverse=True)
+    response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 2,
+                                                      "stream": True, "prompt_logprobs": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs"

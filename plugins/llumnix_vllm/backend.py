@@ -241,8 +241,8 @@ class VllmModelRuntime(ModelRuntime):
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         return self._tokenizer.convert_ids_to_tokens(list(token_ids))

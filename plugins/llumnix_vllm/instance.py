@@ -25,7 +25,14 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer, NotExported
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
+from llumnix_backend.requests import (
+    GenerationDelta,
+    GenerationRequest,
+    PromptLogprobs,
+    RankedLogprob,
+    RequestError,
+    TokenLogprob,
+)
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.engine_scheduler import IN_FLIGHT
@@ -273,6 +280,7 @@ class VllmInstance(EngineInstance):
                     queue_time=queue_time,
                     num_cached_tokens=output.num_cached_tokens,
                     logprobs=_token_logprobs(completion, request.sampling.get("logprobs")),
+                    prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
                 )
         except EngineDead:
             raise
@@ -299,6 +307,17 @@ def _token_logprobs(completion: Any, top_n: int | None) -> tuple[TokenLogprob, .
         result.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
                                    tuple((c.decoded_token or "", c.logprob) for c in ranked)))
     return tuple(result)
+
+
+def _prompt_logprobs(positions: Any) -> PromptLogprobs | None:
+    """vLLM's prompt logprobs (None for the first token, then a dict per token, the prompt's own
+    first) as plain data; None on the outputs without them (all but the prefill's last)."""
+    if not positions:
+        return None
+    return tuple(None if candidates is None else
+                 tuple(RankedLogprob(token_id, c.decoded_token or "", c.logprob, c.rank)
+                       for token_id, c in candidates.items())
+                 for candidates in positions)
 
 
 def _engine_exit(engine: AsyncLLM) -> str | None:

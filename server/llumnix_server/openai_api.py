@@ -3,7 +3,8 @@
 Sampling fields have the names and meanings of vLLM's own OpenAI server (its extensions
 included: top_k, min_p, min_tokens, ignore_eos, repetition_penalty, ...); `priority` is
 accepted as an extension field. Structured outputs (`response_format`, `structured_outputs`
-and the older `guided_*` fields) are enforced by the engine. Fields vLLM's server takes that
+and the older `guided_*` fields) are enforced by the engine. Completions take `echo` and
+`prompt_logprobs` as vLLM does (chat refuses them). Fields vLLM's server takes that
 this one does not implement (`UNSUPPORTED`) are refused with a 400 naming the field, never
 silently ignored; other unknown fields are ignored, as vLLM ignores them.
 """
@@ -13,15 +14,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
+from llumnix_backend.requests import (
+    GenerationDelta,
+    GenerationRequest,
+    PromptLogprobs,
+    RankedLogprob,
+    RequestError,
+    TokenLogprob,
+)
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields, structured_outputs
@@ -34,7 +42,7 @@ MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own eng
 
 # Fields of vLLM's completion and chat requests that this server does not implement.
 UNSUPPORTED = frozenset({
-    "prompt_logprobs", "logprob_token_ids", "echo", "suffix", "tools", "tool_choice",
+    "logprob_token_ids", "suffix", "tools", "tool_choice",
     "parallel_tool_calls", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
     "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
     "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
@@ -65,6 +73,7 @@ class ResponseFormat(BaseModel):
 
 class _SamplingRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")
+    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED
 
     model: str
     n: int = Field(default=1, ge=1, le=16)
@@ -80,7 +89,7 @@ class _SamplingRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in _NOT_ASKED:
+            if name in self.unsupported and value not in _NOT_ASKED:
                 raise RequestError(f"{name} is not supported by this server", name)
 
     def constraint_fields(self) -> dict[str, Any]:
@@ -125,9 +134,22 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False  # each choice's text (and logprobs) starts with its prompt's
+    # vLLM's extension: each choice also carries its prompt's logprobs, this many most likely per token.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+    def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
+        fields = super().sampling(defaults, max_tokens)
+        if self.stream and self.prompt_logprobs:
+            raise RequestError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+        # As in vLLM: an echoed prompt's logprobs are the engine's prompt logprobs.
+        prompt_logprobs = self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
+        if prompt_logprobs is not None:
+            fields["prompt_logprobs"] = prompt_logprobs
+        return fields
 
 
 class ChatMessage(BaseModel):
@@ -138,6 +160,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    # Completions take these; chat's echo (of the last message) and prompt logprobs are not done yet.
+    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED | {"echo", "prompt_logprobs"}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -187,11 +212,47 @@ def _chat_content(message: ChatMessage, index: int) -> dict[str, Any]:
     return rendered
 
 
+@dataclass(frozen=True)
+class _Echo:
+    """What the choices of an `echo` request start with: their prompt."""
+
+    text: str
+    first_token: str  # the text of its first token, the only one without a logprob
+    top_n: int | None  # the request's `logprobs`: None, no logprobs
+
+    def onto(self, delta: GenerationDelta) -> GenerationDelta:
+        """A choice's first output with the prompt's text, and its logprobs, before its own."""
+        logprobs = delta.logprobs
+        if self.top_n is not None and delta.prompt_logprobs is not None:
+            logprobs = tuple(self._as_output(p) for p in delta.prompt_logprobs) + (logprobs or ())
+        return replace(delta, text=self.text + delta.text, logprobs=logprobs)
+
+    def _as_output(self, position: tuple[RankedLogprob, ...] | None) -> TokenLogprob:
+        if position is None:
+            return TokenLogprob(self.first_token, None)
+        own = position[0]
+        ranked = sorted(position, key=lambda c: c.rank)[:self.top_n]
+        return TokenLogprob(own.token, own.logprob, tuple((c.token, c.logprob) for c in ranked))
+
+
+async def _echoed(deltas: AsyncIterator[GenerationDelta], echo: _Echo) -> AsyncIterator[GenerationDelta]:
+    """A choice's output with its prompt echoed before its first tokens."""
+    pending = True
+    try:
+        async for delta in deltas:
+            if pending and (delta.token_ids or delta.finished):  # (not a prefill chunk)
+                delta, pending = echo.onto(delta), False
+            yield delta
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+
+
 class _Choices:
     """The engine requests behind one API call: one per prompt and choice (n)."""
 
     def __init__(self, model: ServedModel, response_id: str, prompts: list[list[int]], body: _SamplingRequest,
-                 max_tokens: int | None, arrival: float) -> None:
+                 max_tokens: int | None, arrival: float, echoes: Sequence[_Echo] | None = None) -> None:
+        """`echoes`: one per prompt, for an `echo` request."""
         sampling = body.sampling(model.runtime.default_sampling(), max_tokens)
         seed = sampling.get("seed")
         priority = body.priority_or_default(model.config.scheduler.priority)
@@ -205,10 +266,14 @@ class _Choices:
                 self.requests.append(
                     GenerationRequest(request_id, tuple(prompt), choice_sampling, priority, arrival)
                 )
+        self._echoes = [echo for echo in echoes for _ in range(body.n)] if echoes else None
         self.model = model
 
     def stream(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
-        return merge_indexed([self.model.generate(r) for r in self.requests])
+        streams = [self.model.generate(r) for r in self.requests]
+        if self._echoes is not None:
+            streams = [_echoed(s, echo) for s, echo in zip(streams, self._echoes)]
+        return merge_indexed(streams)
 
 
 async def _completion_prompts(model: ServedModel,
@@ -227,6 +292,20 @@ async def _completion_prompts(model: ServedModel,
         prompts.append(await tokenize(model.runtime.encode, p) if isinstance(p, str) else list(p))  # type: ignore[union-attr]
         model.check_prompt(prompts[-1])  # a bad one ends the work on the rest
     return prompts
+
+
+async def _echoes(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]],
+                  prompts: list[list[int]], top_n: int | None) -> list[_Echo]:
+    """What each prompt's choices echo: the text given, or given token ids decoded as vLLM
+    decodes them (special tokens kept), on the tokenizer thread."""
+    runtime = model.runtime
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt[0], str):
+        texts = list(prompt)  # type: ignore[arg-type]
+    else:
+        texts = [await tokenize(runtime.decode, ids, False) for ids in prompts]
+    return [_Echo(text, runtime.decode(ids[:1], False), top_n) for text, ids in zip(texts, prompts)]
 
 
 def create_openai_router(registry: ModelRegistry) -> APIRouter:
@@ -254,7 +333,8 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         model = registry.get(body.model)
         response_id = new_request_id("cmpl")
         prompts = await _completion_prompts(model, body.prompt)
-        choices = _Choices(model, response_id, prompts, body, body.max_tokens, arrival)
+        echoes = await _echoes(model, body.prompt, prompts, body.logprobs) if body.echo else None
+        choices = _Choices(model, response_id, prompts, body, body.max_tokens, arrival, echoes)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _COMPLETION)
 
@@ -279,13 +359,24 @@ def _finite(logprob: float) -> float:
 
 
 def _completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
-    """OpenAI's completions logprobs; `text_offset`: where the first token's text starts."""
+    """OpenAI's completions logprobs; `text_offset`: where the first token's text starts. A token
+    without a logprob (an echoed prompt's first) has null ones."""
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token.token)
-    return {"tokens": [t.token for t in tokens], "token_logprobs": [_finite(t.logprob) for t in tokens],
-            "top_logprobs": [{text: _finite(lp) for text, lp in t.top} for t in tokens], "text_offset": offsets}
+    return {"tokens": [t.token for t in tokens],
+            "token_logprobs": [None if t.logprob is None else _finite(t.logprob) for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {text: _finite(lp) for text, lp in t.top} for t in tokens],
+            "text_offset": offsets}
+
+
+def _prompt_logprobs(positions: PromptLogprobs) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs` of a completion choice: per prompt token, by token id."""
+    return [None if candidates is None else
+            {str(c.token_id): {"logprob": _finite(c.logprob), "rank": c.rank, "decoded_token": c.token}
+             for c in candidates}
+            for candidates in positions]
 
 
 def _chat_logprobs(tokens: Sequence[TokenLogprob], _: int) -> dict[str, Any]:
@@ -334,6 +425,8 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
                                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         if body.return_token_ids:
             result_choices[-1]["token_ids"] = choice.token_ids
+        if choice.prompt_logprobs is not None:
+            result_choices[-1]["prompt_logprobs"] = _prompt_logprobs(choice.prompt_logprobs)
     n_completion = sum(len(c.token_ids) for c in collected)
     return JSONResponse(dict(envelope, object=shape.response_object, choices=result_choices,
                              usage=_usage(choices.prompt_tokens, n_completion)))
@@ -344,6 +437,7 @@ class _CollectedChoice:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -355,6 +449,8 @@ async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -
         choice.texts.append(delta.text)
         choice.token_ids.extend(delta.token_ids)
         choice.logprobs.extend(delta.logprobs or ())
+        if delta.prompt_logprobs is not None:
+            choice.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
     return choices
