@@ -57,12 +57,12 @@ def freeness_from(free_blocks: float, block_size: int, batch: int) -> float:
     return tokens / batch if tokens >= 0 else tokens * batch
 
 
-def freeness(view: InstanceView, priority: PrioritySettings, _key: tuple | None = None) -> float:
+def freeness(view: InstanceView, priority: PrioritySettings) -> float:
     """Llumnix freeness: free virtual KV room in tokens per request in the batch (higher is
-    freer). Computed once per snapshot and settings (`_key`: theirs, when the caller has it)."""
+    freer). Computed once per snapshot and settings."""
     if view.draining:
         return -math.inf
-    return view.snapshot.derived(_key or _freeness_key(priority), lambda snap: _snapshot_freeness(snap, priority))
+    return view.snapshot.derived(_freeness_key(priority), _snapshot_freeness, priority)
 
 
 def _freeness_key(priority: PrioritySettings) -> tuple:
@@ -113,6 +113,6 @@ def choose_instance(
     if policy is DispatchPolicyName.KV_USAGE:
         return min(candidates, key=_kv_usage).instance_id
     if policy is DispatchPolicyName.LLUMNIX:
-        key = _freeness_key(priority)
-        return max(candidates, key=lambda v: freeness(v, priority, key)).instance_id
+        key = _freeness_key(priority)  # (no draining candidate: `freeness` without its check)
+        return max(candidates, key=lambda v: v.snapshot.derived(key, _snapshot_freeness, priority)).instance_id
     raise ValueError(f"unknown dispatch policy {policy!r}")
