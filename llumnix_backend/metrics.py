@@ -23,6 +23,27 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+# vLLM's buckets (vllm/v1/metrics/buckets.py in 0.32), which the vllm: metrics added since keep.
+VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                                    10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                                240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def one_two_five(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value`: vLLM's token-count buckets (`build_1_2_5_buckets`)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+# vLLM ends its series at the model's max_model_len; this registry serves every model, so it
+# runs on to 10M tokens (the buckets past a model's length just hold all of its requests).
+REQUEST_TOKEN_BUCKETS = one_two_five(10_000_000)
 # vLLM's labels; an `instance` label would clash with the one Prometheus gives each scrape target
 # (it renames ours to `exported_instance`).
 MODEL_INSTANCE = ("model_name", "engine")
@@ -58,24 +79,38 @@ class ServerMetrics:
             "vllm:request_success", "Requests that finished, by why (stop, length, abort), as vLLM counts them.",
             (*MODEL_INSTANCE, "finished_reason"), registry=r,
         )
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", MODEL_INSTANCE, registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", MODEL_INSTANCE, registry=r)
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time from arrival to the first output token.",
-            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.tpot = Histogram(
-            "vllm:request_time_per_output_token_seconds", "Mean time per output token after the first, per request.",
-            MODEL_INSTANCE, buckets=TOKEN_LATENCY_BUCKETS, registry=r,
-        )
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Time from arrival to the last output token.",
-            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time a request waited in its engine's queue.",
-            MODEL_INSTANCE, buckets=LATENCY_BUCKETS, registry=r,
-        )
+
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, MODEL_INSTANCE, registry=r)
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, MODEL_INSTANCE, buckets=buckets, registry=r)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
+                                               REQUEST_TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.",
+                                                   REQUEST_TOKEN_BUCKETS)
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the engines' prefix caches (once per request).")
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Of those, the tokens the prefix cache held (not computed).")
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first output token.",
+                              LATENCY_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Time between a request's consecutive outputs as the server streams them "
+                             "(one per output, however many tokens it carries, as vLLM counts).",
+                             VLLM_INTER_TOKEN_LATENCY_BUCKETS)
+        self.tpot = histogram("vllm:request_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.", TOKEN_LATENCY_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds",
+                                     "Time from a request's first output token to its last.",
+                                     VLLM_REQUEST_LATENCY_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last output token.",
+                             LATENCY_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Time a request waited in its engine's queue.",
+                                    LATENCY_BUCKETS)
         self.dispatch = Counter(
             "llumnix:dispatch_decisions", "Requests dispatched to an instance, by policy.",
             (*MODEL_INSTANCE, "policy"), registry=r,
@@ -103,12 +138,8 @@ class ServerMetrics:
             "llumnix:replays", "Requests continued on another instance after theirs was lost, per instance pair.",
             pair, registry=r,
         )
-        self.instance_failures = Counter(
-            "llumnix:instance_failures", "Instances found dead or hung while serving.", MODEL_INSTANCE, registry=r,
-        )
-        self.instance_restarts = Counter(
-            "llumnix:instance_restarts", "Restarts of lost instances.", MODEL_INSTANCE, registry=r,
-        )
+        self.instance_failures = counter("llumnix:instance_failures", "Instances found dead or hung while serving.")
+        self.instance_restarts = counter("llumnix:instance_restarts", "Restarts of lost instances.")
         self.migration_blocks = Counter("llumnix:migration_blocks", "KV blocks copied by migrations.", pair, registry=r)
         self.migration_bytes = Counter("llumnix:migration_bytes", "KV bytes copied by migrations.", pair, registry=r)
         r.register(_InstanceCollector(instance_reports, states))

@@ -211,8 +211,9 @@ class ModelRuntime(abc.ABC):
 
     @property
     def caches_prefixes(self) -> bool:
-        """Whether instances keep finished requests' full blocks in a prefix cache, so that a
-        migration can hand full blocks over stage by stage ahead of the final switch."""
+        """Whether instances keep finished requests' full blocks in a prefix cache (and look each
+        prompt up in it), so that a migration can hand full blocks over stage by stage ahead of
+        the final switch."""
         return False
 
     def can_take_over_from(self, other: ModelRuntime) -> bool:

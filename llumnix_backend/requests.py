@@ -46,6 +46,12 @@ class GenerationRequest:
             return "its seeded random sampling lives in its engine"
         return None
 
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether an engine may take the prompt's KV from its prefix cache: not for prompt
+        logprobs, which need every prompt position computed (vLLM skips the lookup then)."""
+        return self.sampling.get("prompt_logprobs") is None
+
     def continued(self, token_ids: tuple[int, ...], kv_transfer: Any = None) -> GenerationRequest:
         """The request as another instance takes it over with `token_ids` (its prompt and
         everything generated so far) as the prompt: the sampling budget left, and the KV of

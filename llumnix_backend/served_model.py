@@ -420,7 +420,9 @@ class ServedModel:
         self._streams[request.request_id] = stream
         if request.bound_to_its_engine:
             self._bound.add(request.request_id)
-        tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request, n_prompt)
+        reads_prefix_cache = self._instances[instance_id].runtime.caches_prefixes and request.reads_prefix_cache
+        tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request, n_prompt,
+                                  reads_prefix_cache)
         running: GenerationRequest | None = request  # as the current instance runs it
         self._waiting.add(request.request_id)
         try:
@@ -718,31 +720,47 @@ class ModelStats:
 
 
 class _RequestTracker:
-    """Per-request latency and token accounting, recorded once when the request ends."""
+    """Per-request latency and token accounting: inter-token latencies as the outputs come, the
+    rest once when the request ends."""
 
     def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str,
-                 request: GenerationRequest, n_prompt: int) -> None:
+                 request: GenerationRequest, n_prompt: int, reads_prefix_cache: bool) -> None:
+        """`reads_prefix_cache`: the engine looks the prompt up in its prefix cache."""
         self._metrics = metrics
         self._stats = stats
         self._labels = (model, instance_id)
+        self._itl = metrics.itl.labels(*self._labels)
         self._request_id = request.request_id
         self._arrival = request.arrival_time or time.monotonic()
         self._n_prompt = n_prompt
+        self._reads_prefix_cache = reads_prefix_cache
         self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+        self._cached_tokens: int | None = None  # of the prompt, as the first prefill found them
         self._n_generated = 0
         self._queue_time: float | None = None
         self._finish_reason: str | None = None
         self.outcome: str | None = None
 
     def observe(self, delta: GenerationDelta) -> None:
-        if delta.token_ids and self._first_token_at is None:
-            self._first_token_at = time.monotonic()
+        if delta.token_ids:
+            self._tokens_arrived(delta)
         self._n_generated += len(delta.token_ids)
         if delta.queue_time is not None:
             self._queue_time = delta.queue_time
         if delta.finished:
             self._finish_reason = delta.finish_reason
             self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
+
+    def _tokens_arrived(self, delta: GenerationDelta) -> None:
+        now = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            # The first prefill's: an instance taking over after a switch counts the KV it was handed.
+            self._cached_tokens = delta.num_cached_tokens
+        else:
+            self._itl.observe(now - self._last_token_at)  # one per output, however many tokens, as vLLM counts
+        self._last_token_at = now
 
     def finish(self, last_instance: str) -> None:
         """Record the request's figures; `last_instance`: where it ended (after any switch)."""
@@ -760,6 +778,11 @@ class _RequestTracker:
         self._stats.record(self.outcome == "success", now - self._arrival, self._queue_time)
         m.prompt_tokens.labels(*labels).inc(self._n_prompt)
         m.generation_tokens.labels(*labels).inc(self._n_generated)
+        m.request_prompt_tokens.labels(*labels).observe(self._n_prompt)
+        m.request_generation_tokens.labels(*labels).observe(self._n_generated)
+        if self._reads_prefix_cache and self._cached_tokens is not None:
+            m.prefix_cache_queries.labels(*labels).inc(self._n_prompt)
+            m.prefix_cache_hits.labels(*labels).inc(self._cached_tokens)
         if self._queue_time is not None:
             m.queue_time.labels(*labels).observe(self._queue_time)
         if self._first_token_at is None:
@@ -767,5 +790,7 @@ class _RequestTracker:
         m.ttft.labels(*labels).observe(self._first_token_at - self._arrival)
         if self.outcome == "success":
             m.e2e.labels(*labels).observe(now - self._arrival)
+            decode_time = self._last_token_at - self._first_token_at
+            m.decode_time.labels(*labels).observe(decode_time)
             if self._n_generated > 1:
-                m.tpot.labels(*labels).observe((now - self._first_token_at) / (self._n_generated - 1))
+                m.tpot.labels(*labels).observe(decode_time / (self._n_generated - 1))

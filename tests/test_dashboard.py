@@ -47,7 +47,9 @@ def test_the_dashboard_shows_what_the_issue_lists() -> None:
     for needed in ("vllm:time_to_first_token_seconds_bucket", "vllm:request_time_per_output_token_seconds_bucket",
                    "vllm:generation_tokens_total", "vllm:kv_cache_usage_perc", "llumnix:instance_freeness",
                    "vllm:num_requests_waiting", "llumnix:migrations_committed_total",
-                   "llumnix:migration_downtime_seconds_bucket", "llumnix:replays_total", "llumnix:model_state"):
+                   "llumnix:migration_downtime_seconds_bucket", "llumnix:replays_total", "llumnix:model_state",
+                   "vllm:inter_token_latency_seconds_bucket", "vllm:prefix_cache_hits_total",
+                   "vllm:prefix_cache_queries_total"):
         assert needed in used, needed
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert len({p["id"] for p in panels}) == len(panels) and all(p["targets"] for p in panels)

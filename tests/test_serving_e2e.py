@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_KEY, BADLY_NAMED, BROKEN_MODELS
 from llumnix_server.launcher import ServerProcess
@@ -505,3 +506,52 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         'outcome="rejected"',
     ):
         assert needle in text, needle
+
+
+def scrape(server: ServerProcess, model: str, engine: str) -> dict[str, float]:
+    """The samples of one model and instance in /metrics, by name (labels of their own left out)."""
+    wanted = {"model_name": model, "engine": engine}
+    return {s.name: s.value for family in text_string_to_metric_families(get(server, "/metrics").text)
+            for s in family.samples if s.labels == wanted}
+
+
+def stream_outputs(server: ServerProcess, body: dict) -> tuple[list[list[int]], int]:
+    """A streamed completion's token ids, one list per output that carried any, and its prompt tokens."""
+    outputs, usage = [], None
+    body = {**body, "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers,
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            usage = event.get("usage") or usage
+            outputs += [c["token_ids"] for c in event["choices"] if c.get("token_ids")]
+    return outputs, usage["prompt_tokens"]
+
+
+def test_metrics_count_inter_token_latency_and_prefix_cache_hits(serving: ServerProcess) -> None:
+    engine = get(serving, "/v2/models/beta/config").json()["engine"]
+    assert engine["enable_prefix_caching"]  # vLLM's default: the repeated prompt must hit
+    block = engine["block_size"]
+    prompt = ("Prefix cache metrics: the same words again. " * block)[:2 * block + 5]
+    body = {"model": "beta", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+    before = scrape(serving, "beta", "0")
+    first, n_prompt = stream_outputs(serving, body)
+    again, _ = stream_outputs(serving, body)  # on the same instance: beta has one
+    after = scrape(serving, "beta", "0")
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert [sum(map(len, o)) for o in (first, again)] == [8, 8]
+    # One latency per output after each request's first: 7 each, unless the engine merged outputs.
+    assert grew("vllm:inter_token_latency_seconds_count") == len(first) - 1 + len(again) - 1
+    # The gaps between a request's outputs add up to its decode time.
+    assert grew("vllm:inter_token_latency_seconds_sum") == pytest.approx(grew("vllm:request_decode_time_seconds_sum"))
+    assert grew("vllm:request_decode_time_seconds_count") == 2
+    assert grew("vllm:request_prompt_tokens_sum") == 2 * n_prompt == grew("vllm:prompt_tokens_total")
+    assert grew("vllm:request_generation_tokens_sum") == 16 and grew("vllm:request_generation_tokens_count") == 2
+    assert grew("vllm:prefix_cache_queries_total") == 2 * n_prompt
+    # The first is new to the cache; the repeat finds every full block but the last token's (recomputed).
+    assert grew("vllm:prefix_cache_hits_total") == (n_prompt - 1) // block * block > 0

@@ -1,0 +1,71 @@
+"""Per-request metrics as a request's outputs arrive: vLLM's names, counted as vLLM counts them."""
+
+from __future__ import annotations
+
+from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, ServerMetrics, one_two_five
+from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.served_model import ModelStats, _RequestTracker
+
+LABELS = {"model_name": "m", "engine": "0"}
+N_PROMPT = 40
+
+
+def test_one_two_five_is_vllms_token_series() -> None:
+    assert one_two_five(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert one_two_five(4096)[-3:] == (500, 1000, 2000)  # vLLM's for max_model_len 4096
+    assert REQUEST_TOKEN_BUCKETS[-1] == 10_000_000
+
+
+def test_prompt_logprobs_skip_the_prefix_cache() -> None:
+    assert GenerationRequest("r", (1, 2)).reads_prefix_cache
+    assert not GenerationRequest("r", (1, 2), sampling={"prompt_logprobs": 0}).reads_prefix_cache
+
+
+def track(deltas: list[GenerationDelta], reads_prefix_cache: bool = True) -> ServerMetrics:
+    metrics = ServerMetrics(lambda: [], ("ready",))
+    tracker = _RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
+                              N_PROMPT, reads_prefix_cache)
+    for delta in deltas:
+        tracker.observe(delta)
+    tracker.finish("1")
+    return metrics
+
+
+def value(metrics: ServerMetrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name, LABELS)
+
+
+# A request that switches instances after its fourth token: the instance taking over reports
+# the KV it was handed as cached. One output carries three tokens, as a speculative step would.
+SWITCHED = [
+    GenerationDelta((), "", num_cached_tokens=16),  # a prefill chunk
+    GenerationDelta((7,), "a", num_cached_tokens=16),
+    GenerationDelta((7, 8, 9), "bcd", num_cached_tokens=16),
+    GenerationDelta((5,), "e", num_cached_tokens=N_PROMPT + 3),
+    GenerationDelta((6,), "f", finish_reason="length", num_cached_tokens=N_PROMPT + 3),
+]
+
+
+def test_inter_token_latency_is_one_per_output_after_the_first() -> None:
+    metrics = track(SWITCHED)
+    assert value(metrics, "vllm:inter_token_latency_seconds_count") == 3
+    assert value(metrics, "vllm:request_decode_time_seconds_count") == 1
+    # Consecutive gaps add up to the first token's distance from the last.
+    assert abs(value(metrics, "vllm:inter_token_latency_seconds_sum")
+               - value(metrics, "vllm:request_decode_time_seconds_sum")) < 1e-9
+
+
+def test_token_histograms_and_prefix_cache_count_the_request_once() -> None:
+    metrics = track(SWITCHED)
+    assert value(metrics, "vllm:request_prompt_tokens_sum") == N_PROMPT
+    assert value(metrics, "vllm:request_generation_tokens_sum") == 6
+    assert value(metrics, "vllm:request_generation_tokens_count") == 1
+    assert value(metrics, "vllm:prefix_cache_queries_total") == N_PROMPT
+    assert value(metrics, "vllm:prefix_cache_hits_total") == 16  # the first prefill's, not the migrated KV
+
+
+def test_no_prefix_cache_figures_without_a_lookup_or_a_prefill() -> None:
+    assert value(track(SWITCHED, reads_prefix_cache=False), "vllm:prefix_cache_queries_total") is None
+    aborted_in_the_queue = track([GenerationDelta((), "", finish_reason="abort", num_cached_tokens=0)])
+    assert value(aborted_in_the_queue, "vllm:prefix_cache_queries_total") is None
+    assert value(aborted_in_the_queue, "vllm:inter_token_latency_seconds_count") == 0
