@@ -45,6 +45,9 @@ class TinyLlamaRecipe:
     intermediate_size: int = 512
     max_position_embeddings: int = 8192
     seed: int = 0
+    # The dtype the CPU engine runs: weights saved in float32 are cast at every engine start,
+    # with a warning per engine.
+    dtype: str = "bfloat16"
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = _VOCAB_SIZE) -> None:
@@ -98,10 +101,10 @@ def build_model(out_dir: str | Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe()
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        torch_dtype=recipe.dtype,
     )
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, recipe.dtype))
     model.save_pretrained(out, safe_serialization=True)
     build_tokenizer(out)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
