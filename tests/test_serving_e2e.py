@@ -555,3 +555,10 @@ def test_metrics_count_inter_token_latency_and_prefix_cache_hits(serving: Server
     assert grew("vllm:prefix_cache_queries_total") == 2 * n_prompt
     # The first is new to the cache; the repeat finds every full block but the last token's (recomputed).
     assert grew("vllm:prefix_cache_hits_total") == (n_prompt - 1) // block * block > 0
+
+
+def test_each_vllm_warning_shows_once_however_many_engines_log_it(serving: ServerProcess) -> None:
+    """Every engine process of the three instances warns that vLLM's KV connector API is
+    experimental; the server's log has that line once."""
+    log = serving.log_path.read_text(errors="replace")
+    assert log.count("Initializing KVConnectorBase_V1") == 1, serving.log_tail()

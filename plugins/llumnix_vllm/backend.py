@@ -25,6 +25,7 @@ from llumnix_backend.gpus import GpuDevice
 from llumnix_backend.plugin import Backend, DetokenizedText, Detokenizer, EngineInstance, KvTransfer, ModelRuntime
 from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import GenerationDelta, RequestError
+from llumnix_vllm import log_folding
 from llumnix_vllm.instance import SegmentTransfer, VllmInstance, sampling_params
 
 try:  # vLLM >= 0.12
@@ -130,6 +131,7 @@ class VllmBackend(Backend):
         # the child (on the H200 one of four parallel starts once failed with filelock's "os.fork
         # is unsafe while filelock is changing descriptor ownership"). vLLM's CPU build spawns.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        log_folding.install()  # each of vLLM's warnings once, not once per engine process
 
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
         if current_platform.is_cpu():
