@@ -94,18 +94,12 @@ def test_bad_constraints_are_400s(serving, body, field, words) -> None:
     assert words in error["message"] and error["param"] == field, error
 
 
-# Completions take these; chat does not yet.
-CHAT_REFUSES = ("echo", "prompt_logprobs")
-
-
-@pytest.mark.parametrize("field", ["tools", "use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix",
-                                   *CHAT_REFUSES])
+@pytest.mark.parametrize("field", ["tools", "use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix"])
 def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
     value = {"tools": [{"type": "function", "function": {"name": "f"}}], "chat_template": "{{ x }}",
-             "suffix": "end"}.get(field, 2 if "logprobs" in field or field == "truncate_prompt_tokens" else True)
-    endpoints = (("/v1/completions", {"prompt": "x"}),
-                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}))
-    for path, body in endpoints[1:] if field in CHAT_REFUSES else endpoints:
+             "suffix": "end"}.get(field, 2 if field == "truncate_prompt_tokens" else True)
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["param"] == field
@@ -277,3 +271,23 @@ def test_prompt_logprobs_as_vllm_returns_them(serving) -> None:
     response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 2,
                                                       "stream": True, "prompt_logprobs": 1})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_chat_echoes_the_final_message_and_returns_prompt_logprobs(serving) -> None:
+    """As vLLM: `echo` puts the last message before the reply when it has the reply's role (here
+    the assistant's, continued); prompt logprobs come once, beside the choices."""
+    client = openai_client(serving)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
+    greedy = {"model": "alpha", "messages": messages, "max_tokens": 4, "temperature": 0}
+    continued = {"add_generation_prompt": False, "continue_final_message": True, "ignore_eos": True}
+    plain = client.chat.completions.create(extra_body=continued, **greedy)
+    echoed = client.chat.completions.create(extra_body={**continued, "echo": True, "prompt_logprobs": 1}, **greedy)
+    assert echoed.choices[0].message.content == "Once upon" + plain.choices[0].message.content
+    positions = echoed.model_extra["prompt_logprobs"]
+    assert positions[0] is None and len(positions) == echoed.usage.prompt_tokens
+    assert all(1 <= len(p) <= 2 and all(e["logprob"] <= 0 for e in p.values()) for p in positions[1:])
+    # A user message is not the reply's role: nothing is echoed.
+    user_last = {"model": "alpha", "messages": messages[:1], "max_tokens": 2, "temperature": 0}
+    assert (client.chat.completions.create(extra_body={"echo": True, "ignore_eos": True}, **user_last).choices[0]
+            .message.content == client.chat.completions.create(extra_body={"ignore_eos": True}, **user_last)
+            .choices[0].message.content)

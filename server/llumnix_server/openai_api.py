@@ -3,8 +3,8 @@
 Sampling fields have the names and meanings of vLLM's own OpenAI server (its extensions
 included: top_k, min_p, min_tokens, ignore_eos, repetition_penalty, ...); `priority` is
 accepted as an extension field. Structured outputs (`response_format`, `structured_outputs`
-and the older `guided_*` fields) are enforced by the engine. Completions take `echo` and
-`prompt_logprobs` as vLLM does (chat refuses them). Fields vLLM's server takes that
+and the older `guided_*` fields) are enforced by the engine. `echo` and `prompt_logprobs` work
+as in vLLM. Fields vLLM's server takes that
 this one does not implement (`UNSUPPORTED`) are refused with a 400 naming the field, never
 silently ignored; other unknown fields are ignored, as vLLM ignores them.
 """
@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -73,7 +73,6 @@ class ResponseFormat(BaseModel):
 
 class _SamplingRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED
 
     model: str
     n: int = Field(default=1, ge=1, le=16)
@@ -86,10 +85,13 @@ class _SamplingRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     # vLLM's extension: each choice (each streamed chunk) also carries its token ids.
     return_token_ids: bool = False
+    echo: bool | None = False  # completions: the prompt before each choice; chat: the last message
+    # vLLM's extension: the prompt's logprobs too, this many most likely per token.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
-            if name in self.unsupported and value not in _NOT_ASKED:
+            if name in UNSUPPORTED and value not in _NOT_ASKED:
                 raise RequestError(f"{name} is not supported by this server", name)
 
     def constraint_fields(self) -> dict[str, Any]:
@@ -113,11 +115,21 @@ class _SamplingRequest(SamplingFields):
         """How many most likely tokens to report at each position; None: no logprobs."""
         return None
 
+    def top_n_asked(self) -> int | None:
+        """The request's own count of most likely tokens (`logprobs` or `top_logprobs`)."""
+        return None
+
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         self.refuse_unsupported()
         fields = super().sampling(defaults, max_tokens)
         if (top_n := self.logprobs_wanted()) is not None:
             fields["logprobs"] = top_n
+        if self.stream and self.prompt_logprobs:
+            raise RequestError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+        # As in vLLM: with echo, the prompt's logprobs come at the request's count of top tokens.
+        prompt_logprobs = self.top_n_asked() if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
+        if prompt_logprobs is not None:
+            fields["prompt_logprobs"] = prompt_logprobs
         if "logit_bias" in fields:
             try:
                 fields["logit_bias"] = {int(k): v for k, v in fields["logit_bias"].items()}
@@ -134,22 +146,12 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = False  # each choice's text (and logprobs) starts with its prompt's
-    # vLLM's extension: each choice also carries its prompt's logprobs, this many most likely per token.
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def logprobs_wanted(self) -> int | None:
         return self.logprobs
 
-    def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
-        fields = super().sampling(defaults, max_tokens)
-        if self.stream and self.prompt_logprobs:
-            raise RequestError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
-        # As in vLLM: an echoed prompt's logprobs are the engine's prompt logprobs.
-        prompt_logprobs = self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
-        if prompt_logprobs is not None:
-            fields["prompt_logprobs"] = prompt_logprobs
-        return fields
+    def top_n_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -160,9 +162,6 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    # Completions take these; chat's echo (of the last message) and prompt logprobs are not done yet.
-    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED | {"echo", "prompt_logprobs"}
-
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -178,6 +177,19 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def top_n_asked(self) -> int | None:
+        return self.top_logprobs
+
+    def echoed_text(self) -> str:
+        """What `echo` puts before each choice's content, as vLLM: the last message's, if it
+        has the role the reply takes (the assistant's, unless continuing the final message)."""
+        last = self.messages[-1]
+        role = "assistant" if self.add_generation_prompt else last.role
+        if not self.echo or last.role != role or not last.content:
+            return ""
+        content = last.content
+        return content if isinstance(content, str) else "\n".join(part.get("text", "") for part in content)
 
     def template_arguments(self) -> dict[str, Any]:
         for key in ("chat_template", "tokenize"):
@@ -214,11 +226,12 @@ def _chat_content(message: ChatMessage, index: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Echo:
-    """What the choices of an `echo` request start with: their prompt."""
+    """What the choices of an `echo` request start with: their prompt (completions, with its
+    logprobs if asked) or the last message (chat, its text only, as vLLM)."""
 
     text: str
-    first_token: str  # the text of its first token, the only one without a logprob
-    top_n: int | None  # the request's `logprobs`: None, no logprobs
+    first_token: str = ""  # the text of its first token, the only one without a logprob
+    top_n: int | None = None  # the request's `logprobs`: None, no logprobs
 
     def onto(self, delta: GenerationDelta) -> GenerationDelta:
         """A choice's first output with the prompt's text, and its logprobs, before its own."""
@@ -347,7 +360,9 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         prompt = await tokenize(lambda: model.runtime.render_chat(messages, **body.template_arguments()))
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival)
+        echoed = body.echoed_text()
+        choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival,
+                           [_Echo(echoed)] if echoed else None)
         envelope = {"id": response_id, "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _CHAT)
 
@@ -372,7 +387,7 @@ def _completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int) -> di
 
 
 def _prompt_logprobs(positions: PromptLogprobs) -> list[dict[str, dict[str, Any]] | None]:
-    """vLLM's `prompt_logprobs` of a completion choice: per prompt token, by token id."""
+    """vLLM's `prompt_logprobs`: per prompt token, by token id."""
     return [None if candidates is None else
             {str(c.token_id): {"logprob": _finite(c.logprob), "rank": c.rank, "decoded_token": c.token}
              for c in candidates}
@@ -396,6 +411,7 @@ class _Shape:
     delta: Callable[[str], dict[str, Any]]  # one streamed piece
     logprobs: Callable[[Sequence[TokenLogprob], int], dict[str, Any]]  # tokens, and where their text starts
     stream_preamble: dict[str, Any] | None = None  # sent once per choice before any token
+    prompt_logprobs_per_choice: bool = True  # else once, in the response (chat, as vLLM)
 
 
 _COMPLETION = _Shape("text_completion", "text_completion", lambda t: {"text": t}, lambda t: {"text": t},
@@ -406,6 +422,7 @@ _CHAT = _Shape(
     delta=lambda t: {"delta": {"content": t} if t else {}},
     logprobs=_chat_logprobs,
     stream_preamble={"delta": {"role": "assistant", "content": ""}},
+    prompt_logprobs_per_choice=False,
 )
 
 
@@ -425,11 +442,14 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
                                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
         if body.return_token_ids:
             result_choices[-1]["token_ids"] = choice.token_ids
-        if choice.prompt_logprobs is not None:
+        if choice.prompt_logprobs is not None and shape.prompt_logprobs_per_choice:
             result_choices[-1]["prompt_logprobs"] = _prompt_logprobs(choice.prompt_logprobs)
     n_completion = sum(len(c.token_ids) for c in collected)
-    return JSONResponse(dict(envelope, object=shape.response_object, choices=result_choices,
-                             usage=_usage(choices.prompt_tokens, n_completion)))
+    response = dict(envelope, object=shape.response_object, choices=result_choices,
+                    usage=_usage(choices.prompt_tokens, n_completion))
+    if not shape.prompt_logprobs_per_choice and collected[0].prompt_logprobs is not None:
+        response["prompt_logprobs"] = _prompt_logprobs(collected[0].prompt_logprobs)  # (one prompt)
+    return JSONResponse(response)
 
 
 @dataclass
