@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-# vLLM's buckets (vllm/v1/metrics/buckets.py in 0.32), which the vllm: metrics added since keep.
+# vLLM's buckets (vllm/v1/metrics/buckets.py in 0.32), which the vllm: metrics keep.
+VLLM_TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                                     10.0, 20.0, 40.0, 80.0)
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
@@ -97,20 +99,21 @@ class ServerMetrics:
         self.prefix_cache_hits = counter(
             "vllm:prefix_cache_hits", "Of those, the tokens the prefix cache held (not computed).")
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first output token.",
-                              LATENCY_BUCKETS)
+                              VLLM_TIME_TO_FIRST_TOKEN_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds",
                              "Time between a request's consecutive outputs as the server streams them "
                              "(one per output, however many tokens it carries, as vLLM counts).",
                              VLLM_INTER_TOKEN_LATENCY_BUCKETS)
         self.tpot = histogram("vllm:request_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.", TOKEN_LATENCY_BUCKETS)
+                              "Mean time per output token after the first, per request.",
+                              VLLM_INTER_TOKEN_LATENCY_BUCKETS)
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Time from a request's first output token to its last.",
                                      VLLM_REQUEST_LATENCY_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last output token.",
-                             LATENCY_BUCKETS)
+                             VLLM_REQUEST_LATENCY_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Time a request waited in its engine's queue.",
-                                    LATENCY_BUCKETS)
+                                    VLLM_REQUEST_LATENCY_BUCKETS)
         self.dispatch = Counter(
             "llumnix:dispatch_decisions", "Requests dispatched to an instance, by policy.",
             (*MODEL_INSTANCE, "policy"), registry=r,

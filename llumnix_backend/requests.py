@@ -102,7 +102,8 @@ class GenerationDelta:
     text: str
     finish_reason: str | None = None  # "stop", "length", "abort"; None while generating
     stop_reason: int | str | None = None
-    # Seconds the request waited in the engine's queue, on its last delta if the backend knows.
+    # Seconds the request waited in the engine's queue before it was first scheduled, on its
+    # first delta with tokens if the backend knows.
     queue_time: float | None = None
     # Prompt tokens whose KV the engine did not compute (prefix cache, migrated KV), if known.
     num_cached_tokens: int | None = None

@@ -746,7 +746,7 @@ class _RequestTracker:
         if delta.token_ids:
             self._tokens_arrived(delta)
         self._n_generated += len(delta.token_ids)
-        if delta.queue_time is not None:
+        if self._queue_time is None:  # the first instance's: an instance taking over queues it again
             self._queue_time = delta.queue_time
         if delta.finished:
             self._finish_reason = delta.finish_reason

@@ -69,3 +69,15 @@ def test_no_prefix_cache_figures_without_a_lookup_or_a_prefill() -> None:
     aborted_in_the_queue = track([GenerationDelta((), "", finish_reason="abort", num_cached_tokens=0)])
     assert value(aborted_in_the_queue, "vllm:prefix_cache_queries_total") is None
     assert value(aborted_in_the_queue, "vllm:inter_token_latency_seconds_count") == 0
+
+
+def test_queue_time_is_the_first_instances_and_buckets_are_vllms() -> None:
+    switched = [GenerationDelta((7,), "a", queue_time=0.25), GenerationDelta((8,), "b"),
+                # the instance taking over queued the migrated request too: not the request's wait
+                GenerationDelta((5,), "c", queue_time=0.01, finish_reason="length")]
+    metrics = track(switched)
+    assert value(metrics, "vllm:request_queue_time_seconds_sum") == 0.25
+    assert value(metrics, "vllm:request_queue_time_seconds_count") == 1
+    ttft_bounds = [s.labels["le"] for f in metrics.registry.collect() if f.name == "vllm:time_to_first_token_seconds"
+                   for s in f.samples if s.name.endswith("_bucket") and s.labels["engine"] == "0"]
+    assert ttft_bounds[:2] == ["0.001", "0.005"] and ttft_bounds[-2:] == ["2560.0", "+Inf"]  # vLLM 0.32's

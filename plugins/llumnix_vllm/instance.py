@@ -263,15 +263,15 @@ class VllmInstance(EngineInstance):
         params = sampling_params(request.sampling, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         outputs = engine.generate(prompt, params, request.request_id, priority=request.priority)
-        produced = False
+        produced = queue_time_told = False
         try:
             async for output in outputs:
                 produced = True
                 completion = output.outputs[0]
                 queue_time = None
-                if output.finished and output.metrics is not None:
-                    stats = output.metrics
-                    queue_time = max(0.0, stats.scheduled_ts - stats.queued_ts)
+                stats = output.metrics  # (the request's stats so far, with every output)
+                if not queue_time_told and completion.token_ids and stats is not None and stats.scheduled_ts:
+                    queue_time, queue_time_told = max(0.0, stats.scheduled_ts - stats.queued_ts), True
                 yield GenerationDelta(
                     token_ids=tuple(completion.token_ids),
                     text=completion.text,
