@@ -13,8 +13,11 @@
       gpus: [[0], [1]]               # GPU engines: or pin instance k to the k-th list
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
-      priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 1024}
+      priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 0}
       migration: {rescheduling: true, source_below_tokens: 160, destination_above_tokens: 480}
+    frontend:                        # the API server's handling (vLLM's front-end arguments)
+      tool_call_parser: hermes       # tool calls parsed by the backend's parser of that name
+      enable_auto_tool_choice: true  # tool_choice "auto": the model decides
 
 Every error names the file and the field (`ConfigError`); unknown keys are errors. A folder in
 Triton's format (config.pbtxt and version folders) is read by `triton_config` instead.
@@ -192,12 +195,31 @@ class ResourceSettings(_Strict):
         return self
 
 
+class FrontendSettings(_Strict):
+    """What the API server does with a model's requests and outputs, under the names of vLLM's
+    front-end arguments (`vllm serve --tool-call-parser ...`). A change applies without
+    restarting the engines."""
+
+    # The backend's parser of the model's tool-call format (vLLM: hermes, llama3_json,
+    # mistral, ...): needed for tool_choice "required" or a named tool.
+    tool_call_parser: str | None = None
+    # Let the model decide whether to call a tool (tool_choice "auto", the default with tools).
+    enable_auto_tool_choice: bool = False
+
+    @model_validator(mode="after")
+    def _auto_needs_a_parser(self) -> FrontendSettings:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        return self
+
+
 class ModelConfig(_Strict):
     backend: str = "vllm"
     instances: int = Field(default=1, ge=1, le=64)
     engine: dict[str, Any] = Field(default_factory=dict)
     resources: ResourceSettings = ResourceSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    frontend: FrontendSettings = FrontendSettings()
 
     @model_validator(mode="after")
     def _a_placement_per_instance(self) -> ModelConfig:
@@ -252,7 +274,7 @@ class ModelSource:
 
     def same_engine(self, other: ModelSource) -> bool:
         """Whether both start the same engines: same backend, arguments and resources."""
-        kept = {"scheduler", "instances"}
+        kept = {"scheduler", "instances", "frontend"}
         return (self.engine_dir == other.engine_dir
                 and self.config.model_dump(exclude=kept) == other.config.model_dump(exclude=kept))
 

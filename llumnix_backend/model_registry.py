@@ -262,6 +262,11 @@ class ModelRegistry:
             entry.reason = ""  # nothing to do (a file was touched, or a failed edit undone)
             return
         if previous is not None and previous.source.same_engine(source):
+            try:  # (what load_model checks besides the engines)
+                backend = await self._backend(source.config.backend, source.config_file)
+                backend.check_frontend(source)
+            except ConfigError as exc:
+                self._refuse_load(entry, operation, str(exc))
             entry.reason = ""
             await previous.reconfigure(source, self._start_slots, self._progress)
             self._count(name, operation, True)

@@ -16,13 +16,15 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from llumnix_backend.config import ConfigError, ModelSource
+from llumnix_backend.config import ConfigError, FrontendSettings, ModelSource
 from llumnix_backend.gpus import GpuDevice
 from llumnix_backend.policies.placement import GpuPlacement
-from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot
 
 ENTRY_POINT_GROUP = "llumnix_backend.backends"
+# The chat request fields of tool calling (OpenAI's names).
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 class InstanceState(str, Enum):
@@ -151,6 +153,42 @@ class EngineInstance(abc.ABC):
         """Stop the engine and everything it started."""
 
 
+class ToolCallReader(abc.ABC):
+    """One chat choice's output read as an assistant message of content and tool calls, in
+    OpenAI's chat shape (`{"role", "content", "tool_calls"}`); a reader keeps state, so each
+    choice has its own."""
+
+    @abc.abstractmethod
+    def whole(self, text: str, token_ids: Sequence[int]) -> dict[str, Any]:
+        """The message of a finished choice."""
+
+    @abc.abstractmethod
+    def delta(self, text: str, token_ids: Sequence[int], finished: bool) -> dict[str, Any] | None:
+        """What this piece of a streamed choice adds (`content` and/or `tool_calls` deltas);
+        None while it adds nothing yet (a tool call's opening tag, say)."""
+
+    @abc.abstractmethod
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        """The choice's finish reason once read ("tool_calls" where tools were called)."""
+
+
+class ChatTools(abc.ABC):
+    """One chat request's tools, handled as the backend's own server handles them."""
+
+    @property
+    @abc.abstractmethod
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template renders into the prompt."""
+
+    @abc.abstractmethod
+    def sampling(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The engine's sampling fields with what the tool choice forces (an output constraint)."""
+
+    @abc.abstractmethod
+    def reader(self, prompt_token_ids: Sequence[int]) -> ToolCallReader | None:
+        """A reader for one choice's output; None when the output is plain text."""
+
+
 class ModelRuntime(abc.ABC):
     """A backend's view of one model: shared by all of the model's instances."""
 
@@ -179,6 +217,15 @@ class ModelRuntime(abc.ABC):
     @abc.abstractmethod
     def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of a chat conversation rendered by the model's chat template."""
+
+    def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
+                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools | None:
+        """Tool calling for a chat request (`request`: its JSON body; `messages`: as the chat
+        template takes them; `constraint`: the structured output it asked for); None if it gives
+        no tools. Raise `RequestError` naming the field for what cannot be served."""
+        if any(request.get(key) is not None for key in TOOL_FIELDS):
+            raise RequestError("tools are not supported by this model's backend", "tools")
+        return None
 
     @abc.abstractmethod
     def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:
@@ -239,6 +286,13 @@ class Backend(abc.ABC):
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
         """The GPUs its engines can use on this host (none for a CPU build)."""
         return ()
+
+    def check_frontend(self, source: ModelSource) -> None:
+        """Raise `ConfigError` for front-end settings (`frontend:`) this backend cannot serve.
+        Called on every load, engines restarted or not."""
+        if source.config.frontend.tool_call_parser is not None:
+            raise ConfigError(source.config_file, "frontend.tool_call_parser",
+                              f"backend {self.name!r} parses no tool calls")
 
     @abc.abstractmethod
     def load_model(self, name: str, source: ModelSource) -> ModelRuntime:

@@ -24,11 +24,17 @@ from pathlib import Path
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _VOCAB_SIZE = 320
 
-# A plain chat template: role headers and an end-of-turn marker the tokenizer knows.
+# A plain chat template: role headers and an end-of-turn marker the tokenizer knows. Tools are
+# shown and called in the Hermes format (vLLM's `hermes` tool parser reads it).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\nTools you may call, each call as <tool_call>{\"name\": ..., \"arguments\": ...}"
+    "</tool_call>:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}{{ eos_token }}\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -138,8 +144,17 @@ def ensure_model(out_dir: str | Path, recipe: TinyLlamaRecipe = TinyLlamaRecipe(
     recipe_file = out / "recipe.json"
     if recipe_file.exists() and json.loads(recipe_file.read_text()) == asdict(recipe):
         if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+            if _chat_template(out) != CHAT_TEMPLATE:
+                build_tokenizer(out)  # (the weights stay: only the template changed)
             return out
     return build_model(out, recipe)
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

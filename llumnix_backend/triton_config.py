@@ -9,7 +9,7 @@
 `config.pbtxt` is parsed with protobuf's text format against Triton's own `ModelConfig` message
 (shipped in tritonclient), so anything Triton accepts parses, and a typo is reported with its
 line and column. The instance count is the sum of the instance groups' counts. Settings of
-config.yaml's `scheduler` and `resources` sections go in `parameters`, keyed by their path
+config.yaml's `scheduler`, `resources` and `frontend` sections go in `parameters`, keyed by their path
 there; a value is read as a YAML scalar ("true", "0.5", "queue"). Fields about Triton's tensor
 interface (inputs, outputs, batching) have no meaning for an LLM server and are ignored.
 
@@ -31,7 +31,7 @@ from llumnix_backend.config import ConfigError, ModelSource, parse_model_config
 TRITON_CONFIG_FILE = "config.pbtxt"
 ENGINE_ARGS_FILE = "model.json"
 # The config.yaml sections a `parameters` key may set.
-PARAMETER_SECTIONS = ("scheduler", "resources")
+PARAMETER_SECTIONS = ("scheduler", "resources", "frontend")
 
 
 def load_triton_model(model_dir: Path, num_gpus: int = 0) -> ModelSource:

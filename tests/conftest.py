@@ -95,6 +95,8 @@ BROKEN_MODELS = {
     "bad-backend": ("backend: tensorrt\nengine: {model: x}\n", "backend: unknown backend 'tensorrt'"),
     "no-weights": ("engine: {model: ./weights}\n", "engine.model:"),
     "bad-engine-arg": ("engine: {model: MODEL, not_an_arg: 1}\n", "engine.not_an_arg: not a vLLM engine argument"),
+    "bad-tool-parser": ("engine: {model: MODEL}\nfrontend: {tool_call_parser: nope}\n",
+                        "frontend.tool_call_parser: unknown tool parser 'nope'"),
     # Valid, but this host has no GPU to give it.
     "wants-gpus": ("engine: {model: MODEL, dtype: float32}\nresources: {gpus_per_instance: 1}\n",
                    "config.yaml: resources): this host has no GPU"),
@@ -108,7 +110,7 @@ BADLY_NAMED = "has space"
 @pytest.fixture(scope="session")
 def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
     """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config; the
-    migration tests move requests between them);
+    migration tests move requests between them; tool calls read by vLLM's hermes parser);
     `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; and one folder
     per way a config can be broken."""
     repository = tmp_path_factory.mktemp("repository")
@@ -118,6 +120,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     alpha_config["scheduler"]["migration"] = {"stage_timeout_s": 3, "stage_chunk_mib": 0.5}
     # JSON without free whitespace, which random weights would otherwise emit for ever.
     alpha_config["engine"]["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    # Tool calls in the Hermes format the tiny model's chat template shows them in.
+    alpha_config["frontend"] = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
     alpha = write_model(repository, "alpha", alpha_config)
     (alpha / "weights").symlink_to(tiny_model)
     beta = tiny_config(str(tiny_model), dispatch="queue", max_model_len=8192)

@@ -94,10 +94,9 @@ def test_bad_constraints_are_400s(serving, body, field, words) -> None:
     assert words in error["message"] and error["param"] == field, error
 
 
-@pytest.mark.parametrize("field", ["tools", "use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix"])
+@pytest.mark.parametrize("field", ["use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix"])
 def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
-    value = {"tools": [{"type": "function", "function": {"name": "f"}}], "chat_template": "{{ x }}",
-             "suffix": "end"}.get(field, 2 if field == "truncate_prompt_tokens" else True)
+    value = {"chat_template": "{{ x }}", "suffix": "end"}.get(field, 2 if field == "truncate_prompt_tokens" else True)
     for path, body in (("/v1/completions", {"prompt": "x"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
@@ -291,3 +290,38 @@ def test_chat_echoes_the_final_message_and_returns_prompt_logprobs(serving) -> N
     assert (client.chat.completions.create(extra_body={"echo": True, "ignore_eos": True}, **user_last).choices[0]
             .message.content == client.chat.completions.create(extra_body={"ignore_eos": True}, **user_last)
             .choices[0].message.content)
+
+
+# strict: the arguments are constrained to the schema too, not only the call's envelope.
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_conversation_with_tool_results_renders_and_tools_show_in_the_prompt(serving) -> None:
+    client = openai_client(serving)
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [*WEATHER_QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    plain = client.chat.completions.create(model="alpha", messages=history, max_tokens=1)
+    shown = client.chat.completions.create(model="alpha", messages=history, max_tokens=1, tools=[WEATHER_TOOL],
+                                           tool_choice="none")
+    assert shown.usage.prompt_tokens > plain.usage.prompt_tokens + len("get_weather")
+    assert plain.usage.prompt_tokens > len("sunny") + len('{"city": "Paris"}')
+    assert shown.choices[0].message.tool_calls in (None, [])
+
+
+def test_tool_choice_needs_the_model_to_name_a_parser(serving) -> None:
+    for choice in ("auto", "required"):
+        response = post(serving, "/v1/chat/completions", json={
+            "model": "beta", "messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": choice,
+            "max_tokens": 2})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "tool_choice" and "frontend.tool_call_parser" in error["message"], error
+    response = post(serving, "/v1/chat/completions", json={
+        "model": "alpha", "messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 2,
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice", response.text

@@ -20,9 +20,18 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
-from llumnix_backend.config import ConfigError, ModelSource
+from llumnix_backend.config import ConfigError, FrontendSettings, ModelSource
 from llumnix_backend.gpus import GpuDevice
-from llumnix_backend.plugin import Backend, DetokenizedText, Detokenizer, EngineInstance, KvTransfer, ModelRuntime
+from llumnix_backend.plugin import (
+    Backend,
+    ChatTools,
+    DetokenizedText,
+    Detokenizer,
+    EngineInstance,
+    KvTransfer,
+    ModelRuntime,
+    TOOL_FIELDS,
+)
 from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import GenerationDelta, RequestError
 from llumnix_vllm import log_folding
@@ -172,8 +181,22 @@ class VllmBackend(Backend):
         except (TypeError, ValueError) as exc:
             raise ConfigError(engine_file, source.engine_section, str(exc)) from None
 
+    def check_frontend(self, source: ModelSource) -> None:
+        parser = source.config.frontend.tool_call_parser
+        if parser is None:
+            return
+        try:
+            from llumnix_vllm.tool_calls import known_tool_parsers
+        except ImportError as exc:  # vLLM before its unified parsers (0.26, the GPU build here)
+            raise ConfigError(source.config_file, "frontend.tool_call_parser",
+                              f"tool calling needs vLLM's unified parsers, which this vLLM lacks ({exc})") from None
+        if parser not in known_tool_parsers():
+            raise ConfigError(source.config_file, "frontend.tool_call_parser",
+                              f"unknown tool parser {parser!r} (vLLM's: {', '.join(known_tool_parsers())})")
+
     def load_model(self, name: str, source: ModelSource) -> ModelRuntime:
         config, engine_file = source.config, source.engine_file
+        self.check_frontend(source)
         engine_args = self.engine_args(source)
         try:
             vllm_config = engine_args.create_engine_config()
@@ -260,6 +283,13 @@ class VllmModelRuntime(ModelRuntime):
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
         self._check_length(text, "messages")
         return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
+                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools | None:
+        if not any(request.get(key) is not None for key in TOOL_FIELDS):
+            return None  # (without importing vLLM's OpenAI protocol: older vLLMs lay it out otherwise)
+        from llumnix_vllm.tool_calls import chat_tools
+        return chat_tools(request, messages, constraint, settings, self._tokenizer)
 
     def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:
         # vLLM's own incremental detokenizer, set up as an engine sets it up for a new request

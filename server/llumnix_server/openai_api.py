@@ -4,7 +4,8 @@ Sampling fields have the names and meanings of vLLM's own OpenAI server (its ext
 included: top_k, min_p, min_tokens, ignore_eos, repetition_penalty, ...); `priority` is
 accepted as an extension field. Structured outputs (`response_format`, `structured_outputs`
 and the older `guided_*` fields) are enforced by the engine. `echo` and `prompt_logprobs` work
-as in vLLM. Fields vLLM's server takes that
+as in vLLM, and so do tools: the backend's parser (vLLM's, named in the model's `frontend:`
+settings) constrains and reads the output. Fields vLLM's server takes that
 this one does not implement (`UNSUPPORTED`) are refused with a 400 naming the field, never
 silently ignored; other unknown fields are ignored, as vLLM ignores them.
 """
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
+from llumnix_backend.plugin import TOOL_FIELDS, ChatTools, ToolCallReader
 from llumnix_backend.requests import (
     GenerationDelta,
     GenerationRequest,
@@ -42,8 +44,7 @@ MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own eng
 
 # Fields of vLLM's completion and chat requests that this server does not implement.
 UNSUPPORTED = frozenset({
-    "logprob_token_ids", "suffix", "tools", "tool_choice",
-    "parallel_tool_calls", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
+    "logprob_token_ids", "suffix", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
     "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
     "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
     "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "repetition_detection", "thinking_token_budget",
@@ -191,6 +192,16 @@ class ChatCompletionRequest(_SamplingRequest):
         content = last.content
         return content if isinstance(content, str) else "\n".join(part.get("text", "") for part in content)
 
+    def tools(self, model: ServedModel, messages: list[dict[str, Any]]) -> ChatTools | None:
+        """The request's tools, as the model's backend handles them (None: no tools)."""
+        given = {key: value for key, value in (self.model_extra or {}).items() if key in TOOL_FIELDS}
+        if not given:
+            return None
+        if self.echo:
+            raise RequestError("echo cannot be combined with tools", "echo")
+        constraint = structured_outputs(self.constraint_fields(), "structured_outputs")
+        return model.runtime.chat_tools({"model": self.model, **given}, messages, constraint, model.config.frontend)
+
     def template_arguments(self) -> dict[str, Any]:
         for key in ("chat_template", "tokenize"):
             if key in (self.chat_template_kwargs or {}):
@@ -264,9 +275,12 @@ class _Choices:
     """The engine requests behind one API call: one per prompt and choice (n)."""
 
     def __init__(self, model: ServedModel, response_id: str, prompts: list[list[int]], body: _SamplingRequest,
-                 max_tokens: int | None, arrival: float, echoes: Sequence[_Echo] | None = None) -> None:
-        """`echoes`: one per prompt, for an `echo` request."""
+                 max_tokens: int | None, arrival: float, echoes: Sequence[_Echo] | None = None,
+                 tools: ChatTools | None = None) -> None:
+        """`echoes`: one per prompt, for an `echo` request; `tools`: a chat request's."""
         sampling = body.sampling(model.runtime.default_sampling(), max_tokens)
+        if tools is not None:
+            sampling = tools.sampling(sampling)
         seed = sampling.get("seed")
         priority = body.priority_or_default(model.config.scheduler.priority)
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -281,6 +295,11 @@ class _Choices:
                 )
         self._echoes = [echo for echo in echoes for _ in range(body.n)] if echoes else None
         self.model = model
+        # One reader of tool calls per choice, if the output is read for them.
+        self.readers: list[ToolCallReader] | None = None
+        if tools is not None:
+            readers = [tools.reader(r.prompt_token_ids) for r in self.requests]
+            self.readers = None if None in readers else readers  # type: ignore[assignment]
 
     def stream(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
         streams = [self.model.generate(r) for r in self.requests]
@@ -357,12 +376,16 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         body.refuse_unsupported()
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
-        prompt = await tokenize(lambda: model.runtime.render_chat(messages, **body.template_arguments()))
+        tools = body.tools(model, messages)
+        template = body.template_arguments()
+        if tools is not None and tools.template_tools is not None:
+            template["tools"] = tools.template_tools
+        prompt = await tokenize(lambda: model.runtime.render_chat(messages, **template))
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         echoed = body.echoed_text()
         choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival,
-                           [_Echo(echoed)] if echoed else None)
+                           [_Echo(echoed)] if echoed else None, tools)
         envelope = {"id": response_id, "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _CHAT)
 
@@ -430,16 +453,23 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
                    shape: _Shape):
     stream = await started(request, choices.stream())
     n_choices = len(choices.requests)
+    readers = choices.readers
     if body.stream:
         events = _events(dict(envelope, object=shape.chunk_object), stream, shape, n_choices,
-                         choices.prompt_tokens, body.include_usage, body.return_token_ids)
+                         choices.prompt_tokens, body.include_usage, body.return_token_ids, readers)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     collected = await unless_disconnected(request, _collect(stream, n_choices))
     result_choices = []
     for i, choice in enumerate(collected):
         logprobs = shape.logprobs(choice.logprobs, 0) if body.logprobs_wanted() is not None else None
-        result_choices.append({"index": i, **shape.full("".join(choice.texts)), "logprobs": logprobs,
-                               "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+        text, finish_reason = "".join(choice.texts), choice.finish_reason
+        if readers is None:
+            output = shape.full(text)
+        else:
+            output = {"message": readers[i].whole(text, choice.token_ids)}
+            finish_reason = readers[i].finish_reason(finish_reason)
+        result_choices.append({"index": i, **output, "logprobs": logprobs,
+                               "finish_reason": finish_reason, "stop_reason": choice.stop_reason})
         if body.return_token_ids:
             result_choices[-1]["token_ids"] = choice.token_ids
         if choice.prompt_logprobs is not None and shape.prompt_logprobs_per_choice:
@@ -477,7 +507,8 @@ async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -
 
 
 async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]], shape: _Shape,
-                  n_choices: int, n_prompt: int, include_usage: bool, token_ids: bool) -> AsyncIterator[str]:
+                  n_choices: int, n_prompt: int, include_usage: bool, token_ids: bool,
+                  readers: Sequence[ToolCallReader] | None = None) -> AsyncIterator[str]:
     if shape.stream_preamble is not None:
         for index in range(n_choices):
             choice = {"index": index, **shape.stream_preamble, "logprobs": None, "finish_reason": None}
@@ -491,8 +522,14 @@ async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, Genera
             n_tokens += len(delta.token_ids)
             logprobs = shape.logprobs(delta.logprobs, text_offsets[index]) if delta.logprobs else None
             text_offsets[index] += len(delta.text)
-            choice = {"index": index, **shape.delta(delta.text), "logprobs": logprobs,
-                      "finish_reason": delta.finish_reason}
+            output, finish_reason = shape.delta(delta.text), delta.finish_reason
+            if readers is not None:
+                message = readers[index].delta(delta.text, delta.token_ids, delta.finished)
+                if message is None and not delta.finished and logprobs is None:
+                    continue  # (the text so far may still open a tool call)
+                output = {"delta": message or {}}
+                finish_reason = readers[index].finish_reason(finish_reason) if delta.finished else None
+            choice = {"index": index, **output, "logprobs": logprobs, "finish_reason": finish_reason}
             if delta.finished:
                 choice["stop_reason"] = delta.stop_reason
             if token_ids:
