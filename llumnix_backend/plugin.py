@@ -219,13 +219,11 @@ class ModelRuntime(abc.ABC):
         """Token ids of a chat conversation rendered by the model's chat template."""
 
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
-                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools | None:
-        """Tool calling for a chat request (`request`: its JSON body; `messages`: as the chat
-        template takes them; `constraint`: the structured output it asked for); None if it gives
-        no tools. Raise `RequestError` naming the field for what cannot be served."""
-        if any(request.get(key) is not None for key in TOOL_FIELDS):
-            raise RequestError("tools are not supported by this model's backend", "tools")
-        return None
+                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:
+        """Tool calling for a chat request that gives tool fields (`request`: its JSON body;
+        `messages`: as the chat template takes them; `constraint`: the structured output it
+        asked for). Raise `RequestError` naming the field for what cannot be served."""
+        raise RequestError("tools are not supported by this model's backend", "tools")
 
     @abc.abstractmethod
     def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:

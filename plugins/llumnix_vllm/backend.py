@@ -30,7 +30,6 @@ from llumnix_backend.plugin import (
     EngineInstance,
     KvTransfer,
     ModelRuntime,
-    TOOL_FIELDS,
 )
 from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import GenerationDelta, RequestError
@@ -285,10 +284,8 @@ class VllmModelRuntime(ModelRuntime):
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
-                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools | None:
-        if not any(request.get(key) is not None for key in TOOL_FIELDS):
-            return None  # (without importing vLLM's OpenAI protocol: older vLLMs lay it out otherwise)
-        from llumnix_vllm.tool_calls import chat_tools
+                   constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:
+        from llumnix_vllm.tool_calls import chat_tools  # (here: older vLLMs lack what it imports)
         return chat_tools(request, messages, constraint, settings, self._tokenizer)
 
     def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:

@@ -194,7 +194,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def tools(self, model: ServedModel, messages: list[dict[str, Any]]) -> ChatTools | None:
         """The request's tools, as the model's backend handles them (None: no tools)."""
-        given = {key: value for key, value in (self.model_extra or {}).items() if key in TOOL_FIELDS}
+        given = {key: value for key, value in (self.model_extra or {}).items()
+                 if key in TOOL_FIELDS and value is not None}
         if not given:
             return None
         if self.echo:
