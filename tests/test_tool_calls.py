@@ -85,6 +85,27 @@ def test_required_and_named_choices_force_a_constraint(tokenizer) -> None:
     assert reader.finish_reason("length") == "length"  # (cut short: not a completed call)
 
 
+def json_parts(tag):
+    if isinstance(tag, list):
+        return [part for item in tag for part in json_parts(item)]
+    if not isinstance(tag, dict):
+        return []
+    own = [tag] if tag.get("type") == "json_schema" else []
+    return own + [part for value in tag.values() for part in json_parts(value)]
+
+
+def test_an_engine_without_free_json_whitespace_bounds_it_in_forced_calls(tokenizer) -> None:
+    """vLLM leaves whitespace free in a structural tag's JSON whatever the engine's
+    disable_any_whitespace says; the random model would fill a call's arguments with it."""
+    choice = {"tool_choice": "required"}
+    free = json_parts(json.loads(tools_for(tokenizer, **choice).sampling({})["structured_outputs"]["structural_tag"]))
+    compact = chat_tools({"model": "m", "tools": [WEATHER, CLOCK], **choice}, MESSAGES, None, HERMES, tokenizer,
+                         compact_json=True)
+    bounded = json_parts(json.loads(compact.sampling({})["structured_outputs"]["structural_tag"]))
+    assert free and all(part.get("max_whitespace_cnt") is None for part in free)
+    assert len(bounded) == len(free) and all(part["max_whitespace_cnt"] == 1 for part in bounded)
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call(tokenizer) -> None:
     reader = tools_for(tokenizer, parallel_tool_calls=False).reader([1])
     assert [c["function"]["name"] for c in reader.whole(TWO_CALLS, [])["tool_calls"]] == ["get_weather"]

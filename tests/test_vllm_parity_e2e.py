@@ -313,6 +313,34 @@ def test_a_conversation_with_tool_results_renders_and_tools_show_in_the_prompt(s
     assert shown.choices[0].message.tool_calls in (None, [])
 
 
+@pytest.mark.parametrize(("choice", "finish_reason"), [
+    ({"type": "function", "function": {"name": "get_weather"}}, "stop"), ("required", "tool_calls")])
+def test_a_forced_tool_choice_calls_a_tool_with_arguments_of_its_schema(serving, choice, finish_reason) -> None:
+    """vLLM's structural tag holds the random model to a Hermes call of a given tool (strict: its
+    arguments follow the schema), and vLLM's hermes parser reads it back, whole and streamed."""
+    client = openai_client(serving)
+    request = {"model": "alpha", "messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "tool_choice": choice,
+               "max_tokens": 300, "temperature": 0}
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == finish_reason and not whole.message.content
+    called = [(call.function.name, json.loads(call.function.arguments)) for call in whole.message.tool_calls]
+    assert called and all(call.id for call in whole.message.tool_calls)  # ("required" may call it more than once)
+    assert all(name == "get_weather" and arguments["city"] in ("Paris", "Rome") for name, arguments in called)
+
+    calls: dict[int, dict[str, str]] = {}
+    finished = None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice_chunk in chunk.choices:
+            finished = choice_chunk.finish_reason or finished
+            for delta in choice_chunk.delta.tool_calls or ():
+                call_so_far = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                call_so_far["name"] += delta.function.name or ""
+                call_so_far["arguments"] += delta.function.arguments or ""
+    assert finished == finish_reason
+    # (greedy: the same calls)
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)] == called
+
+
 def test_tool_choice_needs_the_model_to_name_a_parser(serving) -> None:
     for choice in ("auto", "required"):
         response = post(serving, "/v1/chat/completions", json={

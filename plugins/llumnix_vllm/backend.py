@@ -286,7 +286,8 @@ class VllmModelRuntime(ModelRuntime):
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
                    constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:
         from llumnix_vllm.tool_calls import chat_tools  # (here: older vLLMs lack what it imports)
-        return chat_tools(request, messages, constraint, settings, self._tokenizer)
+        return chat_tools(request, messages, constraint, settings, self._tokenizer,
+                          compact_json=self._vllm_config.structured_outputs_config.disable_any_whitespace)
 
     def new_detokenizer(self, prompt_token_ids: Sequence[int], sampling: Mapping[str, Any]) -> Detokenizer:
         # vLLM's own incremental detokenizer, set up as an engine sets it up for a new request

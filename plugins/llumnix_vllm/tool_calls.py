@@ -9,6 +9,7 @@ delta by delta.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
@@ -41,9 +42,10 @@ def _parser_class(tool_call_parser: str, enable_auto_tool_choice: bool, tokenize
 
 
 def chat_tools(request: Mapping[str, Any], messages: list[dict[str, Any]], constraint: dict[str, Any] | None,
-               settings: FrontendSettings, tokenizer: Any) -> ChatTools:
+               settings: FrontendSettings, tokenizer: Any, compact_json: bool = False) -> ChatTools:
     """Tool calling for one chat request that gives tools (`request`: its JSON body; `constraint`:
-    the structured output it asked for). RequestError for what vLLM would refuse."""
+    the structured output it asked for; `compact_json`: the engine's structured outputs allow no
+    free whitespace). RequestError for what vLLM would refuse."""
     fields = {key: request[key] for key in TOOL_FIELDS if key in request}  # (all the parsers read)
     try:
         vllm_request = ChatCompletionRequest.model_validate(
@@ -63,7 +65,7 @@ def chat_tools(request: Mapping[str, Any], messages: list[dict[str, Any]], const
         raise RequestError('"auto" tool choice needs frontend.enable_auto_tool_choice in the model\'s config',
                            "tool_choice")
     parser_class = _parser_class(settings.tool_call_parser, settings.enable_auto_tool_choice, tokenizer)
-    return _ParsedTools(vllm_request, parser_class, tokenizer, settings.enable_auto_tool_choice)
+    return _ParsedTools(vllm_request, parser_class, tokenizer, settings.enable_auto_tool_choice, compact_json)
 
 
 class _ToolsShown(ChatTools):
@@ -86,11 +88,14 @@ class _ToolsShown(ChatTools):
 
 class _ParsedTools(_ToolsShown):
     def __init__(self, vllm_request: ChatCompletionRequest, parser_class: type, tokenizer: Any,
-                 enable_auto_tools: bool) -> None:
+                 enable_auto_tools: bool, compact_json: bool) -> None:
         super().__init__(vllm_request)
         self._parser_class, self._tokenizer, self._auto = parser_class, tokenizer, enable_auto_tools
         # What the parser changes on the request (the forced constraint, special tokens kept).
         self._request = self._new_parser().adjust_request(vllm_request)
+        forced = self._request.structured_outputs
+        if compact_json and forced is not None and forced.structural_tag:
+            forced.structural_tag = json.dumps(_without_free_whitespace(json.loads(forced.structural_tag)))
 
     def _new_parser(self) -> Any:
         return self._parser_class(self._tokenizer, self._request.tools)
@@ -107,6 +112,21 @@ class _ParsedTools(_ToolsShown):
 
     def reader(self, prompt_token_ids: Sequence[int]) -> ToolCallReader:
         return _Reader(self._new_parser(), self._request, self._auto, list(prompt_token_ids))
+
+
+def _without_free_whitespace(tag: Any) -> Any:
+    """A structural tag whose JSON parts allow at most one whitespace character between tokens
+    (xgrammar's nearest to none). vLLM applies the engine's `disable_any_whitespace` to JSON
+    schemas but not to the JSON inside a tool call's structural tag, where a model may then fill
+    the arguments with whitespace and never end."""
+    if isinstance(tag, list):
+        return [_without_free_whitespace(item) for item in tag]
+    if not isinstance(tag, dict):
+        return tag
+    tag = {key: _without_free_whitespace(value) for key, value in tag.items()}
+    if tag.get("type") == "json_schema" and tag.get("style", "json") == "json":
+        tag["max_whitespace_cnt"] = 1
+    return tag
 
 
 class _Reader(ToolCallReader):
