@@ -110,6 +110,12 @@ class ServerMetrics:
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Time from a request's first output token to its last.",
                                      VLLM_REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                      "Time from a request's first scheduling to its first output token.",
+                                      VLLM_REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Time from a request's first scheduling to its last output token "
+                                        "(prefill and decode).", VLLM_REQUEST_LATENCY_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last output token.",
                              VLLM_REQUEST_LATENCY_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Time a request waited in its engine's queue.",

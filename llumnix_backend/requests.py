@@ -105,6 +105,8 @@ class GenerationDelta:
     # Seconds the request waited in the engine's queue before it was first scheduled, on its
     # first delta with tokens if the backend knows.
     queue_time: float | None = None
+    # Seconds from then to its first token (its prefill), on the same delta if the backend knows.
+    prefill_time: float | None = None
     # Prompt tokens whose KV the engine did not compute (prefix cache, migrated KV), if known.
     num_cached_tokens: int | None = None
     # One per token of `token_ids`, when the request asked for logprobs (sampling "logprobs").

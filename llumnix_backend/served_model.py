@@ -739,6 +739,7 @@ class _RequestTracker:
         self._cached_tokens: int | None = None  # of the prompt, as the first prefill found them
         self._n_generated = 0
         self._queue_time: float | None = None
+        self._prefill_time: float | None = None
         self._finish_reason: str | None = None
         self.outcome: str | None = None
 
@@ -747,7 +748,7 @@ class _RequestTracker:
             self._tokens_arrived(delta)
         self._n_generated += len(delta.token_ids)
         if self._queue_time is None:  # the first instance's: an instance taking over queues it again
-            self._queue_time = delta.queue_time
+            self._queue_time, self._prefill_time = delta.queue_time, delta.prefill_time
         if delta.finished:
             self._finish_reason = delta.finish_reason
             self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
@@ -792,5 +793,8 @@ class _RequestTracker:
             m.e2e.labels(*labels).observe(now - self._arrival)
             decode_time = self._last_token_at - self._first_token_at
             m.decode_time.labels(*labels).observe(decode_time)
+            if self._prefill_time is not None:
+                m.prefill_time.labels(*labels).observe(self._prefill_time)
+                m.inference_time.labels(*labels).observe(self._prefill_time + decode_time)
             if self._n_generated > 1:
                 m.tpot.labels(*labels).observe(decode_time / (self._n_generated - 1))

@@ -71,13 +71,17 @@ def test_no_prefix_cache_figures_without_a_lookup_or_a_prefill() -> None:
     assert value(aborted_in_the_queue, "vllm:inter_token_latency_seconds_count") == 0
 
 
-def test_queue_time_is_the_first_instances_and_buckets_are_vllms() -> None:
-    switched = [GenerationDelta((7,), "a", queue_time=0.25), GenerationDelta((8,), "b"),
+def test_queue_and_prefill_times_are_the_first_instances_and_buckets_are_vllms() -> None:
+    switched = [GenerationDelta((7,), "a", queue_time=0.25, prefill_time=0.5), GenerationDelta((8,), "b"),
                 # the instance taking over queued the migrated request too: not the request's wait
-                GenerationDelta((5,), "c", queue_time=0.01, finish_reason="length")]
+                GenerationDelta((5,), "c", queue_time=0.01, prefill_time=0.02, finish_reason="length")]
     metrics = track(switched)
     assert value(metrics, "vllm:request_queue_time_seconds_sum") == 0.25
     assert value(metrics, "vllm:request_queue_time_seconds_count") == 1
+    assert value(metrics, "vllm:request_prefill_time_seconds_sum") == 0.5
+    # inference = prefill + decode, as vLLM's (first scheduling to last token)
+    assert abs(value(metrics, "vllm:request_inference_time_seconds_sum") - 0.5
+               - value(metrics, "vllm:request_decode_time_seconds_sum")) < 1e-9
     ttft_bounds = [s.labels["le"] for f in metrics.registry.collect() if f.name == "vllm:time_to_first_token_seconds"
                    for s in f.samples if s.name.endswith("_bucket") and s.labels["engine"] == "0"]
     assert ttft_bounds[:2] == ["0.001", "0.005"] and ttft_bounds[-2:] == ["2560.0", "+Inf"]  # vLLM 0.32's

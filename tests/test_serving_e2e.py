@@ -493,6 +493,8 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         "vllm:request_time_per_output_token_seconds_count",
         "vllm:e2e_request_latency_seconds_count",
         "vllm:request_queue_time_seconds_count",
+        "vllm:request_prefill_time_seconds_count",
+        "vllm:request_inference_time_seconds_count",
         'vllm:num_requests_running{engine="1",model_name="alpha"}',
         'vllm:num_requests_waiting{engine="0",model_name="beta"}',
         'vllm:kv_cache_usage_perc{engine="0",model_name="alpha"}',

@@ -285,16 +285,19 @@ class VllmInstance(EngineInstance):
             async for output in outputs:
                 produced = True
                 completion = output.outputs[0]
-                queue_time = None
+                queue_time = prefill_time = None
                 stats = output.metrics  # (the request's stats so far, with every output)
                 if not queue_time_told and completion.token_ids and stats is not None and stats.scheduled_ts:
                     queue_time, queue_time_told = max(0.0, stats.scheduled_ts - stats.queued_ts), True
+                    if stats.first_token_ts:
+                        prefill_time = max(0.0, stats.first_token_ts - stats.scheduled_ts)
                 yield GenerationDelta(
                     token_ids=tuple(completion.token_ids),
                     text=completion.text,
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                     queue_time=queue_time,
+                    prefill_time=prefill_time,
                     num_cached_tokens=output.num_cached_tokens,
                     logprobs=_token_logprobs(completion, request.sampling.get("logprobs")),
                     prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
