@@ -250,6 +250,20 @@ def test_echo_with_logprobs_covers_the_prompt_then_the_completion(serving) -> No
     assert [t for chunk in chunks for t in chunk.tokens] == logprobs.tokens
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(serving) -> None:
+    client = openai_client(serving)
+    prompt = "Once upon"
+    n_prompt = len(prompt_ids(serving, prompt))
+    request = {"model": "alpha", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
+    choice = client.completions.create(**request).choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == n_prompt and "".join(choice.logprobs.tokens) == prompt
+    streamed = list(client.completions.create(**request, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == prompt
+    response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens", response.text
+
+
 def test_prompt_logprobs_as_vllm_returns_them(serving) -> None:
     client = openai_client(serving)
     prompt = "The quick brown fox"

@@ -145,7 +145,7 @@ class _SamplingRequest(SamplingFields):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, the prompt alone (as vLLM)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def logprobs_wanted(self) -> int | None:
@@ -244,13 +244,17 @@ class _Echo:
     text: str
     first_token: str = ""  # the text of its first token, the only one without a logprob
     top_n: int | None = None  # the request's `logprobs`: None, no logprobs
+    # max_tokens 0: the engine makes one token (it cannot make none), which the choice leaves
+    # out of its text and logprobs; vLLM counts it in the usage, and so does this server.
+    prompt_only: bool = False
 
     def onto(self, delta: GenerationDelta) -> GenerationDelta:
         """A choice's first output with the prompt's text, and its logprobs, before its own."""
-        logprobs = delta.logprobs
+        own_text, own_logprobs = ("", None) if self.prompt_only else (delta.text, delta.logprobs)
+        logprobs = own_logprobs
         if self.top_n is not None and delta.prompt_logprobs is not None:
-            logprobs = tuple(self._as_output(p) for p in delta.prompt_logprobs) + (logprobs or ())
-        return replace(delta, text=self.text + delta.text, logprobs=logprobs)
+            logprobs = tuple(self._as_output(p) for p in delta.prompt_logprobs) + (own_logprobs or ())
+        return replace(delta, text=self.text + own_text, logprobs=logprobs)
 
     def _as_output(self, position: tuple[RankedLogprob, ...] | None) -> TokenLogprob:
         if position is None:
@@ -328,7 +332,7 @@ async def _completion_prompts(model: ServedModel,
 
 
 async def _echoes(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]],
-                  prompts: list[list[int]], top_n: int | None) -> list[_Echo]:
+                  prompts: list[list[int]], top_n: int | None, prompt_only: bool) -> list[_Echo]:
     """What each prompt's choices echo: the text given, or given token ids decoded as vLLM
     decodes them (special tokens kept), on the tokenizer thread."""
     runtime = model.runtime
@@ -338,7 +342,7 @@ async def _echoes(model: ServedModel, prompt: str | list[int] | list[str] | list
         texts = list(prompt)  # type: ignore[arg-type]
     else:
         texts = [await tokenize(runtime.decode, ids, False) for ids in prompts]
-    return [_Echo(text, runtime.decode(ids[:1], False), top_n) for text, ids in zip(texts, prompts)]
+    return [_Echo(text, runtime.decode(ids[:1], False), top_n, prompt_only) for text, ids in zip(texts, prompts)]
 
 
 def create_openai_router(registry: ModelRegistry) -> APIRouter:
@@ -365,9 +369,12 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         body.refuse_unsupported()
         model = registry.get(body.model)
         response_id = new_request_id("cmpl")
+        prompt_only = body.max_tokens == 0
+        if prompt_only and not body.echo:
+            raise RequestError("max_tokens: 0 generates nothing; it needs echo (the prompt alone)", "max_tokens")
         prompts = await _completion_prompts(model, body.prompt)
-        echoes = await _echoes(model, body.prompt, prompts, body.logprobs) if body.echo else None
-        choices = _Choices(model, response_id, prompts, body, body.max_tokens, arrival, echoes)
+        echoes = await _echoes(model, body.prompt, prompts, body.logprobs, prompt_only) if body.echo else None
+        choices = _Choices(model, response_id, prompts, body, 1 if prompt_only else body.max_tokens, arrival, echoes)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _COMPLETION)
 
