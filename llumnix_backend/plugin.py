@@ -19,7 +19,7 @@ from typing import Any
 from llumnix_backend.config import ConfigError, FrontendSettings, ModelSource
 from llumnix_backend.gpus import GpuDevice
 from llumnix_backend.policies.placement import GpuPlacement
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot
 
 ENTRY_POINT_GROUP = "llumnix_backend.backends"
@@ -98,6 +98,11 @@ class EngineInstance(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the request's output. Closing the iterator early aborts the request in the
         engine (its KV blocks are freed)."""
+
+    async def embed(self, request: EmbeddingRequest) -> list[float]:
+        """The prompt's embedding, for a model whose runtime `embeds`. Raise `RequestError` for
+        what the engine refuses and `EngineDead` if the engine is lost meanwhile."""
+        raise NotImplementedError(f"{type(self).__name__} serves no embeddings")
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
@@ -230,6 +235,14 @@ class ModelRuntime(abc.ABC):
         """A detokenizer for a request with this prompt and sampling: give it the generated
         token ids in order, it returns the text each batch adds and the stop string that ends
         the output, exactly as the engine's own would."""
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the engine runs an embedding (pooling) task instead of generating text."""
+        return False
+
+    def check_embedding(self, request: EmbeddingRequest) -> None:
+        """Raise `RequestError` naming the field if the engine would reject this embedding request."""
 
     @abc.abstractmethod
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:

@@ -70,6 +70,18 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class EmbeddingRequest:
+    """One input of an embeddings call, for a model whose engine runs a pooling task: a single
+    pass over the prompt, nothing generated (nor migrated: it is done within one engine step)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    priority: int = 0
+    dimensions: int | None = None  # a matryoshka model's shorter embedding
+    use_activation: bool | None = None  # normalise (the pooler's default: None)
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's (or an echoed prompt token's) log probability, and the most likely
     tokens at its position."""

@@ -38,7 +38,7 @@ from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed
 from llumnix_backend.policies.control import ControlPlan, InstanceHealth, plan_tick
 from llumnix_backend.policies.placement import GpuPlacement, PlacementError, demand_of, instances_per_gpu
 from llumnix_backend.policies.rescheduling import PlannedMigration
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest, RequestError
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
 logger = logging.getLogger(__name__)
@@ -352,9 +352,10 @@ class ServedModel:
 
     def check(self, request: GenerationRequest) -> None:
         """Raise `RequestError` naming the field if the request cannot be served as asked."""
-        prio = self.config.scheduler.priority
-        if not prio.min <= request.priority <= prio.max:
-            raise RequestError(f"priority must be between {prio.min} and {prio.max}, got {request.priority}", "priority")
+        if self.runtime.embeds:
+            raise RequestError(f"model {self.name!r} is an embedding model (its engine runs a pooling task); "
+                               "use /v1/embeddings", "model")
+        self._check_priority(request.priority)
         self.check_prompt(request.prompt_token_ids)
         n_prompt = len(request.prompt_token_ids)
         limit = self.runtime.max_model_len
@@ -366,6 +367,11 @@ class ServedModel:
                 "max_tokens",
             )
         self.runtime.check_sampling(request.sampling)
+
+    def _check_priority(self, priority: int) -> None:
+        prio = self.config.scheduler.priority
+        if not prio.min <= priority <= prio.max:
+            raise RequestError(f"priority must be between {prio.min} and {prio.max}, got {priority}", "priority")
 
     def check_prompt(self, token_ids: Sequence[int]) -> None:
         """Raise `RequestError` if these prompt tokens cannot be served (also called as each
@@ -386,7 +392,7 @@ class ServedModel:
             if bad is not None:
                 raise RequestError(f"{field} token id {bad} is outside the vocabulary (0 to {vocab - 1})", field)
 
-    def _dispatch(self, request: GenerationRequest) -> str:
+    def _dispatch(self, request: GenerationRequest | EmbeddingRequest) -> str:
         policy = self.config.scheduler.dispatch_policy
         choice = choose_instance(policy, self.views(), self.config.scheduler.priority, self._last_choice)
         self._last_choice = choice
@@ -461,6 +467,78 @@ class ServedModel:
             self._instances[stream.instance_id].untrack(request.request_id)
             tracker.finish(stream.instance_id)
 
+    async def embed(self, request: EmbeddingRequest, arrival: float) -> list[float]:
+        """The request's embedding from one of the instances, dispatched as a generation is. If
+        the instance is lost, another computes it (it is one pass over the prompt).
+
+        Raises `RequestError`, `NoInstanceAvailable`, `Overloaded` and `ShuttingDown` before any
+        work; `EngineDead` when no instance could compute it."""
+        try:
+            if not self.runtime.embeds:
+                raise RequestError(f"model {self.name!r} generates text; /v1/embeddings needs a model whose engine "
+                                   "runs a pooling task (engine.runner: pooling, and engine.convert: embed for a "
+                                   "generative architecture)", "model")
+            self._check_priority(request.priority)
+            self.check_prompt(request.prompt_token_ids)
+            self.runtime.check_embedding(request)
+            self._admit()
+            instance_id = self._dispatch(request)
+        except (RequestError, NoInstanceAvailable):
+            self._metrics.requests.labels(self.name, "none", "rejected").inc()
+            raise
+        except (Overloaded, ShuttingDown) as refused:
+            self._metrics.requests.labels(self.name, "none", "overloaded" if isinstance(refused, Overloaded)
+                                          else "shutdown").inc()
+            raise
+        labels, outcome = (self.name, instance_id), "aborted"  # (it counts where it was dispatched)
+        health = self.config.scheduler.health
+        deadline = time.monotonic() + health.replay_timeout_s
+        try:
+            while True:
+                slot = self._instances[instance_id]
+                self._track_in_flight(request, instance_id)
+                try:
+                    embedding = await slot.engine.embed(request)
+                    outcome = "success"
+                    return embedding
+                except EngineDead as dead:
+                    if not health.replay:
+                        raise
+                    lost = dead
+                finally:
+                    slot.untrack(request.request_id)
+                instance_id = await self._dispatch_before(deadline, request, lost)
+        except RequestError:
+            outcome = "rejected"
+            raise
+        except EngineDead:
+            outcome = "error"
+            raise
+        finally:
+            m = self._metrics
+            m.requests.labels(*labels, outcome).inc()
+            m.prompt_tokens.labels(*labels).inc(len(request.prompt_token_ids))
+            m.request_prompt_tokens.labels(*labels).observe(len(request.prompt_token_ids))
+            if outcome == "success":
+                m.e2e.labels(*labels).observe(time.monotonic() - arrival)
+            self.stats.record(outcome == "success", time.monotonic() - arrival, None)
+
+    async def _dispatch_before(self, deadline: float, request: GenerationRequest | EmbeddingRequest,
+                               lost: EngineDead, stream: RequestStream | None = None) -> str:
+        """An instance to take over a request whose instance was `lost`, waiting until `deadline`
+        for one (another may be restarting); `EngineDead` if none is there by then. A streamed
+        request ended meanwhile (a timeout, the shutdown) stops the wait with why it ended."""
+        while True:
+            try:
+                return self._dispatch(request)
+            except NoInstanceAvailable:
+                if stream is not None and stream.ended_by is not None:
+                    raise stream.ended_by from lost
+                if time.monotonic() >= deadline:
+                    raise EngineDead(f"{lost}; no instance of model {self.name!r} could take over its requests "
+                                     f"within {self.config.scheduler.health.replay_timeout_s:g} s") from lost
+                await asyncio.sleep(IDLE_POLL_S)
+
     def _admit(self) -> None:
         """Raise `ShuttingDown` once the server stops, and `Overloaded` if the model already has
         as many requests waiting as it may."""
@@ -490,18 +568,7 @@ class ServedModel:
                 len(tokens) >= self.runtime.max_model_len:
             return None
         continuation = request.continued(tokens)
-        deadline = time.monotonic() + health.replay_timeout_s
-        while True:
-            try:
-                instance_id = self._dispatch(continuation)
-                break
-            except NoInstanceAvailable:
-                if stream.ended_by is not None:
-                    raise stream.ended_by from lost
-                if time.monotonic() >= deadline:
-                    raise EngineDead(f"{lost}; no instance of model {self.name!r} could take over its "
-                                     f"requests within {health.replay_timeout_s:g} s") from lost
-                await asyncio.sleep(IDLE_POLL_S)
+        instance_id = await self._dispatch_before(time.monotonic() + health.replay_timeout_s, continuation, lost, stream)
         self._instances[lost_on].untrack(request.request_id)
         self._track_in_flight(continuation, instance_id)
         stream.instance_id = instance_id
@@ -511,7 +578,7 @@ class ServedModel:
                        request.request_id, instance_id, len(stream.generated), lost)
         return continuation
 
-    def _track_in_flight(self, request: GenerationRequest, instance_id: str) -> None:
+    def _track_in_flight(self, request: GenerationRequest | EmbeddingRequest, instance_id: str) -> None:
         """Count the request against the instance until it shows in the instance's snapshots."""
         slot = self._instances[instance_id]
         block_size = (slot.engine.latest_snapshot or InstanceSnapshot(0, 0, DEFAULT_BLOCK_SIZE)).block_size

@@ -111,8 +111,9 @@ BADLY_NAMED = "has space"
 def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
     """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config; the
     migration tests move requests between them; tool calls read by vLLM's hermes parser);
-    `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; and one folder
-    per way a config can be broken."""
+    `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; `embed`: 1 instance
+    of the tiny model run as an embedding model (vLLM's pooling runner); and one folder per way a
+    config can be broken."""
     repository = tmp_path_factory.mktemp("repository")
     alpha_config = tiny_config("weights", instances=2, max_model_len=4096)
     # Migration tests freeze a destination on purpose: give up on a stage after 3 s, not 30.
@@ -129,6 +130,9 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serve
     # so a request can stay in the engine for seconds however fast the tiny model decodes.
     beta["engine"]["max_num_seqs"] = 2
     write_model(repository, "beta", beta)
+    embed = tiny_config(str(tiny_model))
+    embed["engine"].update(runner="pooling", convert="embed")
+    write_model(repository, "embed", embed)
     for name, (text, _) in BROKEN_MODELS.items():
         write_model(repository, name, text.replace("MODEL", str(tiny_model)))
     write_model(repository, BADLY_NAMED, tiny_config(str(tiny_model)))

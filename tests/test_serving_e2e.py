@@ -51,7 +51,7 @@ def test_repository_serves_good_models_and_explains_broken_ones(serving: ServerP
         assert expected in reason, reason
     assert index[BADLY_NAMED]["state"] == "UNAVAILABLE"
     assert "not a valid model name" in index[BADLY_NAMED]["reason"]
-    assert {m.id for m in openai_client(serving).models.list()} == {"alpha", "beta"}
+    assert {m.id for m in openai_client(serving).models.list()} == {"alpha", "beta", "embed"}
     assert [i["state"] for i in instances(serving, "alpha")] == ["ready", "ready"]
 
 

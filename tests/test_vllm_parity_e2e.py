@@ -6,9 +6,11 @@ name, chat template arguments, vLLM's utility routes, logprobs, `echo` and promp
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -367,3 +369,35 @@ def test_tool_choice_needs_the_model_to_name_a_parser(serving) -> None:
         "model": "alpha", "messages": WEATHER_QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 2,
         "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice", response.text
+
+
+def test_an_embedding_model_serves_embeddings_as_vllm_does(serving) -> None:
+    client = openai_client(serving)
+    texts = ["hello world", "Once upon a time", "hello world"]
+    response = client.embeddings.create(model="embed", input=texts)
+    vectors = [d.embedding for d in response.data]
+    assert [d.index for d in response.data] == [0, 1, 2]
+    assert all(len(v) == 256 for v in vectors)  # the tiny model's hidden size
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)  # normalised, vLLM's default
+    assert vectors[0] == pytest.approx(vectors[2], abs=1e-5) and vectors[0] != pytest.approx(vectors[1], abs=1e-3)
+    assert response.usage.prompt_tokens == sum(len(prompt_ids(serving, t)) for t in texts)
+    by_ids = client.embeddings.create(model="embed", input=prompt_ids(serving, "hello world")).data[0].embedding
+    assert by_ids == pytest.approx(vectors[0], abs=1e-5)
+    packed = post(serving, "/v1/embeddings", json={"model": "embed", "input": "hello world",
+                                                   "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    assert list(struct.unpack("<256f", base64.b64decode(packed))) == pytest.approx(vectors[0], abs=1e-6)
+    raw = client.embeddings.create(model="embed", input="hello world", extra_body={"use_activation": False})
+    assert abs(sum(x * x for x in raw.data[0].embedding) - 1) > 1e-3
+
+
+def test_embeddings_and_generation_refuse_the_other_kind_of_model(serving) -> None:
+    for path, body, field in [
+        ("/v1/embeddings", {"model": "alpha", "input": "x"}, "model"),
+        ("/v1/completions", {"model": "embed", "prompt": "x", "max_tokens": 2}, "model"),
+        ("/v1/embeddings", {"model": "embed", "input": "x", "dimensions": 8}, "dimensions"),
+        ("/v1/embeddings", {"model": "embed", "input": [10**6]}, "input"),
+        ("/v1/embeddings", {"model": "embed", "input": "x", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ]:
+        response = post(serving, path, json=body)
+        assert response.status_code == 400, (path, body, response.text)
+        assert response.json()["error"]["param"] == field, response.text

@@ -17,6 +17,7 @@ from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
+from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.detokenizer import IncrementalDetokenizer
 
@@ -32,9 +33,9 @@ from llumnix_backend.plugin import (
     ModelRuntime,
 )
 from llumnix_backend.policies.placement import GpuPlacement
-from llumnix_backend.requests import GenerationDelta, RequestError
+from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, RequestError
 from llumnix_vllm import log_folding
-from llumnix_vllm.instance import SegmentTransfer, VllmInstance, sampling_params
+from llumnix_vllm.instance import SegmentTransfer, VllmInstance, pooling_params, sampling_params
 
 try:  # vLLM >= 0.12
     from vllm.tokenizers import cached_tokenizer_from_config
@@ -307,6 +308,18 @@ class VllmModelRuntime(ModelRuntime):
             return DetokenizedText(text, len(detokenizer.output_token_ids) - before, stop)
 
         return text_of
+
+    @property
+    def embeds(self) -> bool:
+        # `runner: pooling` (with `convert: embed` for a model built to generate, as vLLM takes it)
+        return self._vllm_config.model_config.runner_type == "pooling"
+
+    def check_embedding(self, request: EmbeddingRequest) -> None:
+        try:
+            pooling_params(request).verify(self._vllm_config.model_config)
+        except Exception as exc:  # noqa: BLE001 - vLLM's validation errors vary by version
+            # (only dimensions can be wrong here; vLLM does not always name it)
+            raise RequestError(str(exc), getattr(exc, "parameter", None) or "dimensions") from None
 
     def check_sampling(self, sampling: Mapping[str, Any]) -> None:
         unknown = set(sampling) - SAMPLING_FIELDS

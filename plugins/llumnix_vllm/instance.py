@@ -21,6 +21,7 @@ from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
+from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.executor.abstract import Executor
@@ -28,6 +29,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer, NotExported
 from llumnix_backend.requests import (
+    EmbeddingRequest,
     GenerationDelta,
     GenerationRequest,
     PromptLogprobs,
@@ -126,6 +128,10 @@ def sampling_params(sampling: Mapping[str, Any], **extra: Any) -> SamplingParams
     if fields.get("structured_outputs") is not None:
         fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
     return SamplingParams(**fields, **extra)
+
+
+def pooling_params(request: EmbeddingRequest) -> PoolingParams:
+    return PoolingParams(task="embed", dimensions=request.dimensions, use_activation=request.use_activation)
 
 
 class SegmentTransfer(KvTransfer):
@@ -313,6 +319,26 @@ class VllmInstance(EngineInstance):
         finally:
             # Closing vLLM's generator aborts the request in the engine if it is unfinished.
             await outputs.aclose()
+
+
+    async def embed(self, request: EmbeddingRequest) -> list[float]:
+        engine = self._running_engine()
+        final = None
+        try:
+            async for output in engine.encode({"prompt_token_ids": list(request.prompt_token_ids)},
+                                              pooling_params(request), request.request_id, priority=request.priority):
+                final = output
+        except EngineDead:
+            raise
+        except Exception as exc:
+            if not self.alive:
+                raise EngineDead(f"instance {self.instance_id} failed: {self.failure}") from exc
+            if isinstance(exc, _CLIENT_ERRORS):
+                raise RequestError(str(exc)) from exc
+            raise
+        if final is None:  # (vLLM ends a stream with its final output; an abort ends it without)
+            raise EngineDead(f"instance {self.instance_id} ended request {request.request_id} without an output")
+        return final.outputs.data.tolist()
 
 
 def _token_logprobs(completion: Any, top_n: int | None) -> tuple[TokenLogprob, ...] | None:

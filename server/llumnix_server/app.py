@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llumnix_backend.model_registry import ModelRegistry
 from llumnix_server.errors import OPENAI_ERROR_TYPES, install_error_handlers
+from llumnix_server.embeddings_api import create_embeddings_router
 from llumnix_server.kserve_api import create_kserve_router
 from llumnix_server.llumnix_api import create_llumnix_router
 from llumnix_server.openai_api import create_openai_router
@@ -180,6 +181,7 @@ def create_app(
     app = FastAPI(title="Llumnix Backend", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(create_openai_router(registry))
+    app.include_router(create_embeddings_router(registry))
     app.include_router(create_kserve_router(registry))
     app.include_router(create_llumnix_router(registry))
     app.include_router(create_vllm_router(registry))

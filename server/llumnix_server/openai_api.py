@@ -36,10 +36,9 @@ from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields, structured_outputs
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
-from llumnix_server.tokenizing import tokenize
+from llumnix_server.tokenizing import tokenize, tokenize_prompts
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-MAX_PROMPTS = 256  # prompts in one completion request (each becomes its own engine request)
 
 
 # Fields of vLLM's completion and chat requests that this server does not implement.
@@ -313,24 +312,6 @@ class _Choices:
         return merge_indexed(streams)
 
 
-async def _completion_prompts(model: ServedModel,
-                              prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
-    """Token ids of each prompt, tokenised off the event loop (`tokenizing`)."""
-    if isinstance(prompt, str):
-        return [await tokenize(model.runtime.encode, prompt)]
-    if not prompt:
-        raise RequestError("the prompt is empty", "prompt")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]  # type: ignore[arg-type]
-    if len(prompt) > MAX_PROMPTS:
-        raise RequestError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS} are allowed", "prompt")
-    prompts = []
-    for p in prompt:
-        prompts.append(await tokenize(model.runtime.encode, p) if isinstance(p, str) else list(p))  # type: ignore[union-attr]
-        model.check_prompt(prompts[-1])  # a bad one ends the work on the rest
-    return prompts
-
-
 async def _echoes(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]],
                   prompts: list[list[int]], top_n: int | None, prompt_only: bool) -> list[_Echo]:
     """What each prompt's choices echo: the text given, or given token ids decoded as vLLM
@@ -372,7 +353,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         prompt_only = body.max_tokens == 0
         if prompt_only and not body.echo:
             raise RequestError("max_tokens: 0 generates nothing; it needs echo (the prompt alone)", "max_tokens")
-        prompts = await _completion_prompts(model, body.prompt)
+        prompts = await tokenize_prompts(model, body.prompt)
         echoes = await _echoes(model, body.prompt, prompts, body.logprobs, prompt_only) if body.echo else None
         choices = _Choices(model, response_id, prompts, body, 1 if prompt_only else body.max_tokens, arrival, echoes)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}

@@ -13,7 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from llumnix_backend.requests import RequestError
+from llumnix_backend.served_model import ServedModel
+
 T = TypeVar("T")
+MAX_PROMPTS = 256  # prompts in one completion or embeddings request (each its own engine request)
 
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumnix-tokenizer")
 
@@ -21,3 +25,23 @@ _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumni
 async def tokenize(work: Callable[..., T], *args) -> T:
     """`work(*args)` (a runtime's `encode` or `render_chat`) on the tokenizer thread."""
     return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, work, *args)
+
+
+async def tokenize_prompts(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]],
+                           add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each prompt of a completion (or embeddings input): text, token ids, or a
+    list of either, each checked against the model as it comes."""
+    if isinstance(prompt, str):
+        return [await tokenize(model.runtime.encode, prompt, add_special_tokens)]
+    if not prompt:
+        raise RequestError("the prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS} are allowed", "prompt")
+    prompts = []
+    for p in prompt:
+        prompts.append(await tokenize(model.runtime.encode, p, add_special_tokens)
+                       if isinstance(p, str) else list(p))  # type: ignore[union-attr]
+        model.check_prompt(prompts[-1])  # a bad one ends the work on the rest
+    return prompts
