@@ -28,6 +28,7 @@ VLLM_TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 
                                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                                     10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                                 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -94,6 +95,15 @@ class ServerMetrics:
                                                REQUEST_TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.",
                                                    REQUEST_TOKEN_BUCKETS)
+        self.request_params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "The max_tokens each request was given (the rest of the context if "
+            "none).", REQUEST_TOKEN_BUCKETS)
+        self.prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens", "Prompt tokens whose KV a request's first prefill computed "
+            "(not found in the prefix cache).", REQUEST_TOKEN_BUCKETS)
+        self.request_preemptions = histogram(
+            "vllm:request_num_preemptions", "Times a request was preempted, on every instance it ran on.",
+            VLLM_REQUEST_NUM_PREEMPTIONS_BUCKETS)
         self.prefix_cache_queries = counter(
             "vllm:prefix_cache_queries", "Prompt tokens looked up in the engines' prefix caches (once per request).")
         self.prefix_cache_hits = counter(
@@ -221,6 +231,9 @@ class _InstanceCollector:
         state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
         gpus = GaugeMetricFamily("llumnix:instance_gpus", "GPUs an instance runs on (label gpus: their indices).",
                                  labels=[*labels, "gpus"])
+        # vLLM's info gauge (1, the settings in labels), with the settings the snapshots tell.
+        cache_info = GaugeMetricFamily("vllm:cache_config_info", "The engine's KV cache: block size and blocks.",
+                                       labels=[*labels, "block_size", "num_gpu_blocks"])
         count: dict[str, int] = {}
         for report in self._reports():
             key = [report.model, report.instance_id]
@@ -236,10 +249,11 @@ class _InstanceCollector:
             waiting.add_metric(key, len(snap.waiting))
             kv_usage.add_metric(key, snap.used_blocks / max(1, snap.total_blocks))
             kv_total.add_metric(key, snap.total_blocks)
+            cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
             preemptions.add_metric(key, snap.num_preemptions)
             if report.freeness is not None:
                 freeness.add_metric(key, report.freeness)
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, kv_usage, kv_total, freeness, preemptions, state, gpus, ready)
+        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, state, gpus, ready)

@@ -121,6 +121,8 @@ class GenerationDelta:
     prefill_time: float | None = None
     # Prompt tokens whose KV the engine did not compute (prefix cache, migrated KV), if known.
     num_cached_tokens: int | None = None
+    # Times this engine has preempted the request so far, if the backend knows.
+    num_preemptions: int | None = None
     # One per token of `token_ids`, when the request asked for logprobs (sampling "logprobs").
     logprobs: tuple[TokenLogprob, ...] | None = None
     # One per prompt token, on the delta with the first generated token (the prefill's end),

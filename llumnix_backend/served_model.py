@@ -428,14 +428,19 @@ class ServedModel:
             self._bound.add(request.request_id)
         reads_prefix_cache = self._instances[instance_id].runtime.caches_prefixes and request.reads_prefix_cache
         tracker = _RequestTracker(self._metrics, self.stats, self.name, instance_id, request, n_prompt,
-                                  reads_prefix_cache)
+                                  reads_prefix_cache, request.max_tokens or self.runtime.max_model_len - n_prompt)
+
+        def moved(old: str, new: str) -> None:
+            self._moved(request, old, new)
+            tracker.moved()
+
         running: GenerationRequest | None = request  # as the current instance runs it
         self._waiting.add(request.request_id)
         try:
             while running is not None:
                 source = self._instances[stream.instance_id].engine.generate(running)
                 try:
-                    async for delta in relay(stream, source, on_switch=lambda old, new: self._moved(request, old, new)):
+                    async for delta in relay(stream, source, on_switch=moved):
                         if stream.ended_by is not None and delta.finish_reason == "abort":
                             raise stream.ended_by
                         if delta.token_ids:
@@ -445,6 +450,7 @@ class ServedModel:
                     return
                 except EngineDead as lost:
                     running = await self._replay(stream, lost)
+                    tracker.moved()
             finished = GenerationDelta((), "", finish_reason="length")  # it had used up its budget
             tracker.observe(finished)
             yield finished
@@ -791,8 +797,9 @@ class _RequestTracker:
     rest once when the request ends."""
 
     def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str,
-                 request: GenerationRequest, n_prompt: int, reads_prefix_cache: bool) -> None:
-        """`reads_prefix_cache`: the engine looks the prompt up in its prefix cache."""
+                 request: GenerationRequest, n_prompt: int, reads_prefix_cache: bool, max_tokens: int) -> None:
+        """`reads_prefix_cache`: the engine looks the prompt up in its prefix cache; `max_tokens`:
+        the most it may generate."""
         self._metrics = metrics
         self._stats = stats
         self._labels = (model, instance_id)
@@ -807,6 +814,9 @@ class _RequestTracker:
         self._n_generated = 0
         self._queue_time: float | None = None
         self._prefill_time: float | None = None
+        self._max_tokens = max_tokens
+        # Preemptions: on the instances the request left, and on the one running it (its count).
+        self._preemptions_before = self._preemptions_here = 0
         self._finish_reason: str | None = None
         self.outcome: str | None = None
 
@@ -816,9 +826,16 @@ class _RequestTracker:
         self._n_generated += len(delta.token_ids)
         if self._queue_time is None:  # the first instance's: an instance taking over queues it again
             self._queue_time, self._prefill_time = delta.queue_time, delta.prefill_time
+        if delta.num_preemptions is not None:
+            self._preemptions_here = delta.num_preemptions
         if delta.finished:
             self._finish_reason = delta.finish_reason
             self.outcome = "aborted" if delta.finish_reason == "abort" else "success"
+
+    def moved(self) -> None:
+        """The request went on to another instance (migrated or replayed): its count starts over."""
+        self._preemptions_before += self._preemptions_here
+        self._preemptions_here = 0
 
     def _tokens_arrived(self, delta: GenerationDelta) -> None:
         now = time.monotonic()
@@ -848,6 +865,10 @@ class _RequestTracker:
         m.generation_tokens.labels(*labels).inc(self._n_generated)
         m.request_prompt_tokens.labels(*labels).observe(self._n_prompt)
         m.request_generation_tokens.labels(*labels).observe(self._n_generated)
+        m.request_params_max_tokens.labels(*labels).observe(self._max_tokens)
+        m.request_preemptions.labels(*labels).observe(self._preemptions_before + self._preemptions_here)
+        if self._cached_tokens is not None:
+            m.prefill_kv_computed.labels(*labels).observe(self._n_prompt - max(0, self._cached_tokens))
         if self._reads_prefix_cache and self._cached_tokens is not None:
             m.prefix_cache_queries.labels(*labels).inc(self._n_prompt)
             m.prefix_cache_hits.labels(*labels).inc(self._cached_tokens)

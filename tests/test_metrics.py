@@ -24,7 +24,7 @@ def test_prompt_logprobs_skip_the_prefix_cache() -> None:
 def track(deltas: list[GenerationDelta], reads_prefix_cache: bool = True) -> ServerMetrics:
     metrics = ServerMetrics(lambda: [], ("ready",))
     tracker = _RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
-                              N_PROMPT, reads_prefix_cache)
+                              N_PROMPT, reads_prefix_cache, max_tokens=100)
     for delta in deltas:
         tracker.observe(delta)
     tracker.finish("1")
@@ -85,3 +85,18 @@ def test_queue_and_prefill_times_are_the_first_instances_and_buckets_are_vllms()
     ttft_bounds = [s.labels["le"] for f in metrics.registry.collect() if f.name == "vllm:time_to_first_token_seconds"
                    for s in f.samples if s.name.endswith("_bucket") and s.labels["engine"] == "0"]
     assert ttft_bounds[:2] == ["0.001", "0.005"] and ttft_bounds[-2:] == ["2560.0", "+Inf"]  # vLLM 0.32's
+
+
+def test_preemptions_add_up_over_the_instances_a_request_ran_on() -> None:
+    metrics = ServerMetrics(lambda: [], ("ready",))
+    tracker = _RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
+                              N_PROMPT, True, max_tokens=100)
+    for delta in (GenerationDelta((7,), "a", num_preemptions=1, num_cached_tokens=16),
+                  GenerationDelta((8,), "b", num_preemptions=2)):
+        tracker.observe(delta)
+    tracker.moved()  # the instance taking over counts from 0
+    tracker.observe(GenerationDelta((9,), "c", finish_reason="length", num_preemptions=1))
+    tracker.finish("1")
+    assert value(metrics, "vllm:request_num_preemptions_sum") == 3
+    assert value(metrics, "vllm:request_params_max_tokens_sum") == 100
+    assert value(metrics, "vllm:request_prefill_kv_computed_tokens_sum") == N_PROMPT - 16

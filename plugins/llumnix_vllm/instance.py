@@ -305,6 +305,7 @@ class VllmInstance(EngineInstance):
                     queue_time=queue_time,
                     prefill_time=prefill_time,
                     num_cached_tokens=output.num_cached_tokens,
+                    num_preemptions=None if stats is None else stats.num_preemptions,
                     logprobs=_token_logprobs(completion, request.sampling.get("logprobs")),
                     prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
                 )
