@@ -78,6 +78,8 @@ def test_choice_and_regex_in_every_form(serving) -> None:
                                                                 "exclude_input_in_output": True}})
     assert response.status_code == 200, response.text
     assert response.json()["text_output"] in ("left", "right")
+    response = post(serving, "/v2/models/alpha/generate", json={"text_input": "Pick:", "parameters": {"lora_name": "x"}})
+    assert response.status_code == 400 and "LoRA" in response.text, response.text
 
 
 @pytest.mark.parametrize(("body", "field", "words"), [

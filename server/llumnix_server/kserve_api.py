@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelState
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
@@ -40,6 +40,13 @@ class GenerateParameters(SamplingFields):
     exclude_input_in_output: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # vLLM's default, as vllm_backend has it
     guided_decoding: StructuredOutputs | None = None  # vllm_backend's earlier name of structured_outputs
+    lora_name: str | None = None  # vllm_backend's: refused, no model here serves LoRA adapters
+
+    @field_validator("lora_name")
+    @classmethod
+    def _no_lora(cls, name: str | None) -> None:
+        if name is not None:
+            raise ValueError(f"LoRA adapter {name!r}: this server serves no LoRA adapters")
 
     def constraint_fields(self) -> dict[str, Any]:
         older = self.guided_decoding.engine_fields() if self.guided_decoding else {}
