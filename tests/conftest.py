@@ -61,9 +61,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def killable(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
-    """A server whose engines the failure tests kill, apart from `serving`; its two models start
-    together. Only failures, and the tests themselves, move requests here:
+def killable_process(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+    """A server whose engines the failure tests kill, apart from `serving`, as started: `killable`
+    waits for it. Its two models start together. Only failures, and the tests themselves, move
+    requests here:
     `gamma` (test_recovery_e2e): 2 instances; a hung engine is found within 3 s.
     `wide` (test_tensor_parallel_e2e): 2 instances of tensor_parallel_size 2 (two worker
     processes each, one KV shard per rank)."""
@@ -80,11 +81,16 @@ def killable(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Serv
     write_model(repository, "wide", wide)
     server = llumnix_server(repository, repository.parent / "killable-server.log").start()
     try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, ["gamma", "gamma", "wide", "wide"])
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def killable(killable_process: ServerProcess) -> ServerProcess:
+    wait_for_repository(killable_process, ENGINE_START_TIMEOUT_S)
+    warm_up(killable_process, ["gamma", "gamma", "wide", "wide"])
+    return killable_process
 
 
 # The broken folders of the shared repository: (name, config text, what its reason must say).
@@ -108,12 +114,18 @@ BADLY_NAMED = "has space"
 
 
 @pytest.fixture(scope="session")
-def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> ServerProcess:
+def serving(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            tiny_model: Path) -> ServerProcess:
     """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config; the
     migration tests move requests between them; tool calls read by vLLM's hermes parser);
     `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; `embed`: 1 instance
     of the tiny model run as an embedding model (vLLM's pooling runner); and one folder per way a
-    config can be broken."""
+    config can be broken.
+
+    If the session will need `killable` too, it starts now: its six engines (a minute and a half
+    here) come up while the tests before it run, instead of in front of them."""
+    if any("killable" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("killable_process")
     repository = tmp_path_factory.mktemp("repository")
     alpha_config = tiny_config("weights", instances=2, max_model_len=4096)
     # Migration tests freeze a destination on purpose: give up on a stage after 3 s, not 30.

@@ -62,8 +62,9 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     config_file = repository / "dropped" / "config.yaml"
     listing = lambda: httpx.get(f"{server.url}/v2/llumnix/models/dropped/instances").json()  # noqa: E731
     states = lambda: {i: s["state"] for i, s in instances(server, "dropped").items()}  # noqa: E731
-    # Every change below is made while streaming requests run, two at a time.
-    load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=300)
+    # Every change below is made while streaming requests run, two at a time (of 1,000 tokens:
+    # the 200 the load sends must last until its last step, two engine starts away).
+    load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=1000)
 
     # A scheduler change: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
@@ -108,7 +109,7 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     runs = load.stop()
     assert len(runs) >= 4
     for run in runs:
-        assert run.error is None and run.finish_reason == "length" and len(run.token_ids) == 300, run.error
+        assert run.error is None and run.finish_reason == "length" and len(run.token_ids) == 1000, run.error
     # The final state is the folder's: one instance of the new engine, the queue dispatcher.
     assert states() == {"2": "ready"} and listing()["dispatch_policy"] == "queue"
 

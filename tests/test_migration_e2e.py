@@ -169,9 +169,10 @@ def test_a_destination_that_stops_answering_aborts_the_migration(serving, baseli
     run = StreamedCompletion(serving).wait_for_tokens(20)
     source = running_on(serving, run.request_id)
     with frozen(engine_pid(serving, other(source))):
+        generated = len(run.token_ids)
         response = migrate(serving, run.request_id, other(source))
-        # The source kept decoding meanwhile.
-        assert running_on(serving, run.request_id) == source
+        # The source kept decoding meanwhile (the request may even have finished there).
+        assert len(run.token_ids) > generated
     assert response.status_code == 200, response.text
     report = response.json()
     assert not report["committed"] and report["reason"] == "a stage timed out", report

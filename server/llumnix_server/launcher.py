@@ -126,11 +126,11 @@ def wait_for_repository(server: ServerProcess, timeout: float) -> list[dict]:
     server.wait_until("/v2/health/live", lambda r: r.status_code == 200, timeout)
     deadline = time.monotonic() + timeout
     while True:
-        response = httpx.post(server.url + "/v2/repository/index", headers=server.headers, timeout=5)
+        response = httpx.post(server.url + "/v2/repository/index", headers=server.headers, timeout=30)
         index = response.json()
         # An empty index is final only once the server says it has nothing more to load.
         if all(m["state"] != "LOADING" for m in index) and (
-                index or httpx.get(server.url + "/v2/health/ready", headers=server.headers, timeout=5).is_success):
+                index or httpx.get(server.url + "/v2/health/ready", headers=server.headers, timeout=30).is_success):
             return index
         if time.monotonic() > deadline:
             raise ServerFailed(f"models still loading after {timeout:.0f} s: {index}\n{server.log_tail()}")
