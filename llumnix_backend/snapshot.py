@@ -117,11 +117,11 @@ class InstanceSnapshot:
         decisions until the next one arrives, and each looks at the same figures. (The
         arguments are passed, not closed over: a closure per call was a fifth of a decision's
         cost at 64 instances.)"""
-        memo = self.__dict__.setdefault("_derived", {})
         try:
-            return memo[key]
-        except KeyError:
-            memo[key] = value = compute(self, *args)
+            return self.__dict__["_derived"][key]
+        except KeyError:  # (no memo yet, or not this key: `setdefault` would build a dict each call)
+            value = compute(self, *args)
+            self.__dict__.setdefault("_derived", {})[key] = value
             return value
 
     def without(self, gone: frozenset[str]) -> InstanceSnapshot:

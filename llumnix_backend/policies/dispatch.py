@@ -83,6 +83,21 @@ def _kv_usage(view: InstanceView) -> float:
     return (snap.used_blocks + snap.totals.queued_demand) / max(1, snap.total_blocks)
 
 
+def _freest(views: Sequence[InstanceView], priority: PrioritySettings) -> InstanceView:
+    """The first of the freest instances that take work. One pass, without a candidate list or
+    a key function: this decision is on every request's path."""
+    key = _freeness_key(priority)
+    best, best_score = None, -math.inf
+    for view in views:
+        if view.accepting and not view.draining:  # (so `freeness` without its draining check)
+            score = view.snapshot.derived(key, _snapshot_freeness, priority)
+            if best is None or score > best_score:
+                best, best_score = view, score
+    if best is None:
+        raise NoInstanceAvailable()
+    return best
+
+
 def _round_robin(candidates: Sequence[InstanceView], last_choice: str | None) -> InstanceView:
     ordered = sorted(candidates, key=lambda v: v.instance_id)
     if last_choice is not None:
@@ -103,6 +118,8 @@ def choose_instance(
     `last_choice` is the id this model's dispatcher chose last time (round robin's only state).
     Raises `NoInstanceAvailable` when no view accepts work.
     """
+    if policy is DispatchPolicyName.LLUMNIX:
+        return _freest(views, priority).instance_id
     candidates = [v for v in views if v.accepting and not v.draining]
     if not candidates:
         raise NoInstanceAvailable()
@@ -112,7 +129,4 @@ def choose_instance(
         return min(candidates, key=_queue_length).instance_id
     if policy is DispatchPolicyName.KV_USAGE:
         return min(candidates, key=_kv_usage).instance_id
-    if policy is DispatchPolicyName.LLUMNIX:
-        key = _freeness_key(priority)  # (no draining candidate: `freeness` without its check)
-        return max(candidates, key=lambda v: v.snapshot.derived(key, _snapshot_freeness, priority)).instance_id
     raise ValueError(f"unknown dispatch policy {policy!r}")
