@@ -407,17 +407,7 @@ class ServedModel:
         accepts work, both before anything is streamed; `EngineDead` if its instance was lost
         and no other could take it over.
         """
-        try:
-            self.check(request)
-            self._admit()
-            instance_id = self._dispatch(request)
-        except (RequestError, NoInstanceAvailable):
-            self._metrics.requests.labels(self.name, "none", "rejected").inc()
-            raise
-        except (Overloaded, ShuttingDown) as refused:
-            outcome = "overloaded" if isinstance(refused, Overloaded) else "shutdown"
-            self._metrics.requests.labels(self.name, "none", outcome).inc()
-            raise
+        instance_id = self._accept(request, self.check)
         n_prompt = len(request.prompt_token_ids)
         self._track_in_flight(request, instance_id)
         stream = RequestStream(request, instance_id,
@@ -479,23 +469,7 @@ class ServedModel:
 
         Raises `RequestError`, `NoInstanceAvailable`, `Overloaded` and `ShuttingDown` before any
         work; `EngineDead` when no instance could compute it."""
-        try:
-            if not self.runtime.embeds:
-                raise RequestError(f"model {self.name!r} generates text; /v1/embeddings needs a model whose engine "
-                                   "runs a pooling task (engine.runner: pooling, and engine.convert: embed for a "
-                                   "generative architecture)", "model")
-            self._check_priority(request.priority)
-            self.check_prompt(request.prompt_token_ids)
-            self.runtime.check_embedding(request)
-            self._admit()
-            instance_id = self._dispatch(request)
-        except (RequestError, NoInstanceAvailable):
-            self._metrics.requests.labels(self.name, "none", "rejected").inc()
-            raise
-        except (Overloaded, ShuttingDown) as refused:
-            self._metrics.requests.labels(self.name, "none", "overloaded" if isinstance(refused, Overloaded)
-                                          else "shutdown").inc()
-            raise
+        instance_id = self._accept(request, self._check_embedding)
         labels, outcome = (self.name, instance_id), "aborted"  # (it counts where it was dispatched)
         health = self.config.scheduler.health
         deadline = time.monotonic() + health.replay_timeout_s
@@ -528,6 +502,30 @@ class ServedModel:
             if outcome == "success":
                 m.e2e.labels(*labels).observe(time.monotonic() - arrival)
             self.stats.record(outcome == "success", time.monotonic() - arrival, None)
+
+    def _check_embedding(self, request: EmbeddingRequest) -> None:
+        if not self.runtime.embeds:
+            raise RequestError(f"model {self.name!r} generates text; /v1/embeddings needs a model whose engine "
+                               "runs a pooling task (engine.runner: pooling, and engine.convert: embed for a "
+                               "generative architecture)", "model")
+        self._check_priority(request.priority)
+        self.check_prompt(request.prompt_token_ids)
+        self.runtime.check_embedding(request)
+
+    def _accept(self, request: GenerationRequest | EmbeddingRequest, check: Callable) -> str:
+        """A new request checked (`check(request)`), admitted and dispatched: the instance it
+        goes to. A refusal is counted, by why, and raised."""
+        try:
+            check(request)
+            self._admit()
+            return self._dispatch(request)
+        except (RequestError, NoInstanceAvailable):
+            self._metrics.requests.labels(self.name, "none", "rejected").inc()
+            raise
+        except (Overloaded, ShuttingDown) as refused:
+            outcome = "overloaded" if isinstance(refused, Overloaded) else "shutdown"
+            self._metrics.requests.labels(self.name, "none", outcome).inc()
+            raise
 
     async def _dispatch_before(self, deadline: float, request: GenerationRequest | EmbeddingRequest,
                                lost: EngineDead, stream: RequestStream | None = None) -> str:
