@@ -247,10 +247,11 @@ def test_echo_with_logprobs_covers_the_prompt_then_the_completion(serving) -> No
     # Then the completion's, as without echo.
     assert logprobs.tokens[n_prompt:] == plain.tokens
     assert logprobs.token_logprobs[n_prompt:] == pytest.approx(plain.token_logprobs, abs=1e-4)
-    # Streamed: the prompt's in the first chunk.
+    # Streamed: the prompt's in the first chunk, with the first generated token (or more: vLLM merges the outputs
+    # of steps a slow reader has not taken yet).
     chunks = [c.choices[0].logprobs for c in client.completions.create(echo=True, stream=True, **greedy)
               if c.choices[0].logprobs]
-    assert chunks[0].token_logprobs[0] is None and len(chunks[0].tokens) == n_prompt + 1
+    assert chunks[0].token_logprobs[0] is None and len(chunks[0].tokens) > n_prompt
     assert [t for chunk in chunks for t in chunk.tokens] == logprobs.tokens
 
 
