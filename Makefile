@@ -16,7 +16,7 @@ install: $(INSTALLED) models
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[cpu,test,bench]'
+	$(BIN)/pip install -e '.[cpu,test,bench,ray]'
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import torch, vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(INSTALLED)

@@ -11,6 +11,7 @@
       gpu_kv_cache_gib: 8            # GPU engines: KV-cache size instead (engines sharing a GPU then start together)
       gpus_per_instance: 1           # GPU engines: GPUs of its own per instance (default: shared)
       gpus: [[0], [1]]               # GPU engines: or pin instance k to the k-th list
+      placement: spread              # on a Ray cluster (--ray-address): spread | pack over its nodes
     scheduler:
       dispatch_policy: llumnix       # round_robin | queue | kv_usage | llumnix
       priority: {default: 0, min: -10, max: 10, high_below: 0, headroom_tokens: 0}
@@ -94,9 +95,10 @@ class MigrationSettings(_Strict):
     # Each instance takes part in at most this many migrations at a time; the policy starts only
     # moves that leave the pair better balanced.
     max_in_flight_per_instance: int = Field(default=2, ge=1)
-    # How KV blocks travel: "host" (shared memory), "device" (GPU to GPU, CUDA IPC), or "auto"
-    # (device on GPU engines, host on CPU ones).
-    transport: Literal["auto", "host", "device"] = "auto"
+    # How KV blocks travel: "host" (shared memory), "device" (GPU to GPU, CUDA IPC), "network"
+    # (between Ray nodes, through Ray's object store), or "auto": network between instances on
+    # different nodes, else device on GPU engines and host on CPU ones.
+    transport: Literal["auto", "host", "device", "network"] = "auto"
     # Copies made while the request keeps decoding, before the final one (Llumnix: 3).
     max_stages: int = Field(default=3, ge=0, le=16)
     # A stage copies at most this much KV per engine step: the source engine does not step while
@@ -183,6 +185,10 @@ class ResourceSettings(_Strict):
     # `gpus` pins instance k to the k-th list (lists may repeat, to share a GPU).
     gpus_per_instance: int | None = Field(default=None, ge=1)
     gpus: tuple[tuple[int, ...], ...] | None = None
+    # On a Ray cluster (`llumnix-serve --ray-address`): "spread" puts each instance on the node
+    # holding fewest of this model's instances, "pack" fills one node before the next
+    # (`policies.node_placement`).
+    placement: Literal["spread", "pack"] = "spread"
 
     @model_validator(mode="after")
     def _gpu_lists(self) -> ResourceSettings:

@@ -62,6 +62,7 @@ class InstanceReport:
     snapshot: InstanceSnapshot | None
     freeness: float | None
     gpus: tuple[int, ...] = ()  # the GPUs it runs on (none on a CPU host)
+    node: str | None = None  # the Ray node it runs on (None on a single host)
 
 
 InstanceStates = tuple[str, ...]

@@ -43,6 +43,7 @@ class MigrationReport:
     request_id: str
     source: str
     destination: str
+    route: str = ""  # the path the KV blocks took (`KvTransfer.route`)
     committed: bool = False
     reason: str = ""  # why it was aborted
     stages: int = 0  # copies made while the request kept running (the final one not counted)
@@ -306,7 +307,8 @@ async def migrate_request(
     began = time.monotonic()
     max_tokens = request.sampling.get("max_tokens") or runtime.max_model_len
     capacity = blocks_for(min(runtime.max_model_len, len(request.prompt_token_ids) + max_tokens), block_size)
-    transfer = runtime.create_transfer(capacity, block_bytes, settings.transport)
+    transfer = runtime.create_transfer(capacity, block_bytes, settings.transport, source, destination)
+    report.route = transfer.route
     sent = 0
     handed: set[str] = set()  # ids of the destination requests that read the transfer
 

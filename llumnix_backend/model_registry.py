@@ -98,10 +98,13 @@ def _ignore(_: InstanceEvent) -> None:
 class ModelRegistry:
     def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore,
                  control_mode: ModelControlMode = ModelControlMode.NONE,
-                 startup_models: frozenset[str] = frozenset({"*"}), quiet_s: float = 0.5) -> None:
+                 startup_models: frozenset[str] = frozenset({"*"}), quiet_s: float = 0.5,
+                 cluster_address: str | None = None) -> None:
         """`startup_models`: in explicit mode, the models to load at start (`*`: all).
-        `quiet_s`: in poll mode, how long a model folder must stay unchanged to be acted on."""
+        `quiet_s`: in poll mode, how long a model folder must stay unchanged to be acted on.
+        `cluster_address`: the Ray cluster the backends place instances on (None: this host)."""
         self.repository = repository
+        self._cluster_address = cluster_address
         self.control_mode = control_mode
         self._quiet_s = quiet_s
         self._startup_models = startup_models
@@ -336,7 +339,10 @@ class ModelRegistry:
 
     async def _backend(self, name: str, config_file: str) -> Backend:
         if name not in self._backends:
-            backend = self._backends[name] = await asyncio.to_thread(load_backend, name, config_file)
+            backend = await asyncio.to_thread(load_backend, name, config_file)
+            if self._cluster_address is not None:
+                await asyncio.to_thread(backend.use_cluster, self._cluster_address)
+            self._backends[name] = backend
             if not self.gpus.devices:
                 self.gpus.devices = await asyncio.to_thread(backend.visible_gpus)
                 if self.gpus.devices:

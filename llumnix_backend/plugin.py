@@ -80,6 +80,8 @@ class KvTransfer(abc.ABC):
     # How much a stage copies per engine step unless the model's settings say otherwise: as
     # much as the path moves in a small fraction of a decode step.
     default_stage_chunk_mib: float = 64
+    # The path the blocks take ("host", "device", "network"), as migration reports show it.
+    route: str = "host"
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -146,6 +148,11 @@ class EngineInstance(abc.ABC):
     @property
     def failure(self) -> str | None:
         """The engine's own account of why it is not alive (an exit signal, say), if known."""
+        return None
+
+    @property
+    def node(self) -> str | None:
+        """The cluster node the engine runs on, once started; None on a single host."""
         return None
 
     @abc.abstractmethod
@@ -263,9 +270,10 @@ class ModelRuntime(abc.ABC):
         """An instance, not started, on the GPUs of `placement`."""
 
     @abc.abstractmethod
-    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
-        """A transfer for one migration between two instances of this model, by the path
-        `transport` names (`MigrationSettings.transport`)."""
+    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str,
+                        source: EngineInstance, destination: EngineInstance) -> KvTransfer:
+        """A transfer for one migration from `source` to `destination` (instances of this
+        model), by the path `transport` names (`MigrationSettings.transport`)."""
 
     @property
     def caches_prefixes(self) -> bool:
@@ -295,8 +303,14 @@ class Backend(abc.ABC):
     name: str
 
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
-        """The GPUs its engines can use on this host (none for a CPU build)."""
+        """The GPUs its engines can use on this host (none for a CPU build, or on a cluster,
+        whose scheduler places GPUs itself)."""
         return ()
+
+    def use_cluster(self, address: str) -> None:
+        """Run every instance on the nodes of the Ray cluster at `address` ("auto": the one this
+        host belongs to) instead of on this host. Raise `ConnectionError` if it cannot be reached."""
+        raise ConnectionError(f"backend {self.name!r} cannot place instances on a cluster")
 
     def check_frontend(self, source: ModelSource) -> None:
         """Raise `ConfigError` for front-end settings (`frontend:`) this backend cannot serve.

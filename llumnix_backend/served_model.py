@@ -320,6 +320,7 @@ class ServedModel:
                 snapshot=s.engine.latest_snapshot,
                 freeness=freeness(views[i], priority) if i in views else None,
                 gpus=s.placement.gpus,
+                node=s.engine.node,
             )
             for i, s in self._instances.items()
         ]

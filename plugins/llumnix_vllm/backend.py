@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
@@ -32,10 +32,14 @@ from llumnix_backend.plugin import (
     KvTransfer,
     ModelRuntime,
 )
+from llumnix_backend.policies.node_placement import InstanceResources, PlacementMode
 from llumnix_backend.policies.placement import GpuPlacement
 from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, RequestError
 from llumnix_vllm import log_folding
 from llumnix_vllm.instance import SegmentTransfer, VllmInstance, pooling_params, sampling_params
+
+if TYPE_CHECKING:
+    from llumnix_vllm.ray_cluster import RayCluster
 
 try:  # vLLM >= 0.12
     from vllm.tokenizers import cached_tokenizer_from_config
@@ -126,24 +130,35 @@ def _token_id(key: Any) -> Any:
         return key
 
 
+def prepare_engine_environment() -> None:
+    """The environment every process that starts engines needs (the server, or a Ray actor)."""
+    # The KV-cache size is set per instance; vLLM would let this legacy variable override it.
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: set resources.cpu_kv_cache_gib per model")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    # Engines start from threads of this process, several at once, and vLLM forks their
+    # engine processes by default on GPU: a fork while another thread holds a lock breaks
+    # the child (on the H200 one of four parallel starts once failed with filelock's "os.fork
+    # is unsafe while filelock is changing descriptor ownership"). vLLM's CPU build spawns.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    log_folding.install()  # each of vLLM's warnings once, not once per engine process
+
+
 class VllmBackend(Backend):
     name = "vllm"
 
     def __init__(self) -> None:
-        # The KV-cache size is set per instance; vLLM would let this legacy variable override it.
-        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-            logger.warning("ignoring VLLM_CPU_KVCACHE_SPACE: set resources.cpu_kv_cache_gib per model")
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        # Engines start from threads of this process, several at once, and vLLM forks their
-        # engine processes by default on GPU: a fork while another thread holds a lock breaks
-        # the child (on the H200 one of four parallel starts once failed with filelock's "os.fork
-        # is unsafe while filelock is changing descriptor ownership"). vLLM's CPU build spawns.
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        log_folding.install()  # each of vLLM's warnings once, not once per engine process
+        prepare_engine_environment()
+        self._cluster: RayCluster | None = None
+
+    def use_cluster(self, address: str) -> None:
+        from llumnix_vllm.ray_cluster import RayCluster  # (Ray is needed only here)
+
+        self._cluster = RayCluster(address)
 
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
-        if current_platform.is_cpu():
+        if current_platform.is_cpu() or self._cluster is not None:
             return ()
         # Through NVML: no CUDA context in the server process.
         return tuple(GpuDevice(i, current_platform.get_device_name(i), current_platform.get_device_total_memory(i))
@@ -222,8 +237,40 @@ class VllmBackend(Backend):
             if config.scheduler.migration.transport == "device":
                 raise ConfigError(source.config_file, "scheduler.migration.transport",
                                   "'device' needs GPU engines; this vLLM build runs on the CPU (use host or auto)")
-        return VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads,
-                                config.resources.gpu_memory_utilization)
+        if config.scheduler.migration.transport == "network" and self._cluster is None:
+            raise ConfigError(source.config_file, "scheduler.migration.transport",
+                              "'network' moves KV between Ray nodes; this server runs on one host "
+                              "(start it with --ray-address, or use auto)")
+        runtime = VllmModelRuntime(name, engine_args, vllm_config, tokenizer, cpu_threads,
+                                   config.resources.gpu_memory_utilization)
+        if self._cluster is not None:
+            if config.resources.gpus is not None:
+                raise ConfigError(source.config_file, "resources.gpus",
+                                  "GPUs cannot be pinned on a Ray cluster: Ray gives each instance its GPUs "
+                                  "(set resources.gpus_per_instance)")
+            runtime.cluster = ClusterPlacement(self._cluster, _instance_resources(config, parallel, cpu_threads),
+                                               config.resources.placement)
+        return runtime
+
+
+def _instance_resources(config: Any, parallel: Any, cpu_threads: int | None) -> InstanceResources:
+    """What an instance reserves on its Ray node: its compute threads on CPU; on GPU, a CPU and
+    its GPUs (a share of one, by memory share, unless it has GPUs of its own)."""
+    if cpu_threads is not None:
+        return InstanceResources(cpus=cpu_threads)
+    if config.resources.gpus_per_instance is not None or parallel.world_size > 1:
+        return InstanceResources(cpus=1, gpus=parallel.world_size)
+    share = config.resources.gpu_memory_utilization or min(0.9, 0.9 / config.instances)
+    return InstanceResources(cpus=1, gpus=share)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPlacement:
+    """Where a model's instances go when the backend uses a Ray cluster."""
+
+    cluster: RayCluster
+    demand: InstanceResources
+    mode: PlacementMode
 
 
 class VllmModelRuntime(ModelRuntime):
@@ -245,6 +292,7 @@ class VllmModelRuntime(ModelRuntime):
         self._max_prompt_chars = 4 * longest * vllm_config.model_config.max_model_len
         # What `vllm serve` applies too: defaults from the model's generation_config.json.
         self._default_sampling = vllm_config.model_config.get_diff_sampling_param()
+        self.cluster: ClusterPlacement | None = None  # set when the instances run on a Ray cluster
 
     @property
     def max_model_len(self) -> int:
@@ -341,6 +389,11 @@ class VllmModelRuntime(ModelRuntime):
 
     def create_instance(self, instance_id: str, placement: GpuPlacement = GpuPlacement()) -> EngineInstance:
         args = self._engine_args
+        if self.cluster is not None:
+            from llumnix_vllm.ray_cluster import RayInstance
+
+            return RayInstance(self.cluster.cluster, self._name, instance_id, args, self._cpu_threads,
+                               self.cluster.demand, self.cluster.mode)
         if placement.gpus:
             changes: dict[str, Any] = {"device_ids": list(placement.gpus)}  # vLLM's own per-engine GPU choice
             if self._gpu_share is None:
@@ -352,10 +405,17 @@ class VllmModelRuntime(ModelRuntime):
         profiled = not current_platform.is_cpu() and not args.kv_cache_memory_bytes
         return VllmInstance(instance_id, args, self._cpu_threads, (placement.gpus or (0,)) if profiled else ())
 
-    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str = "auto") -> KvTransfer:
+    def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str,
+                        source: EngineInstance, destination: EngineInstance) -> KvTransfer:
         on_device = transport == "device" or (transport == "auto" and not current_platform.is_cpu())
         ranks = self._vllm_config.parallel_config.tensor_parallel_size
-        return SegmentTransfer(capacity_blocks, block_bytes // ranks, on_device, ranks)
+        if self.cluster is not None:
+            from llumnix_vllm.ray_cluster import RayInstance, RayTransfer
+
+            assert isinstance(source, RayInstance) and isinstance(destination, RayInstance)
+            return RayTransfer(capacity_blocks, block_bytes // ranks, ranks, on_device, source, destination,
+                               force_network=transport == "network")
+        return SegmentTransfer.create(capacity_blocks, block_bytes // ranks, on_device, ranks)
 
     @property
     def caches_prefixes(self) -> bool:

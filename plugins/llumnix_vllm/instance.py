@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -40,7 +40,7 @@ from llumnix_backend.requests import (
 from llumnix_backend.snapshot import InstanceSnapshot
 from llumnix_vllm.engine_errors import start_error
 from llumnix_vllm.engine_scheduler import IN_FLIGHT
-from llumnix_vllm.kv_transport import TransferSegment
+from llumnix_vllm.kv_transport import SegmentSpec, TransferSegment
 from llumnix_vllm.migration_connector import segment_params
 from llumnix_vllm.snapshot_channel import SnapshotSubscriber, new_instance_token, snapshot_address
 
@@ -135,20 +135,33 @@ def pooling_params(request: EmbeddingRequest) -> PoolingParams:
 
 
 class SegmentTransfer(KvTransfer):
-    def __init__(self, capacity_blocks: int, block_bytes: int, on_device: bool, ranks: int = 1) -> None:
-        self.segment = TransferSegment(capacity_blocks, block_bytes, on_device, ranks)
-        if on_device:
+    """A transfer through one segment of this host; `owner` (if given) removes it on close."""
+
+    def __init__(self, spec: SegmentSpec, owner: TransferSegment | None = None) -> None:
+        self.spec = spec
+        self._owner = owner
+        if spec.on_device:
             self.default_stage_chunk_mib = 1024
+            self.route = "device"
+
+    @classmethod
+    def create(cls, capacity_blocks: int, block_bytes: int, on_device: bool, ranks: int = 1) -> SegmentTransfer:
+        segment = TransferSegment(capacity_blocks, block_bytes, on_device, ranks)
+        return cls(segment.spec, segment)
 
     def close(self) -> None:
-        self.segment.close()
+        if self._owner is not None:
+            self._owner.close()
 
 
 class VllmInstance(EngineInstance):
     def __init__(self, instance_id: str, engine_args: AsyncEngineArgs, cpu_threads: int | None = None,
-                 start_alone_on: tuple[int, ...] = ()) -> None:
-        """`start_alone_on`: the GPUs on which no other engine may start at the same time."""
+                 start_alone_on: tuple[int, ...] = (),
+                 on_snapshot: Callable[[InstanceSnapshot], None] | None = None) -> None:
+        """`start_alone_on`: the GPUs on which no other engine may start at the same time;
+        `on_snapshot`: called with each load snapshot as it arrives."""
         self.instance_id = instance_id
+        self._on_snapshot = on_snapshot
         self._engine_args = engine_args
         self._cpu_threads = cpu_threads
         self._start_alone_on = tuple(sorted(start_alone_on))
@@ -192,6 +205,10 @@ class VllmInstance(EngineInstance):
             raise
 
 
+    async def layer_block_bytes(self) -> list[int]:
+        """One rank's bytes of a KV block per layer, in a transfer segment's layer order."""
+        return (await self._running_engine().collective_rpc("llumnix_layer_block_bytes"))[0]
+
     async def shutdown(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
@@ -210,6 +227,8 @@ class VllmInstance(EngineInstance):
             self._snapshot = await self._subscriber.receive()
             self._snapshot_at = time.monotonic()
             self._first_snapshot.set()
+            if self._on_snapshot is not None:
+                self._on_snapshot(self._snapshot)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -255,7 +274,7 @@ class VllmInstance(EngineInstance):
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
                         max_blocks: int | None = None) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
-        segment = dataclasses.asdict(transfer.segment.spec)
+        segment = dataclasses.asdict(transfer.spec)
         return _kv_export(await self._running_engine().engine_core.call_utility_async(
             "llumnix_export_kv", request_id, first_block, segment, max_blocks
         ))
@@ -263,7 +282,7 @@ class VllmInstance(EngineInstance):
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
                                  first_block: int) -> KvExport | NotExported:
         assert isinstance(transfer, SegmentTransfer)
-        segment = dataclasses.asdict(transfer.segment.spec)
+        segment = dataclasses.asdict(transfer.spec)
         engine_core = self._running_engine().engine_core
         # Under async scheduling the engine stops the request but answers "in flight" while a
         # step of it has not landed; each call is served at the next engine iteration, which
@@ -282,7 +301,8 @@ class VllmInstance(EngineInstance):
         engine = self._running_engine()
         extra_args = None
         if request.kv_transfer is not None:
-            extra_args = {"kv_transfer_params": segment_params(request.kv_transfer.segment.spec)}
+            assert isinstance(request.kv_transfer, SegmentTransfer)
+            extra_args = {"kv_transfer_params": segment_params(request.kv_transfer.spec)}
         params = sampling_params(request.sampling, output_kind=RequestOutputKind.DELTA, extra_args=extra_args)
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
         outputs = engine.generate(prompt, params, request.request_id, priority=request.priority)

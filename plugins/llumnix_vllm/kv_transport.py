@@ -14,7 +14,8 @@ Two paths, chosen per segment:
   CUDA IPC; the front end's file then only carries the IPC handle. Blocks go GPU to GPU
   (over NVLink/PCIe peer access when the instances sit on different GPUs) and never touch
   host memory. The source frees its GPU area once the front end has removed the file.
-A network transport for instances on other hosts would take the same interface.
+Between hosts (Ray nodes, `ray_cluster`) each side has a host segment of its own, and the runs of
+positions copied so far travel from one to the other as bytes (`read_positions`, `write_positions`).
 
 A tensor-parallel engine keeps a shard of every block on each of its workers (ranks). Its
 segment is one area per rank, and rank r of the source fills the area that rank r of the
@@ -30,7 +31,7 @@ import os
 import pickle
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,39 @@ def _mapped(spec: SegmentSpec) -> Iterator[mmap.mmap]:
             area.close()
 
 
+def _layer_runs(layer_bytes: Sequence[int], capacity_blocks: int, first: int, end: int) -> list[slice]:
+    """The byte ranges of positions [first, end) in a layer-major area, one per layer."""
+    runs, offset = [], 0
+    for size in layer_bytes:
+        runs.append(slice(offset + first * size, offset + end * size))
+        offset += capacity_blocks * size
+    return runs
+
+
+def read_positions(spec: SegmentSpec, layer_bytes: Sequence[int], first: int, end: int) -> list[bytes]:
+    """Positions [first, end) of a host segment, one bytes object per rank's area (layer after
+    layer); `layer_bytes`: one rank's bytes of a block, per layer, in the segment's order."""
+    if spec.on_device:
+        raise ValueError("only a host segment can be read in the front end")
+    out = []
+    for rank in range(spec.ranks):
+        with _mapped(spec.of_rank(rank)) as area:
+            out.append(b"".join(area[run] for run in _layer_runs(layer_bytes, spec.capacity_blocks, first, end)))
+    return out
+
+
+def write_positions(spec: SegmentSpec, layer_bytes: Sequence[int], first: int, data: Sequence[bytes]) -> None:
+    """Put what `read_positions` read (of positions `first` on) into another host segment."""
+    for rank, chunk in enumerate(data):
+        end = first + len(chunk) // sum(layer_bytes)
+        with _mapped(spec.of_rank(rank)) as area:
+            taken = 0
+            for run in _layer_runs(layer_bytes, spec.capacity_blocks, first, end):
+                size = run.stop - run.start
+                area[run] = chunk[taken:taken + size]
+                taken += size
+
+
 def worker_rank() -> int:
     """The calling worker's rank in its engine (0 without tensor or pipeline parallelism)."""
     from vllm.distributed.parallel_state import get_world_group
@@ -112,15 +146,16 @@ class KvBlockIO:
             seen.add(tensor.data_ptr())
             block_dim = next(d for d, size in enumerate(tensor.shape) if size == num_blocks)
             self._layers.append(tensor.movedim(block_dim, 0))  # [num_blocks, ...] in every layout
-        self._layer_bytes = [layer[0].numel() * layer.element_size() for layer in self._layers]
-        self.block_bytes = sum(self._layer_bytes)
+        # One block's bytes per layer, in the segment's layer order.
+        self.layer_bytes = [layer[0].numel() * layer.element_size() for layer in self._layers]
+        self.block_bytes = sum(self.layer_bytes)
 
     def _split(self, area: torch.Tensor, spec: SegmentSpec) -> list[torch.Tensor]:
         """A segment's bytes, cut into one [capacity, layer block bytes] view per layer."""
         if spec.block_bytes != self.block_bytes:
             raise ValueError(f"segment blocks are {spec.block_bytes} bytes, this engine's are {self.block_bytes}")
         views, offset = [], 0
-        for size in self._layer_bytes:
+        for size in self.layer_bytes:
             views.append(area[offset:offset + spec.capacity_blocks * size].view(spec.capacity_blocks, size))
             offset += spec.capacity_blocks * size
         return views

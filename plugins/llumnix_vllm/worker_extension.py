@@ -34,6 +34,10 @@ class LlumnixWorkerExtension:
         under async scheduling the workers' own token lists hold placeholders."""
         self._llumnix_block_io().save(SegmentSpec(**segment), block_ids, first_position)
 
+    def llumnix_layer_block_bytes(self) -> list[int]:
+        """This worker's bytes of one KV block per layer, in a segment's layer order."""
+        return self._llumnix_block_io().layer_bytes
+
     def _llumnix_block_io(self) -> KvBlockIO:
         if getattr(self, "_llumnix_io", None) is None:
             runner = self.model_runner

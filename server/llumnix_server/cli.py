@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shutdown-grace-s", type=float, default=30, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long running requests may take to finish before they "
                              "end with an error (new ones get 503 at once)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="place the instances on the nodes of this Ray cluster ('auto': the one this host "
+                             "belongs to) instead of on this host; needs Ray (pip install 'llumnix-backend[ray]')")
     parser.add_argument("--load-model", action="append", default=[], metavar="NAME",
                         help="explicit mode: a model to load at start (repeatable; '*' for all)")
     args = parser.parse_args(argv)
@@ -59,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--grpc-port must be a port number (0: no gRPC)")
     if args.max_parallel_starts < 1:
         parser.error("--max-parallel-starts must be at least 1")
+    if args.ray_address is not None and importlib.util.find_spec("ray") is None:
+        parser.error("--ray-address needs Ray, which is not installed: pip install 'llumnix-backend[ray]'")
     if args.shutdown_grace_s < 0:
         parser.error("--shutdown-grace-s must not be negative")
     return args
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     report = StartupReport(f"http://{args.host}:{args.port}", f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
                              ModelControlMode(args.model_control_mode), frozenset(args.load_model),
-                             args.repository_quiet_s)
+                             args.repository_quiet_s, args.ray_address)
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary,
                      max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key,
                      grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)

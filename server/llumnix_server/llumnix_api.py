@@ -53,6 +53,7 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
                     "state": r.state,
                     "error": errors.get(r.instance_id),
                     "gpus": list(r.gpus),
+                    "node": r.node,
                     "freeness": _number(r.freeness),
                     "migrations_in_flight": in_flight.get(r.instance_id, 0),
                     "snapshot": dataclasses.asdict(r.snapshot) if r.snapshot is not None else None,

@@ -1,0 +1,425 @@
+"""Instances on the nodes of a Ray cluster (`llumnix-serve --ray-address`).
+
+Each instance is a Ray actor (`EngineActor`) on the node `policies.node_placement` chose. Inside
+it runs the same `VllmInstance` as on one host: its EngineCore process starts beside it on that
+node and sends it snapshots over that node's IPC socket. The server holds a `RayInstance` per
+actor, which the core sees as any other `EngineInstance`. Across nodes travel:
+
+- token streams: Ray streaming generators (the actor's `generate`);
+- load snapshots: a long poll (`next_snapshot`) that returns the newest one, so a slow reader
+  skips stale snapshots as the local channel does; it answers at least every second with the
+  engine's health, so a dead engine shows at once and a hung node shows as stale reports;
+- control calls (abort, KV export, resume): actor calls.
+
+An actor that is lost (its node gone, its process killed) fails every call with
+`RayActorError`: the instance is dead, its requests are replayed elsewhere, and it is restarted
+on a live node.
+
+Migration between two instances of one node goes through one shared-memory (or CUDA IPC)
+segment on that node, as on one host. Between nodes, or with transport "network", each side has
+a host segment of its own, and each run of copied positions travels through Ray's object store
+from the source's actor to the destination's (never through the server) before the destination
+loads it. Which path a migration takes is decided by the two actors' node ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed, KvExport, KvTransfer, NotExported
+from llumnix_backend.policies.node_placement import InstanceResources, NodeResources, PlacementMode, choose_node
+from llumnix_backend.policies.placement import PlacementError
+from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest
+from llumnix_backend.snapshot import InstanceSnapshot
+from llumnix_vllm.instance import ENGINE_SHUTDOWN_GRACE_S, SegmentTransfer, VllmInstance
+from llumnix_vllm.kv_transport import SegmentSpec, TransferSegment, read_positions, write_positions
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NAMESPACE = "llumnix"
+SNAPSHOT_POLL_S = 1.0  # the longest a snapshot poll waits for a new snapshot
+# How long an actor may wait for its node to take it (resources another job holds, say).
+ACTOR_SCHEDULE_TIMEOUT_S = 120.0
+# The environment the engines' processes need, whatever the nodes' own environment is.
+ENGINE_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_NO_USAGE_STATS", "VLLM_WORKER_MULTIPROC_METHOD",
+              "VLLM_USE_V2_MODEL_RUNNER", "VLLM_LOGGING_LEVEL")
+
+
+class RayCluster:
+    """The server's connection to a Ray cluster, and the resources its instances reserve on
+    each node (free = a node's total less what this server's actors hold)."""
+
+    def __init__(self, address: str) -> None:
+        env = {key: os.environ[key] for key in ENGINE_ENV if key in os.environ}
+        try:
+            ray.init(address=address, namespace=NAMESPACE, runtime_env={"env_vars": env},
+                     logging_level=logging.WARNING, configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds for an unreachable cluster
+            raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+        # What this server's instances reserve, by instance start: (model, node id, resources).
+        self._reserved: dict[str, tuple[str, str, InstanceResources]] = {}
+
+    def place(self, key: str, model: str, demand: InstanceResources, mode: PlacementMode) -> str:
+        """Reserve room for one instance start (`key`, unique to it) and return its node's id."""
+        nodes = []
+        for node in ray.nodes():
+            if not node["Alive"]:
+                continue
+            node_id, total = node["NodeID"], node["Resources"]
+            held = [r for m, n, r in self._reserved.values() if n == node_id]
+            nodes.append(NodeResources(
+                node_id, total.get("CPU", 0.0) - sum(r.cpus for r in held),
+                total.get("GPU", 0.0) - sum(r.gpus for r in held),
+                sum(1 for m, n, _ in self._reserved.values() if n == node_id and m == model)))
+        chosen = choose_node(nodes, demand, mode)
+        self._reserved[key] = (model, chosen, demand)
+        return chosen
+
+    def release(self, key: str) -> None:
+        self._reserved.pop(key, None)
+
+    def start_actor(self, node_id: str, demand: InstanceResources, *args: Any) -> Any:
+        remote = ray.remote(EngineActor).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            num_cpus=demand.cpus, num_gpus=demand.gpus, max_concurrency=10_000)
+        return remote.remote(*args)
+
+
+class EngineActor:
+    """One engine instance on its node (a Ray actor): a `VllmInstance` and the transfer
+    segments it created there."""
+
+    def __init__(self, instance_id: str, engine_args: AsyncEngineArgs, cpu_threads: int | None) -> None:
+        from llumnix_vllm.backend import prepare_engine_environment
+
+        prepare_engine_environment()
+        self._instance = VllmInstance(instance_id, engine_args, cpu_threads, on_snapshot=self._arrived)
+        self._arrivals = 0
+        self._arrival = asyncio.Event()
+        self._segments: dict[str, TransferSegment] = {}
+        self._layer_bytes: list[int] = []
+
+    def _arrived(self, snapshot: InstanceSnapshot) -> None:
+        self._arrivals += 1
+        self._arrival.set()
+        self._arrival = asyncio.Event()
+
+    async def start(self) -> str:
+        await self._instance.start()
+        self._layer_bytes = await self._instance.layer_block_bytes()
+        return ray.get_runtime_context().get_node_id()
+
+    async def next_snapshot(self, seen: int) -> tuple[int, InstanceSnapshot | None, str | None]:
+        """The newest snapshot once more than `seen` have arrived, or after `SNAPSHOT_POLL_S`;
+        with the count so far and why the engine is not alive (None while it is)."""
+        if self._arrivals <= seen:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), SNAPSHOT_POLL_S)
+        alive = self._instance.alive
+        return self._arrivals, self._instance.latest_snapshot, None if alive else (self._instance.failure or "stopped")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        async for delta in self._instance.generate(request):
+            yield delta
+
+    async def embed(self, request: EmbeddingRequest) -> list[float]:
+        return await self._instance.embed(request)
+
+    async def abort(self, request_id: str) -> None:
+        await self._instance.abort(request_id)
+
+    async def export_kv(self, request_id: str, spec: SegmentSpec, first_block: int,
+                        max_blocks: int | None) -> KvExport | NotExported:
+        return await self._instance.export_kv(request_id, SegmentTransfer(spec), first_block, max_blocks)
+
+    async def stop_and_export_kv(self, request_id: str, spec: SegmentSpec, first_block: int) -> KvExport | NotExported:
+        return await self._instance.stop_and_export_kv(request_id, SegmentTransfer(spec), first_block)
+
+    async def resume_request(self, request_id: str) -> None:
+        await self._instance.resume_request(request_id)
+
+    def open_segment(self, capacity_blocks: int, block_bytes: int, on_device: bool, ranks: int) -> SegmentSpec:
+        segment = TransferSegment(capacity_blocks, block_bytes, on_device, ranks)
+        self._segments[segment.spec.path] = segment
+        return segment.spec
+
+    def close_segment(self, path: str) -> None:
+        segment = self._segments.pop(path, None)
+        if segment is not None:
+            segment.close()
+
+    def read_positions(self, spec: SegmentSpec, first: int, end: int) -> list[bytes]:
+        return read_positions(spec, self._layer_bytes, first, end)
+
+    def write_positions(self, spec: SegmentSpec, first: int, data: list[bytes]) -> None:
+        write_positions(spec, self._layer_bytes, first, data)
+
+    async def shutdown(self) -> None:
+        for path in list(self._segments):
+            self.close_segment(path)
+        await self._instance.shutdown()
+
+
+class RayInstance(EngineInstance):
+    """The server's handle on one `EngineActor`."""
+
+    def __init__(self, cluster: RayCluster, model: str, instance_id: str, engine_args: AsyncEngineArgs,
+                 cpu_threads: int | None, demand: InstanceResources, mode: PlacementMode) -> None:
+        self.instance_id = instance_id
+        self._cluster = cluster
+        self._model = model
+        self._key = f"{model}/{instance_id}/{uuid.uuid4().hex[:8]}"  # this start's reservation
+        self._actor_args = (instance_id, engine_args, cpu_threads)
+        self._demand = demand
+        self._mode = mode
+        self._actor: Any = None
+        self._node: str | None = None
+        self._snapshot: InstanceSnapshot | None = None
+        self._snapshot_at: float | None = None
+        self._engine_failure: str | None = None  # what the actor says of its engine
+        self._lost: str | None = None  # why the actor itself is gone
+        self._abandoned: str | None = None
+        self._gone: asyncio.Future | None = None  # fails with EngineDead once the instance is not alive
+        self._first_snapshot = asyncio.Event()
+        self._follow_task: asyncio.Task | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            node = self._cluster.place(self._key, self._model, self._demand, self._mode)
+        except PlacementError as exc:
+            raise EngineStartFailed(f"cannot be placed: {exc}") from None
+        self._gone = asyncio.get_running_loop().create_future()
+        self._actor = self._cluster.start_actor(node, self._demand, *self._actor_args)
+        try:
+            try:
+                await asyncio.wait_for(self._actor.__ray_ready__.remote(), ACTOR_SCHEDULE_TIMEOUT_S)
+            except TimeoutError:
+                raise EngineStartFailed(f"node {node} did not take the instance's actor within "
+                                        f"{ACTOR_SCHEDULE_TIMEOUT_S:g} s (its resources are held elsewhere?)") from None
+            try:
+                self._node = await self._actor.start.remote()
+            except RayTaskError as exc:
+                raise _cause(exc) from None
+            self._follow_task = asyncio.create_task(self._follow(), name=f"ray-snapshots-{self._key}")
+            await self._first_snapshot.wait()  # (the first poll answers at once: the engine has reported)
+            if self._lost is not None:
+                raise EngineStartFailed(self._lost)
+        except BaseException:
+            await self.shutdown()
+            raise
+
+    async def shutdown(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        actor, self._actor = self._actor, None
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.shutdown.remote(), ENGINE_SHUTDOWN_GRACE_S + 5)
+            ray.kill(actor)
+        self._cluster.release(self._key)
+        self._went("stopped")
+
+    async def _follow(self) -> None:
+        seen = 0
+        try:
+            while True:
+                count, snapshot, self._engine_failure = await self._actor.next_snapshot.remote(seen)
+                if count > seen:
+                    seen, self._snapshot, self._snapshot_at = count, snapshot, time.monotonic()
+                self._first_snapshot.set()
+                if self._engine_failure is not None:
+                    self._went(self._engine_failure)
+        except RayActorError as exc:
+            self._lost = f"its Ray actor on node {self._node} was lost ({type(exc).__name__})"
+            self._went(self._lost)
+            self._first_snapshot.set()
+
+    def _went(self, reason: str) -> None:
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_exception(EngineDead(f"instance {self.instance_id}: {reason}"))
+            self._gone.exception()  # (retrieved: nobody may be waiting)
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def node(self) -> str | None:
+        return self._node
+
+    @property
+    def latest_snapshot(self) -> InstanceSnapshot | None:
+        return self._snapshot
+
+    @property
+    def last_report_at(self) -> float | None:
+        return self._snapshot_at
+
+    @property
+    def alive(self) -> bool:
+        return self._actor is not None and self._node is not None and self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        return self._abandoned or self._lost or self._engine_failure
+
+    def abandon(self, reason: str) -> None:
+        if self._abandoned is None:
+            self._abandoned = reason
+            self._went(reason)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _running_actor(self) -> Any:
+        if not self.alive:
+            raise EngineDead(f"instance {self.instance_id} is not running: {self.failure or 'stopped'}")
+        return self._actor
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """An actor call's answer, or `EngineDead` as soon as the instance is lost, whichever
+        comes first; the actor's own errors are raised as what they were there."""
+        assert self._gone is not None
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, self._gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            self._gone.result()  # raises EngineDead
+        try:
+            return task.result()
+        except RayTaskError as exc:
+            raise _cause(exc) from None
+        except RayActorError as exc:
+            raise EngineDead(f"instance {self.instance_id}: its Ray actor was lost ({exc})") from None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        actor = self._running_actor()
+        if request.kv_transfer is not None:
+            assert isinstance(request.kv_transfer, RayTransfer)
+            spec = await request.kv_transfer.deliver_to(self)
+            request = dataclasses.replace(request, kv_transfer=SegmentTransfer(spec))
+        stream = actor.generate.options(num_returns="streaming").remote(request)
+        finished = False
+        try:
+            while not finished:
+                try:
+                    delta = await self._call(_next_item(stream))
+                except StopAsyncIteration:
+                    return
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                # Ending the actor's generator ends vLLM's, which aborts the request there.
+                ray.cancel(stream)
+                if self.alive:
+                    with contextlib.suppress(Exception):
+                        await self._actor.abort.remote(request.request_id)
+
+    async def embed(self, request: EmbeddingRequest) -> list[float]:
+        return await self._call(self._running_actor().embed.remote(request))
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(self._running_actor().abort.remote(request_id))
+
+    async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
+                        max_blocks: int | None = None) -> KvExport | NotExported:
+        assert isinstance(transfer, RayTransfer)
+        spec = await transfer.segment_of(self)
+        return transfer.exported(first_block, await self._call(
+            self._running_actor().export_kv.remote(request_id, spec, first_block, max_blocks)))
+
+    async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
+                                 first_block: int) -> KvExport | NotExported:
+        assert isinstance(transfer, RayTransfer)
+        spec = await transfer.segment_of(self)
+        return transfer.exported(first_block, await self._call(
+            self._running_actor().stop_and_export_kv.remote(request_id, spec, first_block)))
+
+    async def resume_request(self, request_id: str) -> None:
+        await self._call(self._running_actor().resume_request.remote(request_id))
+
+
+async def _next_item(stream: Any) -> GenerationDelta:
+    return await (await stream.__anext__())
+
+
+def _cause(error: RayTaskError) -> BaseException:
+    """The exception an actor method raised, as it was raised there."""
+    cause = error.cause
+    return cause if isinstance(cause, BaseException) else RuntimeError(str(error))
+
+
+class RayTransfer(KvTransfer):
+    """One migration's KV blocks between two `RayInstance`s: a segment on each side's node, or
+    one both share when they are on the same node and the network path is not forced."""
+
+    def __init__(self, capacity_blocks: int, block_bytes: int, ranks: int, on_device: bool,
+                 source: RayInstance, destination: RayInstance, force_network: bool) -> None:
+        self._shape = (capacity_blocks, block_bytes, ranks)
+        self._source, self._destination = source, destination
+        self._network = force_network or source.node != destination.node
+        self._on_device = on_device and not self._network
+        self.route = "network" if self._network else "device" if self._on_device else "host"
+        if self._on_device:
+            self.default_stage_chunk_mib = 1024
+        self._segments: dict[RayInstance, SegmentSpec] = {}  # by the instance whose actor created it
+        self._lock = asyncio.Lock()
+        self._valid_end = 0  # the source's segment holds positions [0, _valid_end)...
+        self._changed_from = math.inf  # ...rewritten from here on since the last delivery
+        self._delivered = 0  # the destination's segment holds positions [0, _delivered)
+
+    async def segment_of(self, instance: RayInstance) -> SegmentSpec:
+        """The segment `instance` reads or fills, created on its node when first asked for."""
+        owner = instance if self._network else self._source
+        async with self._lock:
+            if owner not in self._segments:
+                capacity, block_bytes, ranks = self._shape
+                self._segments[owner] = await owner._call(
+                    owner._running_actor().open_segment.remote(capacity, block_bytes, self._on_device, ranks))
+            return self._segments[owner]
+
+    def exported(self, first_block: int, result: KvExport | NotExported) -> KvExport | NotExported:
+        """Note what an export from the source put into its segment; returns `result`."""
+        if isinstance(result, KvExport):
+            self._changed_from = min(self._changed_from, first_block)
+            self._valid_end = max(self._valid_end, result.blocks)
+        return result
+
+    async def deliver_to(self, destination: RayInstance) -> SegmentSpec:
+        """The destination's segment, holding every position the source exported so far."""
+        spec = await self.segment_of(destination)
+        if self._network:
+            source_spec = await self.segment_of(self._source)
+            first = int(min(self._delivered, self._changed_from))
+            if first < self._valid_end:
+                data = self._source._running_actor().read_positions.remote(source_spec, first, self._valid_end)
+                await destination._call(destination._running_actor().write_positions.remote(spec, first, data))
+            self._delivered, self._changed_from = self._valid_end, math.inf
+        return spec
+
+    def close(self) -> None:
+        for owner, spec in self._segments.items():
+            if owner._actor is not None:
+                owner._actor.close_segment.remote(spec.path)  # (not awaited: a dead actor took it along)
+        self._segments.clear()

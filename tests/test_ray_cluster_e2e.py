@@ -1,0 +1,117 @@
+"""Multi-node serving on a real Ray cluster of two nodes on this machine (`ray.cluster_utils`):
+instances spread over the nodes, a greedy stream migrated from one node's instance to the
+other's through the network transport (Ray's object store), and a node stopped under load.
+
+The two nodes share this host's memory, but each is its own Ray node (its own raylet and object
+store): placement and the transport go by node identity, as they would across machines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from llumnix_client import StreamedCompletion, instances, migrate, running_on
+
+from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+
+ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+pytestmark = pytest.mark.engine
+
+MODEL = "spread"
+TOKENS = 1200
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[object, object]]:
+    """A head node and a second node, 2 CPUs each (one instance takes 1)."""
+    cluster = ray_cluster_utils.Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 200 << 20})
+    try:
+        second = cluster.add_node(num_cpus=2, object_store_memory=200 << 20)
+        cluster.wait_for_nodes()
+        yield cluster, second
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
+    ray, _ = cluster
+    repository = tmp_path_factory.mktemp("ray-repository")
+    config = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
+    config["resources"].update(cpu_threads=1, placement="spread")
+    # Only the test migrates; the network path is what auto picks between two nodes.
+    config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5}
+    write_model(repository, MODEL, config)
+    server = llumnix_server(repository, repository.parent / "ray-server.log",
+                            extra_args=("--ray-address", ray.address)).start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, [MODEL, MODEL])
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(server: ServerProcess) -> StreamedCompletion:
+    return StreamedCompletion(server, MODEL, max_tokens=TOKENS).result()
+
+
+def nodes_of(server: ServerProcess) -> dict[str, str]:
+    return {i: info["node"] for i, info in instances(server, MODEL).items()}
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def test_spread_puts_one_instance_on_each_node(cluster, server) -> None:
+    ray, second = cluster
+    listed = instances(server, MODEL)
+    assert all(info["state"] == "ready" for info in listed.values()), listed
+    assert set(nodes_of(server).values()) == {ray.head_node.node_id, second.node_id}
+
+
+def test_a_stream_migrated_across_nodes_is_token_identical(server, baseline) -> None:
+    run = StreamedCompletion(server, MODEL, max_tokens=TOKENS)
+    run.wait_for_tokens(100)
+    source = running_on(server, run.request_id, MODEL)
+    destination = {"0": "1", "1": "0"}[source]
+    response = migrate(server, run.request_id, destination, MODEL)
+    assert response.status_code == 200, response.text
+    report = response.json()
+    run.result()
+    assert report["committed"], report
+    assert report["route"] == "network" and report["blocks"] >= 2
+    assert report["recomputed_tokens"] == 1  # the KV came across: only the last token was computed
+    assert run.token_ids == baseline.token_ids
+    assert "".join(run.text) == "".join(baseline.text)
+
+
+def test_a_stopped_node_replays_its_requests_on_the_other_and_its_instance_restarts_there(cluster, server,
+                                                                                          baseline) -> None:
+    ray, second = cluster
+    runs = [StreamedCompletion(server, MODEL, max_tokens=TOKENS) for _ in range(4)]
+    for run in runs:
+        run.wait_for_tokens(20, timeout=60)
+    lost = next(i for i, node in nodes_of(server).items() if node == second.node_id)
+    assert lost in {running_on(server, run.request_id, MODEL) for run in runs}
+    ray.remove_node(second)
+    for run in runs:
+        run.result()
+        assert run.finish_reason == "length" and run.token_ids == baseline.token_ids
+    # The lost instance comes back on the node that is left.
+    wait_until(lambda: all(info["state"] == "ready" for info in instances(server, MODEL).values()),
+               ENGINE_START_TIMEOUT_S, f"instance {lost} restarted")
+    assert set(nodes_of(server).values()) == {ray.head_node.node_id}
