@@ -14,8 +14,13 @@ Each point is the median of --repeats runs, all in one process on the same two i
 Every migrated stream (greedy) is also run again unmigrated, and the table says how many were
 token-identical to it.
 
+With `--network`, the same measurements run a second time in the same process, on a Ray cluster
+of two nodes started on this host (`ray.cluster_utils`, one instance on each node): the KV then
+travels over the network transport (Ray's object store between the nodes), and the report gives
+its figures over the local path's, length by length.
+
     python benchmarks/migration_downtime.py [--lengths 128,256,512,1024,2048,4096] [--repeats 5]
-        [--shape tiny|llama-2-7b] [--dtype float32] [--no-async-scheduling] [--name migration]
+        [--shape tiny|llama-2-7b] [--dtype float32] [--no-async-scheduling] [--network] [--name migration]
 
 `--shape tiny` (default) runs the generated 2-layer model on the CPU; `--shape llama-2-7b` runs
 Llama-2-7B's architecture with dummy weights (GPU: both instances share one GPU by
@@ -26,6 +31,7 @@ docs/benchmarks/NAME.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -70,15 +77,36 @@ def model_config(work: Path, args, max_len: int) -> dict:
     return config
 
 
-def start_server(work: Path, config: dict, transport: str, log: Path | None) -> ServerProcess:
+def start_server(work: Path, config: dict, transport: str, log: Path | None,
+                 ray_address: str | None = None) -> ServerProcess:
     (work / "repository" / MODEL).mkdir(parents=True, exist_ok=True)
     migration = {"rescheduling": False, "transport": transport}  # only the benchmark migrates
     config = {"instances": 2, **config, "scheduler": {"dispatch_policy": "llumnix", "migration": migration}}
     (work / "repository" / MODEL / "config.yaml").write_text(yaml.safe_dump(config))
-    server = llumnix_server(work / "repository", log or work / "server.log", extra_args=("--log-level", "warning"))
+    extra = ("--log-level", "warning", *(("--ray-address", ray_address) if ray_address else ()))
+    server = llumnix_server(work / "repository", log or work / "server.log", extra_args=extra)
     server.start()
-    wait_for_repository(server, 300)
+    try:
+        wait_for_repository(server, 300)
+    except BaseException:
+        server.stop()
+        raise
     return server
+
+
+@contextlib.contextmanager
+def two_node_cluster() -> Iterator[str]:
+    """A Ray cluster of two nodes on this host (each its own raylet and object store); its address."""
+    from ray.cluster_utils import Cluster
+
+    resources = {"num_cpus": os.cpu_count(), "num_gpus": device_count(), "object_store_memory": 4 << 30}
+    cluster = Cluster(initialize_head=True, head_node_args=resources)
+    try:
+        cluster.add_node(**resources)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 class TimedStream:
@@ -188,7 +216,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="per instance, CPU engines")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="per instance, GPU engines")
     parser.add_argument("--transport", choices=["auto", "host", "device"], default="auto",
-                        help="how KV blocks travel (auto: device on GPU, host on CPU)")
+                        help="how KV blocks travel on one host (auto: device on GPU, host on CPU)")
+    parser.add_argument("--network", action="store_true",
+                        help="then measure again between two Ray nodes on this host (the network transport)")
     parser.add_argument("--decode-after", type=int, default=128,
                         help="tokens the request may still generate once the migration starts: it must "
                              "outlive the migration (the host path on GPU copies for seconds)")
@@ -205,11 +235,10 @@ def main() -> None:
     def random_prompt(n: int) -> list[int]:  # fresh tokens every time: nothing hits a prefix cache
         return [rng.randrange(3, 259) for _ in range(n)]
 
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="llumnix-migration-") as tmp:
-        work = Path(tmp)
+    def measure(work: Path, ray_address: str | None = None) -> dict[int, dict]:
+        rows = {}
         server = start_server(work, model_config(work, args, max(lengths) + args.decode_after + 64), args.transport,
-                              args.server_log)
+                              args.server_log, ray_address)
         try:
             # Warm both instances up.
             measure_migration(server, random_prompt(min(lengths) - DECODE_BEFORE), args.decode_after)
@@ -222,10 +251,18 @@ def main() -> None:
                     recomputes.append(measure_recompute(server, random_prompt(length)))
                     wait_idle(server)
                 rows[length] = summarize(migrations, recomputes)
-                print(f"{length} tokens: {rows[length]}", file=sys.stderr)
+                print(f"{'network' if ray_address else 'local'}, {length} tokens: {rows[length]}", file=sys.stderr)
         finally:
             server.stop()
-    report = build_report(rows, args)
+        return rows
+
+    with tempfile.TemporaryDirectory(prefix="llumnix-migration-") as tmp:
+        rows = measure(Path(tmp) / "local")
+        network_rows = None
+        if args.network:
+            with two_node_cluster() as address:
+                network_rows = measure(Path(tmp) / "network", address)
+    report = build_report(rows, args, network_rows)
     print(json.dumps(report, indent=2))
     print(report_table(report))
     write_docs(report, args.out, args.name)
@@ -250,12 +287,12 @@ def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
     }
 
 
-def build_report(rows: dict[int, dict], args) -> dict:
+def build_report(rows: dict[int, dict], args, network_rows: dict[int, dict] | None = None) -> dict:
     lengths = sorted(rows)
     short, long = rows[lengths[0]], rows[lengths[-1]]
     flat = long["client_downtime_ms"] / short["client_downtime_ms"]
     versus = long["client_downtime_ms"] / long["recompute_ms"]
-    return {
+    report = {
         "benchmark": "migration_downtime",
         "command": command_line(),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
@@ -275,6 +312,15 @@ def build_report(rows: dict[int, dict], args) -> dict:
             "met": flat <= 2.0 and versus <= 0.2,
         },
     }
+    if network_rows is not None:
+        # Route "network" against the local path (`--transport`), length by length.
+        network = {str(k): {"downtime_over_local": network_rows[k]["client_downtime_ms"] / rows[k]["client_downtime_ms"],
+                            "total_over_local": network_rows[k]["migration_total_ms"] / rows[k]["migration_total_ms"]}
+                   for k in lengths}
+        report["network"] = {"results": {str(k): network_rows[k] for k in lengths}, "over_local": network}
+        report["targets"]["network_downtime_over_local_at_longest_at_most"] = 2.0
+        report["targets"]["network_met"] = network[str(lengths[-1])]["downtime_over_local"] <= 2.0
+    return report
 
 
 def report_table(report: dict) -> str:
@@ -287,13 +333,29 @@ def report_table(report: dict) -> str:
              r["token_identical"]]
             for k, r in report["results"].items()]
     comparison = "; ".join(f"{k}: {v:.3f}" for k, v in report["comparison"].items())
-    return f"{markdown_table(header, rows)}\n\n{comparison}"
+    table = f"{markdown_table(header, rows)}\n\n{comparison}"
+    if "network" in report:
+        header = ["tokens", "downtime ms (client)", "downtime ms (server)", "migration ms", "stages", "blocks",
+                  "recomputed tokens", "token-identical", "downtime / local", "migration / local"]
+        rows = [[k, f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
+                 f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), r["token_identical"],
+                 f"{ratio['downtime_over_local']:.2f}x", f"{ratio['total_over_local']:.2f}x"]
+                for (k, r), ratio in zip(report["network"]["results"].items(), report["network"]["over_local"].values())]
+        table += f"\n\nNetwork transport (two Ray nodes, Ray's object store), over the local path above:\n\n" \
+                 f"{markdown_table(header, rows)}"
+    return table
 
 
 def device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def write_docs(report: dict, out: Path, name: str) -> None:
@@ -312,6 +374,10 @@ def write_docs(report: dict, out: Path, name: str) -> None:
     ax.plot(lengths, [r["client_downtime_ms"] for r in rows], "o-", label="migration downtime (client)")
     ax.plot(lengths, [r["migration_total_ms"] for r in rows], "s--", label="migration, first copy to switch")
     ax.plot(lengths, [r["recompute_ms"] for r in rows], "^-", label="recompute on destination")
+    if "network" in report:
+        network = list(report["network"]["results"].values())
+        ax.plot(lengths, [r["client_downtime_ms"] for r in network], "o:", label="downtime, network transport")
+        ax.plot(lengths, [r["migration_total_ms"] for r in network], "s:", label="migration, network transport")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("ms")

@@ -8,10 +8,12 @@ store): placement and the transport go by node identity, as they would across ma
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
 from llumnix_client import StreamedCompletion, instances, migrate, running_on
@@ -115,3 +117,23 @@ def test_a_stopped_node_replays_its_requests_on_the_other_and_its_instance_resta
     wait_until(lambda: all(info["state"] == "ready" for info in instances(server, MODEL).values()),
                ENGINE_START_TIMEOUT_S, f"instance {lost} restarted")
     assert set(nodes_of(server).values()) == {ray.head_node.node_id}
+
+
+def engine_processes() -> list[psutil.Process]:
+    """The instances' actors and their engine processes, on every node (all on this host)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "ray::EngineActor" in command or "EngineCore" in command:
+            found.append(process)
+    return found
+
+
+def test_killing_the_server_ends_its_instances_on_every_node(server) -> None:
+    """Last in the module: the server's actors are its own (not detached), so Ray ends them with
+    it, and their engines notice they are orphaned."""
+    engines = engine_processes()
+    assert len(engines) >= 4  # two actors, each with its engine process
+    server.stop(signal.SIGKILL)
+    _, alive = psutil.wait_procs(engines, timeout=60)
+    assert not alive, [p.info["cmdline"] for p in alive]

@@ -333,8 +333,8 @@ class RayInstance(EngineInstance):
                 # Ending the actor's generator ends vLLM's, which aborts the request there.
                 ray.cancel(stream)
                 if self.alive:
-                    with contextlib.suppress(Exception):
-                        await self._actor.abort.remote(request.request_id)
+                    with contextlib.suppress(Exception):  # (a hung actor's call ends once it is abandoned)
+                        await self._call(self._actor.abort.remote(request.request_id))
 
     async def embed(self, request: EmbeddingRequest) -> list[float]:
         return await self._call(self._running_actor().embed.remote(request))
