@@ -232,6 +232,8 @@ class _InstanceCollector:
         state = GaugeMetricFamily("llumnix:instance_state", "1 for the state the instance is in.", labels=[*labels, "state"])
         gpus = GaugeMetricFamily("llumnix:instance_gpus", "GPUs an instance runs on (label gpus: their indices).",
                                  labels=[*labels, "gpus"])
+        node = GaugeMetricFamily("llumnix:instance_node", "1 for the Ray node an instance runs on (label node: its id).",
+                                 labels=[*labels, "node"])
         # vLLM's info gauge (1, the settings in labels), with the settings the snapshots tell.
         cache_info = GaugeMetricFamily("vllm:cache_config_info", "The engine's KV cache: block size and blocks.",
                                        labels=[*labels, "block_size", "num_gpu_blocks"])
@@ -243,6 +245,8 @@ class _InstanceCollector:
                 state.add_metric([*key, name], 1.0 if report.state == name else 0.0)
             if report.gpus:
                 gpus.add_metric([*key, ",".join(map(str, report.gpus))], len(report.gpus))
+            if report.node:
+                node.add_metric([*key, report.node], 1.0)
             snap = report.snapshot
             if snap is None:
                 continue
@@ -257,4 +261,4 @@ class _InstanceCollector:
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, state, gpus, ready)
+        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, state, gpus, node, ready)

@@ -60,6 +60,7 @@ class InstanceEvent:
     seconds: float
     error: str | None = None
     gpus: tuple[int, ...] = ()
+    node: str | None = None  # the Ray node it started on (None on a single host)
 
 
 ProgressCallback = Callable[[InstanceEvent], None]
@@ -270,7 +271,8 @@ class ServedModel:
                     self._gpus.release(f"{self.name}/{instance_id}")
             else:
                 slot.state, slot.error, slot.served, slot.failures = InstanceState.READY, None, True, 0
-            progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error, gpus))
+            progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error, gpus,
+                                   slot.engine.node))
 
     async def wait_idle(self) -> None:
         """Return once no request is running here (the model takes none while unloading)."""

@@ -8,11 +8,13 @@ store): placement and the transport go by node identity, as they would across ma
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
@@ -69,6 +71,15 @@ def nodes_of(server: ServerProcess) -> dict[str, str]:
     return {i: info["node"] for i, info in instances(server, MODEL).items()}
 
 
+def samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    found = []
+    for line in metrics.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            found.append((dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+    return found
+
+
 def wait_until(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,6 +94,10 @@ def test_spread_puts_one_instance_on_each_node(cluster, server) -> None:
     listed = instances(server, MODEL)
     assert all(info["state"] == "ready" for info in listed.values()), listed
     assert set(nodes_of(server).values()) == {ray.head_node.node_id, second.node_id}
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    exported = {(labels["engine"], labels["node"]) for labels, value in samples(metrics, "llumnix:instance_node")
+                if labels["model_name"] == MODEL and value == 1.0}
+    assert exported == set(nodes_of(server).items()), metrics
 
 
 def test_a_stream_migrated_across_nodes_is_token_identical(server, baseline) -> None:

@@ -28,11 +28,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -134,7 +133,14 @@ class EngineActor:
         alive = self._instance.alive
         return self._arrivals, self._instance.latest_snapshot, None if alive else (self._instance.failure or "stopped")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, request: GenerationRequest,
+                       pieces: Sequence[tuple[int, ray.ObjectRef]] = ()) -> AsyncIterator[GenerationDelta]:
+        """Stream the request; a migrated one's KV `pieces` (position runs another node's actor
+        exported, see `export_kv`) go into its segment here first."""
+        if pieces:
+            assert isinstance(request.kv_transfer, SegmentTransfer)
+            for first, data in pieces:
+                await asyncio.to_thread(write_positions, request.kv_transfer.spec, self._layer_bytes, first, await data)
         async for delta in self._instance.generate(request):
             yield delta
 
@@ -144,12 +150,26 @@ class EngineActor:
     async def abort(self, request_id: str) -> None:
         await self._instance.abort(request_id)
 
-    async def export_kv(self, request_id: str, spec: SegmentSpec, first_block: int,
-                        max_blocks: int | None) -> KvExport | NotExported:
-        return await self._instance.export_kv(request_id, SegmentTransfer(spec), first_block, max_blocks)
+    # The two exports return two objects (`num_returns=2`): the answer, which the server reads,
+    # and, with `read`, the positions the export wrote, which stay in this node's object store
+    # until the destination's actor fetches them: one round trip per stage, and the bytes never
+    # pass through the server.
 
-    async def stop_and_export_kv(self, request_id: str, spec: SegmentSpec, first_block: int) -> KvExport | NotExported:
-        return await self._instance.stop_and_export_kv(request_id, SegmentTransfer(spec), first_block)
+    async def export_kv(self, request_id: str, spec: SegmentSpec, first_block: int, max_blocks: int | None,
+                        read: bool) -> tuple[KvExport | NotExported, list[bytes] | None]:
+        result = await self._instance.export_kv(request_id, SegmentTransfer(spec), first_block, max_blocks)
+        return result, await self._exported_positions(spec, first_block, result, read)
+
+    async def stop_and_export_kv(self, request_id: str, spec: SegmentSpec, first_block: int,
+                                 read: bool) -> tuple[KvExport | NotExported, list[bytes] | None]:
+        result = await self._instance.stop_and_export_kv(request_id, SegmentTransfer(spec), first_block)
+        return result, await self._exported_positions(spec, first_block, result, read)
+
+    async def _exported_positions(self, spec: SegmentSpec, first_block: int, result: KvExport | NotExported,
+                                  read: bool) -> list[bytes] | None:
+        if not read or not isinstance(result, KvExport) or result.blocks <= first_block:
+            return None
+        return await asyncio.to_thread(read_positions, spec, self._layer_bytes, first_block, result.blocks)
 
     async def resume_request(self, request_id: str) -> None:
         await self._instance.resume_request(request_id)
@@ -163,12 +183,6 @@ class EngineActor:
         segment = self._segments.pop(path, None)
         if segment is not None:
             segment.close()
-
-    def read_positions(self, spec: SegmentSpec, first: int, end: int) -> list[bytes]:
-        return read_positions(spec, self._layer_bytes, first, end)
-
-    def write_positions(self, spec: SegmentSpec, first: int, data: list[bytes]) -> None:
-        write_positions(spec, self._layer_bytes, first, data)
 
     async def shutdown(self) -> None:
         for path in list(self._segments):
@@ -314,11 +328,12 @@ class RayInstance(EngineInstance):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         actor = self._running_actor()
+        pieces: list[tuple[int, ray.ObjectRef]] = []
         if request.kv_transfer is not None:
             assert isinstance(request.kv_transfer, RayTransfer)
-            spec = await request.kv_transfer.deliver_to(self)
+            spec, pieces = await request.kv_transfer.delivery(self)
             request = dataclasses.replace(request, kv_transfer=SegmentTransfer(spec))
-        stream = actor.generate.options(num_returns="streaming").remote(request)
+        stream = actor.generate.options(num_returns="streaming").remote(request, pieces)
         finished = False
         try:
             while not finished:
@@ -346,15 +361,17 @@ class RayInstance(EngineInstance):
                         max_blocks: int | None = None) -> KvExport | NotExported:
         assert isinstance(transfer, RayTransfer)
         spec = await transfer.segment_of(self)
-        return transfer.exported(first_block, await self._call(
-            self._running_actor().export_kv.remote(request_id, spec, first_block, max_blocks)))
+        answer, data = self._running_actor().export_kv.options(num_returns=2).remote(
+            request_id, spec, first_block, max_blocks, transfer.network)
+        return transfer.exported(first_block, await self._call(answer), data)
 
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
                                  first_block: int) -> KvExport | NotExported:
         assert isinstance(transfer, RayTransfer)
         spec = await transfer.segment_of(self)
-        return transfer.exported(first_block, await self._call(
-            self._running_actor().stop_and_export_kv.remote(request_id, spec, first_block)))
+        answer, data = self._running_actor().stop_and_export_kv.options(num_returns=2).remote(
+            request_id, spec, first_block, transfer.network)
+        return transfer.exported(first_block, await self._call(answer), data)
 
     async def resume_request(self, request_id: str) -> None:
         await self._call(self._running_actor().resume_request.remote(request_id))
@@ -378,20 +395,19 @@ class RayTransfer(KvTransfer):
                  source: RayInstance, destination: RayInstance, force_network: bool) -> None:
         self._shape = (capacity_blocks, block_bytes, ranks)
         self._source, self._destination = source, destination
-        self._network = force_network or source.node != destination.node
-        self._on_device = on_device and not self._network
-        self.route = "network" if self._network else "device" if self._on_device else "host"
+        self.network = force_network or source.node != destination.node
+        self._on_device = on_device and not self.network
+        self.route = "network" if self.network else "device" if self._on_device else "host"
         if self._on_device:
             self.default_stage_chunk_mib = 1024
         self._segments: dict[RayInstance, SegmentSpec] = {}  # by the instance whose actor created it
         self._lock = asyncio.Lock()
-        self._valid_end = 0  # the source's segment holds positions [0, _valid_end)...
-        self._changed_from = math.inf  # ...rewritten from here on since the last delivery
-        self._delivered = 0  # the destination's segment holds positions [0, _delivered)
+        # Over the network: the position runs exported since the last delivery, in order.
+        self._undelivered: list[tuple[int, ray.ObjectRef]] = []
 
     async def segment_of(self, instance: RayInstance) -> SegmentSpec:
         """The segment `instance` reads or fills, created on its node when first asked for."""
-        owner = instance if self._network else self._source
+        owner = instance if self.network else self._source
         async with self._lock:
             if owner not in self._segments:
                 capacity, block_bytes, ranks = self._shape
@@ -399,24 +415,19 @@ class RayTransfer(KvTransfer):
                     owner._running_actor().open_segment.remote(capacity, block_bytes, self._on_device, ranks))
             return self._segments[owner]
 
-    def exported(self, first_block: int, result: KvExport | NotExported) -> KvExport | NotExported:
-        """Note what an export from the source put into its segment; returns `result`."""
-        if isinstance(result, KvExport):
-            self._changed_from = min(self._changed_from, first_block)
-            self._valid_end = max(self._valid_end, result.blocks)
+    def exported(self, first_block: int, result: KvExport | NotExported, data: ray.ObjectRef) -> KvExport | NotExported:
+        """Note what an export from the source wrote (`data`: the positions it read back, over
+        the network); returns `result`."""
+        if self.network and isinstance(result, KvExport) and result.blocks > first_block:
+            self._undelivered.append((first_block, data))
         return result
 
-    async def deliver_to(self, destination: RayInstance) -> SegmentSpec:
-        """The destination's segment, holding every position the source exported so far."""
+    async def delivery(self, destination: RayInstance) -> tuple[SegmentSpec, list[tuple[int, ray.ObjectRef]]]:
+        """The segment the destination loads from, and the position runs its actor must write
+        into it first (over the network; none within a node)."""
         spec = await self.segment_of(destination)
-        if self._network:
-            source_spec = await self.segment_of(self._source)
-            first = int(min(self._delivered, self._changed_from))
-            if first < self._valid_end:
-                data = self._source._running_actor().read_positions.remote(source_spec, first, self._valid_end)
-                await destination._call(destination._running_actor().write_positions.remote(spec, first, data))
-            self._delivered, self._changed_from = self._valid_end, math.inf
-        return spec
+        pieces, self._undelivered = self._undelivered, []
+        return spec, pieces
 
     def close(self) -> None:
         for owner, spec in self._segments.items():

@@ -25,7 +25,8 @@ class StartupReport:
             where = f" on GPU {','.join(map(str, event.gpus))}" if event.gpus else ""
             self._print(f"[llumnix] {name}: starting engine{where}")
         elif event.state is InstanceState.READY:
-            self._print(f"[llumnix] {name}: ready in {event.seconds:.1f} s")
+            where = f" on Ray node {event.node}" if event.node else ""
+            self._print(f"[llumnix] {name}: ready in {event.seconds:.1f} s{where}")
         else:
             self._print(f"[llumnix] {name}: FAILED after {event.seconds:.1f} s: {event.error}")
 
