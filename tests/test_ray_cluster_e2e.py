@@ -50,7 +50,8 @@ def server(cluster, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     config = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
     config["resources"].update(cpu_threads=1, placement="spread")
     # Only the test migrates; the network path is what auto picks between two nodes.
-    config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5}
+    # A short stage timeout, so that a stage that fails (a hung destination) ends soon.
+    config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5, "stage_timeout_s": 2}
     write_model(repository, MODEL, config)
     server = llumnix_server(repository, repository.parent / "ray-server.log",
                             extra_args=("--ray-address", ray.address)).start()
@@ -114,6 +115,45 @@ def test_a_stream_migrated_across_nodes_is_token_identical(server, baseline) -> 
     assert report["recomputed_tokens"] == 1  # the KV came across: only the last token was computed
     assert run.token_ids == baseline.token_ids
     assert "".join(run.text) == "".join(baseline.text)
+
+
+def engine_of(ray_node) -> psutil.Process:
+    """The engine process of the one instance on a Ray node (`cluster_utils` node): the
+    EngineCore child of the EngineActor worker its raylet started."""
+    raylet = psutil.Process(ray_node.all_processes["raylet"][0].process.pid)
+    actors = [p for p in raylet.children(recursive=True) if "ray::EngineActor" in " ".join(p.cmdline())]
+    assert len(actors) == 1, actors
+    engines = [p for p in actors[0].children() if p.name().startswith("VLLM::EngineCore")]
+    assert len(engines) == 1, actors[0].children()
+    return engines[0]
+
+
+def test_a_migration_whose_stage_fails_on_the_other_node_leaves_the_stream_on_its_source(cluster, server,
+                                                                                         baseline) -> None:
+    """The destination's engine hangs (SIGSTOP) while the stream migrates to it: the stage that
+    preloads it times out, the migration aborts, and the stream goes on, unbroken, where it was."""
+    ray, second = cluster
+    run = StreamedCompletion(server, MODEL, max_tokens=TOKENS)
+    run.wait_for_tokens(100)
+    source = running_on(server, run.request_id, MODEL)
+    destination = {"0": "1", "1": "0"}[source]
+    ray_node = second if nodes_of(server)[destination] == second.node_id else ray.head_node
+    hung = engine_of(ray_node)
+    hung.suspend()
+    try:
+        response = migrate(server, run.request_id, destination, MODEL)
+    finally:
+        hung.resume()
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert not report["committed"] and report["route"] == "network", report
+    assert "timed out" in report["reason"], report
+    run.result()
+    assert run.token_ids == baseline.token_ids
+    # The aborted preload does not stay on the destination, which serves again.
+    wait_until(lambda: not (instances(server, MODEL)[destination]["snapshot"] or {}).get("running"),
+               30, "the destination holds no request of the aborted migration")
+    assert instances(server, MODEL)[destination]["state"] == "ready"
 
 
 def test_a_stopped_node_replays_its_requests_on_the_other_and_its_instance_restarts_there(cluster, server,
