@@ -389,20 +389,20 @@ class VllmModelRuntime(ModelRuntime):
 
     def create_instance(self, instance_id: str, placement: GpuPlacement = GpuPlacement()) -> EngineInstance:
         args = self._engine_args
+        # vLLM sizes the KV cache by profiling the memory in use on the GPU, which an engine
+        # starting beside it would throw off: engines start one at a time per GPU, unless the
+        # KV cache's size is given.
+        profiled = not current_platform.is_cpu() and not args.kv_cache_memory_bytes
         if self.cluster is not None:
             from llumnix_vllm.ray_cluster import RayInstance
 
             return RayInstance(self.cluster.cluster, self._name, instance_id, args, self._cpu_threads,
-                               self.cluster.demand, self.cluster.mode)
+                               self.cluster.demand, self.cluster.mode, start_alone=profiled)
         if placement.gpus:
             changes: dict[str, Any] = {"device_ids": list(placement.gpus)}  # vLLM's own per-engine GPU choice
             if self._gpu_share is None:
                 changes["gpu_memory_utilization"] = min(0.9, 0.9 / placement.sharing)
             args = dataclasses.replace(args, **changes)
-        # vLLM sizes the KV cache by profiling the memory in use on the GPU, which an engine
-        # starting beside it would throw off: engines start one at a time per GPU, unless the
-        # KV cache's size is given.
-        profiled = not current_platform.is_cpu() and not args.kv_cache_memory_bytes
         return VllmInstance(instance_id, args, self._cpu_threads, (placement.gpus or (0,)) if profiled else ())
 
     def create_transfer(self, capacity_blocks: int, block_bytes: int, transport: str,

@@ -25,6 +25,7 @@ loads it. Which path a migration takes is decided by the two actors' node ids.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -73,6 +74,9 @@ class RayCluster:
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         # What this server's instances reserve, by instance start: (model, node id, resources).
         self._reserved: dict[str, tuple[str, str, InstanceResources]] = {}
+        # Per node, GPU engines that size their KV cache by profiling start one at a time (as
+        # on one host: each measures the memory in use, which another start would throw off).
+        self._gpu_starts: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     def place(self, key: str, model: str, demand: InstanceResources, mode: PlacementMode) -> str:
         """Reserve room for one instance start (`key`, unique to it) and return its node's id."""
@@ -92,6 +96,10 @@ class RayCluster:
 
     def release(self, key: str) -> None:
         self._reserved.pop(key, None)
+
+    def gpu_start_slot(self, node_id: str) -> asyncio.Lock:
+        """Held while a profiling GPU engine starts on the node."""
+        return self._gpu_starts[node_id]
 
     def start_actor(self, node_id: str, demand: InstanceResources, *args: Any) -> Any:
         remote = ray.remote(EngineActor).options(
@@ -194,7 +202,9 @@ class RayInstance(EngineInstance):
     """The server's handle on one `EngineActor`."""
 
     def __init__(self, cluster: RayCluster, model: str, instance_id: str, engine_args: AsyncEngineArgs,
-                 cpu_threads: int | None, demand: InstanceResources, mode: PlacementMode) -> None:
+                 cpu_threads: int | None, demand: InstanceResources, mode: PlacementMode,
+                 start_alone: bool = False) -> None:
+        """`start_alone`: no other such instance may start on the same node at the same time."""
         self.instance_id = instance_id
         self._cluster = cluster
         self._model = model
@@ -202,6 +212,7 @@ class RayInstance(EngineInstance):
         self._actor_args = (instance_id, engine_args, cpu_threads)
         self._demand = demand
         self._mode = mode
+        self._start_alone = start_alone and demand.gpus > 0
         self._actor: Any = None
         self._node: str | None = None
         self._snapshot: InstanceSnapshot | None = None
@@ -228,10 +239,11 @@ class RayInstance(EngineInstance):
             except TimeoutError:
                 raise EngineStartFailed(f"node {node} did not take the instance's actor within "
                                         f"{ACTOR_SCHEDULE_TIMEOUT_S:g} s (its resources are held elsewhere?)") from None
-            try:
-                self._node = await self._actor.start.remote()
-            except RayTaskError as exc:
-                raise _cause(exc) from None
+            async with self._cluster.gpu_start_slot(node) if self._start_alone else contextlib.nullcontext():
+                try:
+                    self._node = await self._actor.start.remote()
+                except RayTaskError as exc:
+                    raise _cause(exc) from None
             self._follow_task = asyncio.create_task(self._follow(), name=f"ray-snapshots-{self._key}")
             await self._first_snapshot.wait()  # (the first poll answers at once: the engine has reported)
             if self._lost is not None:
