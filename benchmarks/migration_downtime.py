@@ -20,7 +20,8 @@ travels over the network transport (Ray's object store between the nodes), and t
 its figures over the local path's, length by length.
 
     python benchmarks/migration_downtime.py [--lengths 128,256,512,1024,2048,4096] [--repeats 5]
-        [--shape tiny|llama-2-7b] [--dtype float32] [--no-async-scheduling] [--network] [--name migration]
+        [--shape tiny|llama-2-7b] [--gpu-kv-cache-gib G] [--dtype float32] [--no-async-scheduling]
+        [--network] [--name migration]
 
 `--shape tiny` (default) runs the generated 2-layer model on the CPU; `--shape llama-2-7b` runs
 Llama-2-7B's architecture with dummy weights (GPU: both instances share one GPU by
@@ -70,6 +71,8 @@ def model_config(work: Path, args, max_len: int) -> dict:
         model_dir = write_llama_2_7b_shape(work / "model")
         config = {"engine": {"model": str(model_dir), "load_format": "dummy", "max_model_len": max_len},
                   "resources": {"gpu_memory_utilization": args.gpu_memory_utilization}}
+        if args.gpu_kv_cache_gib:
+            config["resources"]["gpu_kv_cache_gib"] = args.gpu_kv_cache_gib
     if args.dtype:
         config["engine"]["dtype"] = args.dtype
     if args.no_async_scheduling:
@@ -215,6 +218,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=["tiny", "llama-2-7b"], default="tiny")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="per instance, CPU engines")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.42, help="per instance, GPU engines")
+    parser.add_argument("--gpu-kv-cache-gib", type=float,
+                        help="per instance, GPU engines: a fixed KV cache instead of one sized by profiling, so "
+                             "that engines may start together (with --network, the two Ray nodes share the GPU)")
     parser.add_argument("--transport", choices=["auto", "host", "device"], default="auto",
                         help="how KV blocks travel on one host (auto: device on GPU, host on CPU)")
     parser.add_argument("--network", action="store_true",
