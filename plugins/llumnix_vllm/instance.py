@@ -325,7 +325,8 @@ class VllmInstance(EngineInstance):
                     queue_time=queue_time,
                     prefill_time=prefill_time,
                     num_cached_tokens=output.num_cached_tokens,
-                    num_preemptions=None if stats is None else stats.num_preemptions,
+                    # (vLLM 0.26, the GPU build, does not count a request's preemptions)
+                    num_preemptions=getattr(stats, "num_preemptions", None),
                     logprobs=_token_logprobs(completion, request.sampling.get("logprobs")),
                     prompt_logprobs=_prompt_logprobs(output.prompt_logprobs),
                 )
