@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -256,13 +257,19 @@ def main() -> None:
                 measure_migration(server, random_prompt(min(lengths) - DECODE_BEFORE), args.decode_after)
             wait_idle(server)
             for length in lengths:
-                migrations, recomputes = [], []
+                # A migration that does not commit (the request finished first, say) is counted,
+                # not fatal: the other lengths' figures still get written.
+                migrations, recomputes, failures = [], [], []
                 for _ in range(args.repeats):
-                    migrations.append(measure_migration(server, random_prompt(length - DECODE_BEFORE), args.decode_after))
+                    try:
+                        migrations.append(measure_migration(server, random_prompt(length - DECODE_BEFORE),
+                                                            args.decode_after))
+                    except MigrationNotCommitted as exc:
+                        failures.append(str(exc))
                     wait_idle(server)
                     recomputes.append(measure_recompute(server, random_prompt(length)))
                     wait_idle(server)
-                rows[length] = summarize(migrations, recomputes)
+                rows[length] = summarize(migrations, recomputes, failures)
                 print(f"{'network' if ray_address else 'local'}, {length} tokens: {rows[length]}", file=sys.stderr)
         finally:
             server.stop()
@@ -280,11 +287,17 @@ def main() -> None:
     write_docs(report, args.out, args.name)
 
 
-def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
+def summarize(migrations: list[dict], recomputes: list[float], failures: list[str]) -> dict:
+    """Medians over the migrations that committed; with none, only the counts and why."""
     def median(key: str) -> float:
         return statistics.median(m[key] for m in migrations)
 
+    counts = {"committed": f"{len(migrations)}/{len(migrations) + len(failures)}",
+              **({"failure": failures[-1]} if failures else {})}
+    if not migrations:
+        return {**counts, "recompute_ms": statistics.median(recomputes) * 1000}
     return {
+        **counts,
         "client_downtime_ms": median("client_downtime_s") * 1000,
         "inter_token_ms": median("inter_token_s") * 1000,
         "stage_stall_ms": median("stage_stall_s") * 1000,
@@ -302,8 +315,8 @@ def summarize(migrations: list[dict], recomputes: list[float]) -> dict:
 def build_report(rows: dict[int, dict], args, network_rows: dict[int, dict] | None = None) -> dict:
     lengths = sorted(rows)
     short, long = rows[lengths[0]], rows[lengths[-1]]
-    flat = long["client_downtime_ms"] / short["client_downtime_ms"]
-    versus = long["client_downtime_ms"] / long["recompute_ms"]
+    flat = ratio(long, short, "client_downtime_ms")
+    versus = ratio(long, long, "client_downtime_ms", "recompute_ms")
     report = {
         "benchmark": "migration_downtime",
         "command": command_line(),
@@ -321,38 +334,52 @@ def build_report(rows: dict[int, dict], args, network_rows: dict[int, dict] | No
         "targets": {
             "downtime_longest_over_shortest_at_most": 2.0,
             "downtime_over_recompute_at_longest_at_most": 0.2,
-            "met": flat <= 2.0 and versus <= 0.2,
+            "met": flat is not None and versus is not None and flat <= 2.0 and versus <= 0.2,
         },
     }
     if network_rows is not None:
         # Route "network" against the local path (`--transport`), length by length.
-        network = {str(k): {"downtime_over_local": network_rows[k]["client_downtime_ms"] / rows[k]["client_downtime_ms"],
-                            "total_over_local": network_rows[k]["migration_total_ms"] / rows[k]["migration_total_ms"]}
+        network = {str(k): {"downtime_over_local": ratio(network_rows[k], rows[k], "client_downtime_ms"),
+                            "total_over_local": ratio(network_rows[k], rows[k], "migration_total_ms")}
                    for k in lengths}
         report["network"] = {"results": {str(k): network_rows[k] for k in lengths}, "over_local": network}
         report["targets"]["network_downtime_over_local_at_longest_at_most"] = 2.0
-        report["targets"]["network_met"] = network[str(lengths[-1])]["downtime_over_local"] <= 2.0
+        at_longest = network[str(lengths[-1])]["downtime_over_local"]
+        report["targets"]["network_met"] = at_longest is not None and at_longest <= 2.0
     return report
+
+
+def ratio(row: dict, base: dict, key: str, base_key: str | None = None) -> float | None:
+    """row[key] / base[base_key or key]; None where either length has no committed migration."""
+    top, bottom = row.get(key), base.get(base_key or key)
+    return None if top is None or bottom is None else top / bottom
+
+
+def cell(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def report_table(report: dict) -> str:
     header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)",
               "of which last copy ms", "longest pause before the switch ms", "migration ms", "stages", "blocks",
-              "recomputed tokens", "recompute ms", "token-identical"]
-    rows = [[k, f"{r['inter_token_ms']:.1f}", f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}",
-             f"{r['final_copy_ms']:.1f}", f"{r['stage_stall_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
-             f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), f"{r['recompute_ms']:.1f}",
-             r["token_identical"]]
+              "recomputed tokens", "recompute ms", "token-identical", "committed"]
+    rows = [[k, *(cell(r.get(key)) for key in ("inter_token_ms", "client_downtime_ms", "server_downtime_ms",
+                                                "final_copy_ms", "stage_stall_ms", "migration_total_ms")),
+             cell(r.get("stages"), ".0f"), cell(r.get("blocks"), ".0f"), str(r.get("recomputed_tokens", "-")),
+             cell(r["recompute_ms"]), r.get("token_identical", "-"), r["committed"]]
             for k, r in report["results"].items()]
-    comparison = "; ".join(f"{k}: {v:.3f}" for k, v in report["comparison"].items())
+    comparison = "; ".join(f"{k}: {cell(v, '.3f')}" for k, v in report["comparison"].items())
     table = f"{markdown_table(header, rows)}\n\n{comparison}"
     if "network" in report:
-        header = ["tokens", "downtime ms (client)", "downtime ms (server)", "migration ms", "stages", "blocks",
-                  "recomputed tokens", "token-identical", "downtime / local", "migration / local"]
-        rows = [[k, f"{r['client_downtime_ms']:.1f}", f"{r['server_downtime_ms']:.1f}", f"{r['migration_total_ms']:.1f}",
-                 f"{r['stages']:.0f}", f"{r['blocks']:.0f}", str(r["recomputed_tokens"]), r["token_identical"],
-                 f"{ratio['downtime_over_local']:.2f}x", f"{ratio['total_over_local']:.2f}x"]
-                for (k, r), ratio in zip(report["network"]["results"].items(), report["network"]["over_local"].values())]
+        header = ["tokens", "downtime ms (client)", "downtime ms (server)", "of which last copy ms", "migration ms",
+                  "stages", "blocks", "recomputed tokens", "token-identical", "committed", "downtime / local",
+                  "migration / local"]
+        rows = [[k, *(cell(r.get(key)) for key in ("client_downtime_ms", "server_downtime_ms", "final_copy_ms",
+                                                    "migration_total_ms")),
+                 cell(r.get("stages"), ".0f"), cell(r.get("blocks"), ".0f"), str(r.get("recomputed_tokens", "-")),
+                 r.get("token_identical", "-"), r["committed"],
+                 cell(over["downtime_over_local"], ".2f", "x"), cell(over["total_over_local"], ".2f", "x")]
+                for (k, r), over in zip(report["network"]["results"].items(), report["network"]["over_local"].values())]
         table += f"\n\nNetwork transport (two Ray nodes, Ray's object store), over the local path above:\n\n" \
                  f"{markdown_table(header, rows)}"
     return table
@@ -383,13 +410,16 @@ def write_docs(report: dict, out: Path, name: str) -> None:
     lengths = [int(k) for k in report["results"]]
     rows = list(report["results"].values())
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(lengths, [r["client_downtime_ms"] for r in rows], "o-", label="migration downtime (client)")
-    ax.plot(lengths, [r["migration_total_ms"] for r in rows], "s--", label="migration, first copy to switch")
+    def series(rows: list[dict], key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in rows]  # (gaps where no migration committed)
+
+    ax.plot(lengths, series(rows, "client_downtime_ms"), "o-", label="migration downtime (client)")
+    ax.plot(lengths, series(rows, "migration_total_ms"), "s--", label="migration, first copy to switch")
     ax.plot(lengths, [r["recompute_ms"] for r in rows], "^-", label="recompute on destination")
     if "network" in report:
         network = list(report["network"]["results"].values())
-        ax.plot(lengths, [r["client_downtime_ms"] for r in network], "o:", label="downtime, network transport")
-        ax.plot(lengths, [r["migration_total_ms"] for r in network], "s:", label="migration, network transport")
+        ax.plot(lengths, series(network, "client_downtime_ms"), "o:", label="downtime, network transport")
+        ax.plot(lengths, series(network, "migration_total_ms"), "s:", label="migration, network transport")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("ms")
