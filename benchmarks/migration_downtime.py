@@ -359,6 +359,11 @@ def cell(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def series(rows: list[dict], key: str) -> list[float]:
+    """A plotted line's values: gaps (NaN) where a length has no committed migration."""
+    return [r.get(key, math.nan) for r in rows]
+
+
 def report_table(report: dict) -> str:
     header = ["tokens", "inter-token ms (no migration)", "downtime ms (client)", "downtime ms (server)",
               "of which last copy ms", "longest pause before the switch ms", "migration ms", "stages", "blocks",
@@ -410,9 +415,6 @@ def write_docs(report: dict, out: Path, name: str) -> None:
     lengths = [int(k) for k in report["results"]]
     rows = list(report["results"].values())
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    def series(rows: list[dict], key: str) -> list[float]:
-        return [r.get(key, math.nan) for r in rows]  # (gaps where no migration committed)
-
     ax.plot(lengths, series(rows, "client_downtime_ms"), "o-", label="migration downtime (client)")
     ax.plot(lengths, series(rows, "migration_total_ms"), "s--", label="migration, first copy to switch")
     ax.plot(lengths, [r["recompute_ms"] for r in rows], "^-", label="recompute on destination")

@@ -56,7 +56,14 @@ logger = logging.getLogger(__name__)
 FIRST_SNAPSHOT_TIMEOUT_S = 30.0
 # Per GPU, engines whose KV cache vLLM sizes by profiling start one at a time: each measures
 # the memory in use, which another engine loading on that GPU at the same moment would throw off.
-_GPU_STARTS: collections.defaultdict[int, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+# Keyed by GPU index on this host, or by Ray node id for instances on a cluster (Ray assigns
+# their GPUs, so a node's are held as one).
+_GPU_STARTS: collections.defaultdict[int | str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+
+
+def profiling_start_slot(gpu_or_node: int | str) -> asyncio.Lock:
+    """Held while an engine that sizes its KV cache by profiling starts on that GPU (or node)."""
+    return _GPU_STARTS[gpu_or_node]
 # How long an engine may take to stop before vLLM kills it: one that has compiled structured-
 # output grammars takes about 6 s on a small CPU host to exit (vLLM's own default is 5 s).
 ENGINE_SHUTDOWN_GRACE_S = 15.0
@@ -178,7 +185,7 @@ class VllmInstance(EngineInstance):
     async def start(self) -> None:
         async with contextlib.AsyncExitStack() as held:
             for gpu in self._start_alone_on:  # in order: two starts never wait on each other
-                await held.enter_async_context(_GPU_STARTS[gpu])
+                await held.enter_async_context(profiling_start_slot(gpu))
             await self._start()
 
     async def _start(self) -> None:

@@ -25,7 +25,6 @@ loads it. Which path a migration takes is decided by the two actors' node ids.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -45,7 +44,7 @@ from llumnix_backend.policies.node_placement import InstanceResources, NodeResou
 from llumnix_backend.policies.placement import PlacementError
 from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest
 from llumnix_backend.snapshot import InstanceSnapshot
-from llumnix_vllm.instance import ENGINE_SHUTDOWN_GRACE_S, SegmentTransfer, VllmInstance
+from llumnix_vllm.instance import ENGINE_SHUTDOWN_GRACE_S, SegmentTransfer, VllmInstance, profiling_start_slot
 from llumnix_vllm.kv_transport import SegmentSpec, TransferSegment, read_positions, write_positions
 
 logger = logging.getLogger(__name__)
@@ -74,9 +73,6 @@ class RayCluster:
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
         # What this server's instances reserve, by instance start: (model, node id, resources).
         self._reserved: dict[str, tuple[str, str, InstanceResources]] = {}
-        # Per node, GPU engines that size their KV cache by profiling start one at a time (as
-        # on one host: each measures the memory in use, which another start would throw off).
-        self._gpu_starts: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     def place(self, key: str, model: str, demand: InstanceResources, mode: PlacementMode) -> str:
         """Reserve room for one instance start (`key`, unique to it) and return its node's id."""
@@ -96,10 +92,6 @@ class RayCluster:
 
     def release(self, key: str) -> None:
         self._reserved.pop(key, None)
-
-    def gpu_start_slot(self, node_id: str) -> asyncio.Lock:
-        """Held while a profiling GPU engine starts on the node."""
-        return self._gpu_starts[node_id]
 
     def start_actor(self, node_id: str, demand: InstanceResources, *args: Any) -> Any:
         remote = ray.remote(EngineActor).options(
@@ -239,7 +231,7 @@ class RayInstance(EngineInstance):
             except TimeoutError:
                 raise EngineStartFailed(f"node {node} did not take the instance's actor within "
                                         f"{ACTOR_SCHEDULE_TIMEOUT_S:g} s (its resources are held elsewhere?)") from None
-            async with self._cluster.gpu_start_slot(node) if self._start_alone else contextlib.nullcontext():
+            async with profiling_start_slot(node) if self._start_alone else contextlib.nullcontext():
                 try:
                     self._node = await self._actor.start.remote()
                 except RayTaskError as exc:
