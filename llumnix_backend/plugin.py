@@ -227,8 +227,10 @@ class ModelRuntime(abc.ABC):
         """Each token id's vocabulary entry."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        """Token ids of a chat conversation rendered by the model's chat template."""
+    def render_chat(self, messages: list[dict[str, Any]], add_special_tokens: bool = False,
+                    **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat conversation rendered by the model's chat template (with the
+        tokenizer's special tokens added on top when asked: the template has its own)."""
 
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
                    constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:

@@ -21,6 +21,7 @@ import pytest
 from llumnix_client import StreamedCompletion, migrate, other, running_on
 
 from llumnix_server.launcher import ServerProcess
+from llumnix_server.openai_api import UNSUPPORTED
 
 pytestmark = pytest.mark.engine
 
@@ -98,20 +99,57 @@ def test_bad_constraints_are_400s(serving, body, field, words) -> None:
     assert words in error["message"] and error["param"] == field, error
 
 
-@pytest.mark.parametrize("field", ["use_beam_search", "truncate_prompt_tokens", "chat_template", "suffix"])
+OPENAI_PATHS = (("/v1/completions", {"prompt": "x"}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}))
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED))
 def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> None:
-    value = {"chat_template": "{{ x }}", "suffix": "end"}.get(field, 2 if field == "truncate_prompt_tokens" else True)
-    for path, body in (("/v1/completions", {"prompt": "x"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+    value = {"chat_template": "{{ x }}", "suffix": "end"}.get(field, 7)  # 7: no field's default
+    for path, body in OPENAI_PATHS:
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
         assert response.status_code == 400, (path, response.text)
         assert response.json()["error"]["param"] == field
-    # The value that asks for nothing is accepted, as vLLM accepts it.
-    off = {"echo": False, "use_beam_search": False}
-    if field in off:
-        response = post(serving, "/v1/completions",
-                        json={"model": "alpha", "prompt": "x", "max_tokens": 2, field: off[field]})
-        assert response.status_code == 200, response.text
+
+
+def test_a_request_that_spells_out_vllms_defaults_is_served(serving) -> None:
+    """Clients that send every field with vLLM's default (0.32's request models) ask for
+    nothing this server lacks."""
+    defaults = {field: None for field in UNSUPPORTED - {"request_id"}}
+    defaults.update(length_penalty=1.0, include_reasoning=True, mm_payload="tensors", use_beam_search=False,
+                    return_token_offsets=False, routed_experts_prompt_start=0, echo=False)
+    for path, body in OPENAI_PATHS:
+        response = post(serving, path, json={"model": "alpha", "max_tokens": 2, **defaults, **body})
+        assert response.status_code == 200, (path, response.text)
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving) -> None:
+    client = openai_client(serving)
+    for create, body in ((client.completions.create, {"prompt": "Once upon"}),
+                         (client.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}]})):
+        chunks = list(create(model="alpha", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                             stream_options={"include_usage": True, "continuous_usage_stats": True}, **body))
+        with_tokens = [c for c in chunks if c.choices and c.usage is not None]
+        counts = [c.usage.completion_tokens for c in with_tokens]
+        assert counts == sorted(counts) and counts[-1] == 5, counts
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in with_tokens)
+        assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 5  # and the final usage chunk
+
+
+def test_add_special_tokens_reaches_the_tokenizer(serving) -> None:
+    """The bundled tokenizer has no special tokens to add, so both values give the same ids;
+    what is checked is that the field is taken, as vLLM takes it, and tokenises as /tokenize does."""
+    for value in (True, False):
+        expected = post(serving, "/tokenize", json={"model": "alpha", "prompt": "hello",
+                                                    "add_special_tokens": value}).json()["count"]
+        response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 1,
+                                                          "add_special_tokens": value})
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == expected
+        chat = post(serving, "/v1/chat/completions", json={"model": "alpha", "max_tokens": 1, "add_special_tokens": value,
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+        tokenized = post(serving, "/tokenize", json={"model": "alpha", "add_special_tokens": value,
+                                                     "messages": [{"role": "user", "content": "hi"}]}).json()
+        assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == tokenized["count"]
 
 
 def test_a_structured_output_request_is_not_migrated_and_says_why(serving) -> None:

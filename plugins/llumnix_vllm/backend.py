@@ -319,7 +319,8 @@ class VllmModelRuntime(ModelRuntime):
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         return self._tokenizer.convert_ids_to_tokens(list(token_ids))
 
-    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], add_special_tokens: bool = False,
+                    **template_kwargs: Any) -> list[int]:
         if getattr(self._tokenizer, "chat_template", None) is None:
             raise RequestError(f"model {self._name!r} has no chat template; use /v1/completions", "messages")
         try:
@@ -329,7 +330,7 @@ class VllmModelRuntime(ModelRuntime):
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None
         self._check_length(text, "messages")
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
                    constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:

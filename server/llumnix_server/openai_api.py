@@ -51,12 +51,19 @@ UNSUPPORTED = frozenset({
     "cache_salt", "chat_template",
 })
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-# What a value of those means "not asked for" (a client may send the default).
+# What a value of those means "not asked for": a client may send vLLM's defaults, which are
+# these values or, for a few fields, their own (vLLM 0.32's request models).
 _NOT_ASKED = (None, False, 0, [], {})
+_VLLM_DEFAULTS = {"length_penalty": 1.0, "include_reasoning": True, "mm_payload": "tensors"}
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # with include_usage: the usage so far in every chunk
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class JsonSchemaFormat(BaseModel):
@@ -91,7 +98,7 @@ class _SamplingRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in _NOT_ASKED:
+            if name in UNSUPPORTED and value not in _NOT_ASKED and value != _VLLM_DEFAULTS.get(name, None):
                 raise RequestError(f"{name} is not supported by this server", name)
 
     def constraint_fields(self) -> dict[str, Any]:
@@ -138,12 +145,13 @@ class _SamplingRequest(SamplingFields):
         return fields
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def streamed_usage(self) -> StreamOptions:
+        return self.stream_options or StreamOptions()
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    add_special_tokens: bool = True  # (vLLM's default for completions: a BOS token where the model has one)
     max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, the prompt alone (as vLLM)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -171,6 +179,7 @@ class ChatCompletionRequest(_SamplingRequest):
     # request's own is refused, as vLLM refuses it unless told to trust requests).
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool = False  # on top of the template's own (vLLM's default: none)
     chat_template_kwargs: dict[str, Any] | None = None
 
     def logprobs_wanted(self) -> int | None:
@@ -353,7 +362,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         prompt_only = body.max_tokens == 0
         if prompt_only and not body.echo:
             raise RequestError("max_tokens: 0 generates nothing; it needs echo (the prompt alone)", "max_tokens")
-        prompts = await tokenize_prompts(model, body.prompt)
+        prompts = await tokenize_prompts(model, body.prompt, body.add_special_tokens)
         echoes = await _echoes(model, body.prompt, prompts, body.logprobs, prompt_only) if body.echo else None
         choices = _Choices(model, response_id, prompts, body, 1 if prompt_only else body.max_tokens, arrival, echoes)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
@@ -369,7 +378,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         template = body.template_arguments()
         if tools is not None and tools.template_tools is not None:
             template["tools"] = tools.template_tools
-        prompt = await tokenize(lambda: model.runtime.render_chat(messages, **template))
+        prompt = await tokenize(lambda: model.runtime.render_chat(messages, body.add_special_tokens, **template))
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         echoed = body.echoed_text()
@@ -445,7 +454,7 @@ async def _respond(request: Request, body: _SamplingRequest, choices: _Choices, 
     readers = choices.readers
     if body.stream:
         events = _events(dict(envelope, object=shape.chunk_object), stream, shape, n_choices,
-                         choices.prompt_tokens, body.include_usage, body.return_token_ids, readers)
+                         choices.prompt_tokens, body.streamed_usage, body.return_token_ids, readers)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     collected = await unless_disconnected(request, _collect(stream, n_choices))
     result_choices = []
@@ -496,7 +505,7 @@ async def _collect(stream: AsyncIterator[tuple[int, GenerationDelta]], n: int) -
 
 
 async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, GenerationDelta]], shape: _Shape,
-                  n_choices: int, n_prompt: int, include_usage: bool, token_ids: bool,
+                  n_choices: int, n_prompt: int, usage: StreamOptions, token_ids: bool,
                   readers: Sequence[ToolCallReader] | None = None) -> AsyncIterator[str]:
     if shape.stream_preamble is not None:
         for index in range(n_choices):
@@ -523,11 +532,14 @@ async def _events(chunk: dict[str, Any], stream: AsyncIterator[tuple[int, Genera
                 choice["stop_reason"] = delta.stop_reason
             if token_ids:
                 choice["token_ids"] = list(delta.token_ids)
-            yield _sse(dict(chunk, choices=[choice]))
+            if usage.usage_in_every_chunk:
+                yield _sse(dict(chunk, choices=[choice], usage=_usage(n_prompt, n_tokens)))
+            else:
+                yield _sse(dict(chunk, choices=[choice]))
     except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
         err = as_api_error(exc)
         yield _sse({"error": {"message": err.message, "type": "InternalServerError", "code": err.status}})
         return  # no [DONE]: the stream did not complete, and clients must not take it as done
-    if include_usage:
+    if usage.include_usage:
         yield _sse(dict(chunk, choices=[], usage=_usage(n_prompt, n_tokens)))
     yield "data: [DONE]\n\n"

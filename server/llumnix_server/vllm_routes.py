@@ -21,7 +21,7 @@ class TokenizeRequest(BaseModel):
     model: str
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # vLLM's default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
@@ -56,11 +56,11 @@ def create_vllm_router(registry: ModelRegistry) -> APIRouter:
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("give either prompt or messages", "prompt")
         if body.prompt is not None:
-            tokens = await tokenize(runtime.encode, body.prompt, body.add_special_tokens)
+            tokens = await tokenize(runtime.encode, body.prompt, body.add_special_tokens is not False)
         else:
             template = {"add_generation_prompt": body.add_generation_prompt,
                         "continue_final_message": body.continue_final_message}
-            tokens = await tokenize(lambda: runtime.render_chat(body.messages, **template))
+            tokens = await tokenize(lambda: runtime.render_chat(body.messages, bool(body.add_special_tokens), **template))
         result: dict[str, Any] = {"count": len(tokens), "max_model_len": runtime.max_model_len, "tokens": tokens}
         if body.return_token_strs:
             result["token_strs"] = runtime.token_strings(tokens)
