@@ -34,7 +34,7 @@ from llumnix_backend.metrics import InstanceReport, ServerMetrics
 from llumnix_backend.plugin import Backend, InstanceState, ModelRuntime, load_backend
 from llumnix_backend.repository import is_valid_model_name, load_model_source, model_folders
 from llumnix_backend.repository_watcher import RepositoryWatcher
-from llumnix_backend.served_model import InstanceEvent, ProgressCallback, ServedModel
+from llumnix_backend.served_model import InstanceEvent, InstanceStarts, ProgressCallback, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ class ModelRegistry:
     def __init__(self, repository: Path, max_parallel_starts: int = 4, progress: ProgressCallback = _ignore,
                  control_mode: ModelControlMode = ModelControlMode.NONE,
                  startup_models: frozenset[str] = frozenset({"*"}), quiet_s: float = 0.5,
-                 cluster_address: str | None = None) -> None:
+                 cluster_address: str | None = None, start_progress_every_s: float = 15.0) -> None:
         """`startup_models`: in explicit mode, the models to load at start (`*`: all).
         `quiet_s`: in poll mode, how long a model folder must stay unchanged to be acted on.
-        `cluster_address`: the Ray cluster the backends place instances on (None: this host)."""
+        `cluster_address`: the Ray cluster the backends place instances on (None: this host).
+        `start_progress_every_s`: how often `progress` hears of an instance still starting."""
         self.repository = repository
         self._cluster_address = cluster_address
         self.control_mode = control_mode
@@ -117,8 +118,7 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self._backends: dict[str, Backend] = {}
         self.gpus = GpuInventory()  # the host's, as the first backend loaded sees them
-        self._start_slots = asyncio.Semaphore(max_parallel_starts)
-        self._progress = progress
+        self._starts = InstanceStarts(asyncio.Semaphore(max_parallel_starts), progress, start_progress_every_s)
         self.initial_load_done = asyncio.Event()
         self.loaded_at_start: frozenset[str] = frozenset()  # the models the server was to serve from the start
         self.stopping = False  # `begin_shutdown` was called
@@ -203,7 +203,7 @@ class ModelRegistry:
                 return None, reason
         began = time.monotonic()
         model = ServedModel(entry.name, source, runtime, self.metrics, self.gpus)
-        await model.start(self._start_slots, self._progress)
+        await model.start(self._starts)
         if model.ready:
             self.metrics.model_load_duration.labels(entry.name).observe(time.monotonic() - began)
             return model, ""
@@ -271,7 +271,7 @@ class ModelRegistry:
             except ConfigError as exc:
                 self._refuse_load(entry, operation, str(exc))
             entry.reason = ""
-            await previous.reconfigure(source, self._start_slots, self._progress)
+            await previous.reconfigure(source, self._starts)
             self._count(name, operation, True)
             return
         if previous is None:
@@ -281,7 +281,7 @@ class ModelRegistry:
             self._refuse_load(entry, operation, reason)
         if previous is not None and runtime.can_take_over_from(previous.runtime):
             began = time.monotonic()
-            reason = await previous.replace_engines(source, runtime, self._start_slots, self._progress)
+            reason = await previous.replace_engines(source, runtime, self._starts)
             if reason:
                 self._refuse_load(entry, operation, reason)
             self.metrics.model_load_duration.labels(name).observe(time.monotonic() - began)

@@ -155,6 +155,11 @@ class EngineInstance(abc.ABC):
         """The cluster node the engine runs on, once started; None on a single host."""
         return None
 
+    @property
+    def start_phase(self) -> str | None:
+        """While `start` runs: what it is doing or waiting for, in a few words (None: not known)."""
+        return None
+
     @abc.abstractmethod
     def abandon(self, reason: str) -> None:
         """Give the engine up (hung, or dead): every request streaming from it ends at once with

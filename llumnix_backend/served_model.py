@@ -18,8 +18,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from llumnix_backend.config import ModelSource
 from llumnix_backend.errors import Overloaded, Refusal, RequestTimedOut, ShuttingDown
@@ -47,6 +48,7 @@ request_log = logging.getLogger("llumnix.requests")
 
 # Before an engine reports its block size, pending demand is estimated with this one.
 DEFAULT_BLOCK_SIZE = 16
+T = TypeVar("T")
 IDLE_POLL_S = 0.05  # how often `wait_idle` and a waiting replay look (requests last far longer)
 
 
@@ -61,9 +63,20 @@ class InstanceEvent:
     error: str | None = None
     gpus: tuple[int, ...] = ()
     node: str | None = None  # the Ray node it started on (None on a single host)
+    phase: str | None = None  # while starting: what it waits for (after the first event)
 
 
 ProgressCallback = Callable[[InstanceEvent], None]
+
+
+@dataclass(frozen=True)
+class InstanceStarts:
+    """How the server starts instances: at most as many at once as `slots` allows, telling
+    `progress` as each begins and ends, and every `progress_every_s` while it waits or starts."""
+
+    slots: asyncio.Semaphore
+    progress: ProgressCallback
+    progress_every_s: float = 15.0
 
 
 @dataclass
@@ -154,20 +167,19 @@ class ServedModel:
         self._closing = False  # the server is shutting down
         self.stats = ModelStats()
         self._tasks: set[asyncio.Task] = set()  # what the control loop started: migrations, restarts
-        self._start_slots: asyncio.Semaphore | None = None
-        self._progress: ProgressCallback | None = None
+        self._starts: InstanceStarts | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+    async def start(self, starts: InstanceStarts) -> None:
         """Start the configured number of instances and the control loop; failures are
         recorded, not raised."""
-        self._start_slots, self._progress = start_slots, progress
+        self._starts = starts
         ids = [self._add_instance(self.runtime, self.source) for _ in range(self.config.instances)]
-        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in ids))
+        await asyncio.gather(*(self._start_instance(i, starts) for i in ids))
         self._control = asyncio.create_task(self._control_loop(), name=f"control-{self.name}")
 
-    async def reconfigure(self, source: ModelSource, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+    async def reconfigure(self, source: ModelSource, starts: InstanceStarts) -> None:
         """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
         restarting what keeps running. New scheduler settings apply at once. Extra instances are
         started; surplus ones (the newest) are retired (`_retire_instances`)."""
@@ -178,12 +190,11 @@ class ServedModel:
         members = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED or s.served),
                          key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
         added = [self._add_instance(self.runtime, source) for _ in range(config.instances - len(members))]
-        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
+        await asyncio.gather(*(self._start_instance(i, starts) for i in added))
         await self._retire_instances(members[:max(0, len(members) - config.instances)])
         self.config = config
 
-    async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, start_slots: asyncio.Semaphore,
-                              progress: ProgressCallback) -> str:
+    async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
         """Switch to engines of new settings (`source`, loaded as `runtime`) that can take over
         requests from the current ones (`ModelRuntime.can_take_over_from`). The new instances
         start beside the old ones; once one serves, new requests go to them, and the old ones
@@ -191,7 +202,7 @@ class ServedModel:
         not (no new instance started; nothing changed then)."""
         old = [i for i, s in self._instances.items() if s.state is not InstanceState.FAILED]
         added = [self._add_instance(runtime, source) for _ in range(source.config.instances)]
-        await asyncio.gather(*(self._start_instance(i, start_slots, progress) for i in added))
+        await asyncio.gather(*(self._start_instance(i, starts) for i in added))
         if not any(self._instances[i].state is InstanceState.READY for i in added):
             reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
             await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
@@ -252,17 +263,26 @@ class ServedModel:
         self._gpus.release(f"{self.name}/{instance_id}")
         return self._instances.pop(instance_id)
 
-    async def _start_instance(self, instance_id: str, start_slots: asyncio.Semaphore, progress: ProgressCallback) -> None:
+    async def _start_instance(self, instance_id: str, starts: InstanceStarts) -> None:
         slot = self._instances[instance_id]
+        progress = starts.progress
         if slot.state is InstanceState.FAILED and not slot.served:
             progress(InstanceEvent(self.name, instance_id, slot.state, 0.0, slot.error))
             return  # it could not be placed
         gpus = slot.placement.gpus
-        async with start_slots:
+        if starts.slots.locked():
+            progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, 0.0, gpus=gpus,
+                                   phase="waits for a start slot (--max-parallel-starts)"))
+        async with starts.slots:
             began = time.monotonic()
             progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, 0.0, gpus=gpus))
+
+            def still() -> None:
+                progress(InstanceEvent(self.name, instance_id, InstanceState.STARTING, time.monotonic() - began,
+                                       gpus=gpus, phase=slot.engine.start_phase or "starting"))
+
             try:
-                await slot.engine.start()
+                await _reporting(slot.engine.start(), starts.progress_every_s, still)
             except Exception as exc:  # noqa: BLE001 - any start failure marks only this instance
                 error = str(exc) if isinstance(exc, EngineStartFailed) else f"{type(exc).__name__}: {exc}"
                 slot.state, slot.error = InstanceState.FAILED, error
@@ -752,8 +772,8 @@ class ServedModel:
             self._metrics.instance_restarts.labels(self.name, instance_id).inc()
             logger.warning("model %s: restarting instance %s (failure %d in a row)", self.name, instance_id,
                            slot.failures)
-            assert self._start_slots is not None and self._progress is not None
-            await self._start_instance(instance_id, self._start_slots, self._progress)
+            assert self._starts is not None
+            await self._start_instance(instance_id, self._starts)
             if slot.state is InstanceState.FAILED:
                 slot.failures += 1
                 slot.down_since = time.monotonic()
@@ -887,3 +907,17 @@ class _RequestTracker:
                 m.inference_time.labels(*labels).observe(self._prefill_time + decode_time)
             if self._n_generated > 1:
                 m.tpot.labels(*labels).observe(decode_time / (self._n_generated - 1))
+
+
+async def _reporting(work: Awaitable[T], every_s: float, report: Callable[[], None]) -> T:
+    """Await `work`, calling `report` every `every_s` seconds until it is done. Cancelling
+    this cancels `work` and waits for it to wind down (an engine start stops its engine)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=every_s))[0]:
+            report()
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return task.result()

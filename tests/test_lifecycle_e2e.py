@@ -29,7 +29,7 @@ def _wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.P
 
 # Each test below ends its server with a signal, so each has a server of its own. They start
 # together: an engine start is mostly waiting on process spawns, so three cost about one.
-SINGLE_USE = {"sigint": (), "sigkill": (), "grace": ("--shutdown-grace-s", "3")}
+SINGLE_USE = {"sigint": ("--start-progress-s", "2"), "sigkill": (), "grace": ("--shutdown-grace-s", "3")}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,13 @@ def single_use_servers(tmp_path_factory: pytest.TempPathFactory, tiny_model: Pat
     finally:
         for server in servers.values():
             server.stop(signal.SIGKILL)
+
+
+def test_the_terminal_tells_what_a_starting_instance_is_doing(single_use_servers) -> None:
+    log = single_use_servers["sigint"].log_tail(100_000)
+    assert "[llumnix] solo/0: starting engine" in log, log
+    assert re.search(r"\[llumnix\] solo/0: after \d+ s: vLLM builds the engine \(loads the weights", log), log
+    assert re.search(r"\[llumnix\] solo/0: ready in \d+\.\d s", log), log
 
 
 # SIGTERM, under load, is test_sigterm_lets_short_requests_finish_and_ends_long_ones_after_the_grace.

@@ -179,14 +179,20 @@ class VllmInstance(EngineInstance):
         self._first_snapshot = asyncio.Event()
         self._abandoned: str | None = None  # why, once given up
         self._follow_task: asyncio.Task | None = None
+        self._phase: str | None = None  # what `start` does now
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         async with contextlib.AsyncExitStack() as held:
             for gpu in self._start_alone_on:  # in order: two starts never wait on each other
+                self._phase = f"waits for GPU {gpu}: one engine at a time sizes its KV cache there by profiling"
                 await held.enter_async_context(profiling_start_slot(gpu))
             await self._start()
+
+    @property
+    def start_phase(self) -> str | None:
+        return self._phase
 
     async def _start(self) -> None:
         # The token names this engine's snapshot socket; it travels to the engine process in
@@ -194,11 +200,14 @@ class VllmInstance(EngineInstance):
         token = new_instance_token()
         self._subscriber = SnapshotSubscriber(snapshot_address(token))
         self._follow_task = asyncio.create_task(self._follow_snapshots(), name=f"snapshots-{self.instance_id}")
+        self._phase = "vLLM builds the engine (loads the weights, profiles, allocates the KV cache, compiles)"
         building = asyncio.ensure_future(asyncio.to_thread(build_engine, self._engine_args, token))
         try:
             self._engine = await asyncio.shield(building)
+            self._phase = "waits for the engine's first load report"
             await asyncio.wait_for(self._first_snapshot.wait(), FIRST_SNAPSHOT_TIMEOUT_S)
             if self._cpu_threads is not None:
+                self._phase = "binds the CPU workers' threads"
                 await self._engine.collective_rpc("llumnix_prepare_cpu_worker", args=(self._cpu_threads,))
         except BaseException as exc:
             # A start cannot be interrupted inside vLLM: if cancelled, let it finish, then stop

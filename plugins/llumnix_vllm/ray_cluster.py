@@ -215,8 +215,13 @@ class RayInstance(EngineInstance):
         self._gone: asyncio.Future | None = None  # fails with EngineDead once the instance is not alive
         self._first_snapshot = asyncio.Event()
         self._follow_task: asyncio.Task | None = None
+        self._phase: str | None = None  # what `start` does now
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def start_phase(self) -> str | None:
+        return self._phase
 
     async def start(self) -> None:
         try:
@@ -225,13 +230,17 @@ class RayInstance(EngineInstance):
             raise EngineStartFailed(f"cannot be placed: {exc}") from None
         self._gone = asyncio.get_running_loop().create_future()
         self._actor = self._cluster.start_actor(node, self._demand, *self._actor_args)
+        self._phase = f"waits for Ray to start its actor on node {node}"
         try:
             try:
                 await asyncio.wait_for(self._actor.__ray_ready__.remote(), ACTOR_SCHEDULE_TIMEOUT_S)
             except TimeoutError:
                 raise EngineStartFailed(f"node {node} did not take the instance's actor within "
                                         f"{ACTOR_SCHEDULE_TIMEOUT_S:g} s (its resources are held elsewhere?)") from None
+            if self._start_alone:
+                self._phase = f"waits for node {node}: one engine at a time sizes its KV cache there by profiling"
             async with profiling_start_slot(node) if self._start_alone else contextlib.nullcontext():
+                self._phase = f"vLLM builds the engine in its actor on node {node}"
                 try:
                     self._node = await self._actor.start.remote()
                 except RayTaskError as exc:

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     parser.add_argument("--max-parallel-starts", type=int, default=4,
                         help="engines started at the same time (they compete for CPU and memory)")
+    parser.add_argument("--start-progress-s", type=float, default=15, metavar="SECONDS",
+                        help="how often the terminal shows what a starting instance is doing")
     parser.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="poll",
                         help="poll: serve every model folder and follow the repository as it changes; none: "
                              "serve the folders found at start, fixed; explicit: serve those named by "
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--grpc-port must be a port number (0: no gRPC)")
     if args.max_parallel_starts < 1:
         parser.error("--max-parallel-starts must be at least 1")
+    if args.start_progress_s <= 0:
+        parser.error("--start-progress-s must be positive")
     if args.ray_address is not None and importlib.util.find_spec("ray") is None:
         parser.error("--ray-address needs Ray, which is not installed: pip install 'llumnix-backend[ray]'")
     if args.shutdown_grace_s < 0:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     report = StartupReport(f"http://{args.host}:{args.port}", f"{args.host}:{args.grpc_port}" if args.grpc_port else None)
     registry = ModelRegistry(args.model_repository.resolve(), args.max_parallel_starts, report.instance_event,
                              ModelControlMode(args.model_control_mode), frozenset(args.load_model),
-                             args.repository_quiet_s, args.ray_address)
+                             args.repository_quiet_s, args.ray_address, args.start_progress_s)
     app = create_app(registry, api_key=args.api_key, on_loaded=report.summary,
                      max_request_bytes=args.max_request_bytes, operations_key=args.operations_api_key,
                      grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)

@@ -21,7 +21,10 @@ class StartupReport:
 
     def instance_event(self, event: InstanceEvent) -> None:
         name = f"{event.model}/{event.instance_id}"
-        if event.state is InstanceState.STARTING:
+        if event.state is InstanceState.STARTING and event.phase is not None:
+            after = f"after {event.seconds:.0f} s: " if event.seconds else ""
+            self._print(f"[llumnix] {name}: {after}{event.phase}")
+        elif event.state is InstanceState.STARTING:
             where = f" on GPU {','.join(map(str, event.gpus))}" if event.gpus else ""
             self._print(f"[llumnix] {name}: starting engine{where}")
         elif event.state is InstanceState.READY:
