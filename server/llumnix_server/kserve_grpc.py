@@ -11,8 +11,9 @@ status the core error has there. The service and messages are those tritonclient
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import version as package_version
 from typing import Any
 
@@ -144,28 +145,61 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return _response(run.envelope, infer_outputs(run, inputs, wanted, text, finish, n_out))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """Requests one after another on the stream; each one's responses, then its final
-        marker. A failed request answers with `error_message`; the stream goes on."""
-        async for request in request_iterator:
+        """Each request on the stream is served as it arrives, beside those still running, as
+        Triton serves a decoupled model: its responses in order, then its final marker,
+        interleaved with the others'. A failed request answers with `error_message`; the stream
+        goes on. When the client goes, what still runs is aborted."""
+        responses: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def read() -> None:
             try:
-                self._versioned(request.model_name, request.model_version)
-                inputs, wanted = _inputs(request)
-                run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
-                if run.params.stream:
-                    n_out = 0
-                    async for delta in run.stream:
-                        n_out += len(delta.token_ids)
-                        outputs = infer_outputs(run, inputs, wanted, delta.text, delta.finish_reason, n_out,
-                                                with_prompt=False)
-                        yield service_pb2.ModelStreamInferResponse(
-                            infer_response=_response(run.envelope, outputs, final=False))
-                    yield service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, {}, final=True))
-                else:
-                    text, finish, n_out = await collect_output(None, run.stream)
-                    outputs = infer_outputs(run, inputs, wanted, text, finish, n_out)
-                    yield service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs, final=True))
-            except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
-                yield service_pb2.ModelStreamInferResponse(error_message=as_api_error(exc).message)
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._serve_streamed(request, responses.put_nowait))
+                    running.add(task)
+                    task.add_done_callback(lambda t: (running.discard(t), responses.put_nowait(_SERVED)))
+            finally:
+                responses.put_nowait(_READ_ALL)
+
+        reader = asyncio.create_task(read())
+        try:
+            read_all = False
+            while not (read_all and not running and responses.empty()):
+                item = await responses.get()
+                if item is _READ_ALL:
+                    read_all = True
+                elif item is not _SERVED:
+                    yield item
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+            await asyncio.gather(reader, *running, return_exceptions=True)
+
+    async def _serve_streamed(self, request: service_pb2.ModelInferRequest,
+                              send: Callable[[service_pb2.ModelStreamInferResponse], None]) -> None:
+        try:
+            self._versioned(request.model_name, request.model_version)
+            inputs, wanted = _inputs(request)
+            run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
+            if run.params.stream:
+                async for delta in run.stream:
+                    # num_output_tokens: the tokens this response carries (vllm_backend's meaning).
+                    outputs = infer_outputs(run, inputs, wanted, delta.text, delta.finish_reason,
+                                            len(delta.token_ids), with_prompt=False)
+                    send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs,
+                                                                                       final=False)))
+                send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, {}, final=True)))
+            else:
+                text, finish, n_out = await collect_output(None, run.stream)
+                outputs = infer_outputs(run, inputs, wanted, text, finish, n_out)
+                send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs, final=True)))
+        except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
+            send(service_pb2.ModelStreamInferResponse(error_message=as_api_error(exc).message))
+
+
+# What ModelStreamInfer's queue carries besides responses: the stream has no more requests; a
+# request is served.
+_READ_ALL, _SERVED = object(), object()
 
 
 class _StatusInterceptor(grpc.aio.ServerInterceptor):
