@@ -132,9 +132,10 @@ class MigrationSettings(_Strict):
 class HealthSettings(_Strict):
     """How a model's control loop finds failed instances and brings them back."""
 
-    # An instance whose engine sent no load report for this long is hung: it gets no new
-    # requests, its requests continue elsewhere and it is restarted. Engines report at least
-    # every 50 ms (a heartbeat while idle), so this only has to outlast the longest engine step.
+    # An instance whose engine sent no load report for this long, or finished no step for this
+    # long while requests ran on it, is hung: it gets no new requests, its requests continue
+    # elsewhere and it is restarted. Engines report every step and send a heartbeat every 50 ms
+    # besides, so this has to outlast the longest engine step.
     stale_after_s: float = Field(default=30.0, gt=0)
     # Restart an instance that died or hung after serving (not one that failed to start: its
     # settings need fixing). Waits restart_backoff_s, doubling after each failure in a row up

@@ -102,6 +102,9 @@ class _Instance:
     # The latest view, and what it was built from: rebuilt only when one of them changes.
     _view: InstanceView | None = None
     _view_inputs: tuple = ()
+    # The engine's newest step report (its snapshot sequence: an idle engine's heartbeat re-sends
+    # the same one) and when it arrived.
+    _stepped: tuple[int, float] | None = None
 
     def track(self, load: RequestLoad) -> None:
         self.in_flight.add(load.request_id)
@@ -112,10 +115,23 @@ class _Instance:
         """Take a new engine (a restart): nothing of the old one's load carries over."""
         self.engine, self.state, self.in_flight = engine, InstanceState.STARTING, set()
         self._unseen, self._seen, self._view, self._departed = {}, None, None, set()
+        self._stepped = None
 
-    def health(self, instance_id: str) -> InstanceHealth:
+    def health(self, instance_id: str, migrating: bool) -> InstanceHealth:
+        """`migrating`: it takes part in a migration now (a request stopped for the switch holds
+        its engine's steps up, and the migration's own stage timeout covers that)."""
         return InstanceHealth(instance_id, self.state, self.engine.alive, self.engine.last_report_at, self.served,
-                              self.failures, self.down_since, self.busy, self.engine.failure)
+                              self.failures, self.down_since, self.busy, self.engine.failure,
+                              None if migrating else self._stepping_since())
+
+    def _stepping_since(self) -> float | None:
+        """While requests run here, when the engine's latest step report arrived."""
+        snapshot, arrived = self.engine.latest_snapshot, self.engine.last_report_at
+        if snapshot is None or arrived is None:
+            return None
+        if self._stepped is None or self._stepped[0] != snapshot.sequence:
+            self._stepped = (snapshot.sequence, arrived)
+        return self._stepped[1] if snapshot.running else None
 
     def untrack(self, request_id: str) -> None:
         self.in_flight.discard(request_id)
@@ -689,7 +705,7 @@ class ServedModel:
         while True:
             await asyncio.sleep(self.config.scheduler.migration.interval_s)  # settings may change
             try:
-                health = [s.health(i) for i, s in self._instances.items()]
+                health = [s.health(i, self._migrations_at[i] > 0) for i, s in self._instances.items()]
                 plan = plan_tick(health, self.views(), self.config.scheduler, self._migrations_at,
                                  frozenset(self._migrating | self._bound), time.monotonic())
                 self._carry_out(plan)

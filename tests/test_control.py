@@ -4,12 +4,15 @@ injected clock."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llumnix_backend.config import HealthSettings, MigrationSettings, SchedulerSettings
 from llumnix_backend.plugin import InstanceState
 from llumnix_backend.policies.control import InstanceHealth, plan_tick, restart_backoff
+from llumnix_backend.served_model import _Instance
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 NOW = 1000.0
@@ -39,6 +42,34 @@ def test_an_engine_that_stops_reporting_is_lost_as_hung() -> None:
     assert plan(health(last_report_at=NOW - 4.9)).lost == ()
     (lost,) = plan(health(last_report_at=NOW - 5.1)).lost
     assert "hung" in lost.reason and "5.1 s" in lost.reason
+
+
+def test_an_engine_whose_step_hangs_is_lost_though_its_heartbeat_goes_on() -> None:
+    """The heartbeat keeps the reports fresh (last_report_at now); no step has landed for 5.1 s
+    while requests run."""
+    assert plan(health(stepped_at=NOW - 4.9)).lost == ()
+    (lost,) = plan(health(stepped_at=NOW - 5.1)).lost
+    assert "finished no step for 5.1 s" in lost.reason and "hung" in lost.reason
+
+
+def test_a_step_report_is_told_from_a_heartbeat_by_its_sequence() -> None:
+    """What the model feeds the planner: when the engine's snapshot sequence last moved (a
+    heartbeat re-sends the same one with a fresh arrival time), only while requests run and no
+    migration holds the engine's steps up."""
+    def snapshot(sequence: int, running: int = 1) -> InstanceSnapshot:
+        loads = tuple(RequestLoad(f"r{i}", 0, 10, 1, 0, True) for i in range(running))
+        return InstanceSnapshot(100, running, 16, running=loads, sequence=sequence)
+
+    engine = SimpleNamespace(latest_snapshot=snapshot(1), last_report_at=10.0, alive=True, failure=None)
+    slot = _Instance(engine, runtime=None)
+    assert slot.health("0", migrating=False).stepped_at == 10.0
+    engine.last_report_at = 12.0  # a heartbeat: the same step report
+    assert slot.health("0", migrating=False).stepped_at == 10.0
+    engine.latest_snapshot, engine.last_report_at = snapshot(2), 13.0
+    assert slot.health("0", migrating=False).stepped_at == 13.0
+    assert slot.health("0", migrating=True).stepped_at is None
+    engine.latest_snapshot = snapshot(3, running=0)  # idle: nothing to step
+    assert slot.health("0", migrating=False).stepped_at is None
 
 
 def test_an_instance_being_started_or_stopped_is_left_alone() -> None:

@@ -2,9 +2,11 @@
 instances (their health, their load views, the migrations in flight) and the time to one
 `ControlPlan`, which `ServedModel` carries out.
 
-- **Lost instances.** A serving instance whose engine died (`alive` false) or sent no load
-  report for `health.stale_after_s` (hung: stopped, deadlocked) is lost: it gets no new
-  requests, its requests continue on other instances (replay), and its engine is stopped.
+- **Lost instances.** A serving instance whose engine died (`alive` false), sent no load
+  report for `health.stale_after_s` (its process stopped), or finished no step for as long
+  while requests run on it (its step hung: a stuck kernel or collective, a deadlock; the
+  engine's heartbeat thread still reports then) is lost: it gets no new requests, its
+  requests continue on other instances (replay), and its engine is stopped.
 - **Restarts.** A failed instance that had served is started again once its backoff has
   passed: `restart_backoff_s`, doubling with each failure in a row, at most
   `max_restart_backoff_s`. One that never started stays failed (its settings need fixing,
@@ -39,6 +41,9 @@ class InstanceHealth:
     down_since: float | None = None  # when it last failed
     busy: bool = False  # a start or a stop of its engine is under way
     failure: str | None = None  # the engine's own account of why it is not alive, if known
+    # While requests run on it (and it takes part in no migration): when its engine's latest
+    # step report arrived. None otherwise.
+    stepped_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ def lost_reason(instance: InstanceHealth, health: HealthSettings, now: float) ->
         return instance.failure or "the engine stopped working"
     if instance.last_report_at is not None and now - instance.last_report_at > health.stale_after_s:
         return f"the engine sent no load report for {now - instance.last_report_at:.1f} s (hung)"
+    if instance.stepped_at is not None and now - instance.stepped_at > health.stale_after_s:
+        return f"the engine finished no step for {now - instance.stepped_at:.1f} s while requests ran on it (hung)"
     return None
 
 
