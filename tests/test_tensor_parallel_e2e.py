@@ -1,9 +1,9 @@
 """Tensor-parallel instances on vLLM's CPU build: two instances of tensor_parallel_size 2 (two
 worker processes each, one KV shard per rank). They serve, a greedy stream migrated between
 them (each rank's shard to the same rank on the other side) is token-identical to an
-unmigrated one, and a killed instance's requests replay on the other.
+unmigrated one, and a hung instance's requests replay on the other.
 
-These tests kill an engine, so they run on a server of their own (`killable`, model `wide`).
+These tests hang an engine, so they run on a server of their own (`killable`, model `wide`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import tiny_config, write_model
 from llumnix_client import StreamedCompletion, engine_pid, instances, migrate, other, running_on
@@ -61,14 +62,21 @@ def test_a_migrated_stream_is_token_identical(server, baseline) -> None:
     assert "".join(run.text) == "".join(baseline.text)
 
 
-def test_a_killed_instance_replays_its_requests_whole(server, baseline) -> None:
+def test_an_instance_whose_worker_hangs_replays_its_requests_whole(server, baseline) -> None:
+    """One worker of a tensor-parallel engine stops (SIGSTOP): the engine's steps wait on it
+    forever, a stuck collective, while its heartbeat thread goes on reporting. The instance is
+    found hung by its steps (`health.stale_after_s`, 3 s here) and its request replays on the
+    other instance."""
     run = StreamedCompletion(server, MODEL, max_tokens=TOKENS).wait_for_tokens(50)
     victim = running_on(server, run.request_id, MODEL)
     killed = engine_pid(server, victim, MODEL)
-    os.kill(killed, signal.SIGKILL)
+    workers = psutil.Process(killed).children(recursive=True)
+    assert len(workers) == 2, workers  # one per rank
+    os.kill(workers[-1].pid, signal.SIGSTOP)  # (the server's stop of the engine kills it)
     run.result()
     assert run.token_ids == baseline.token_ids
     assert "".join(run.text) == "".join(baseline.text)
+    assert f"model wide instance {victim} is lost: the engine finished no step for" in server.log_tail(100_000)
     # The lost instance is being started again, or is back already. (Waiting for a restart to
     # come back ready is test_recovery_e2e's; here it could cost ~30 s of CI.)
     def restarting() -> bool:
