@@ -90,6 +90,7 @@ class _Instance:
     failures: int = 0  # deaths and failed restarts in a row
     down_since: float | None = None  # time.monotonic() of the latest failure
     busy: bool = False  # its engine is being stopped or restarted
+    retiring: bool = False  # no longer one of the model's: it drains, then stops (`_retire_instances`)
     # Requests dispatched here and not finished.
     in_flight: set[str] = field(default_factory=set)
     # Those of them no snapshot has shown yet (as of `_seen`, the latest snapshot looked at),
@@ -182,7 +183,7 @@ class ServedModel:
         self._control: asyncio.Task | None = None
         self._closing = False  # the server is shutting down
         self.stats = ModelStats()
-        self._tasks: set[asyncio.Task] = set()  # what the control loop started: migrations, restarts
+        self._tasks: set[asyncio.Task] = set()  # what runs in the background: migrations, restarts, retirements
         self._starts: InstanceStarts | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -198,25 +199,27 @@ class ServedModel:
     async def reconfigure(self, source: ModelSource, starts: InstanceStarts) -> None:
         """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
         restarting what keeps running. New scheduler settings apply at once. Extra instances are
-        started; surplus ones (the newest) are retired (`_retire_instances`)."""
+        started; surplus ones (the newest) are retired in the background (`_retire_instances`):
+        the reload does not wait for their requests to leave."""
         self.source, config = source, source.config
         self.config = self.config.model_copy(update={"scheduler": config.scheduler})
         # Members: every instance that serves or will again (a lost one restarts); an instance
         # that never started is not one. Surplus members go failed ones first, then the newest.
-        members = sorted((i for i, s in self._instances.items() if s.state is not InstanceState.FAILED or s.served),
+        members = sorted((i for i, s in self._instances.items()
+                          if not s.retiring and (s.state is not InstanceState.FAILED or s.served)),
                          key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
         added = [self._add_instance(self.runtime, source) for _ in range(config.instances - len(members))]
         await asyncio.gather(*(self._start_instance(i, starts) for i in added))
-        await self._retire_instances(members[:max(0, len(members) - config.instances)])
+        self._spawn(self._retire_instances(members[:max(0, len(members) - config.instances)]))
         self.config = config
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
         """Switch to engines of new settings (`source`, loaded as `runtime`) that can take over
         requests from the current ones (`ModelRuntime.can_take_over_from`). The new instances
         start beside the old ones; once one serves, new requests go to them, and the old ones
-        are retired: what they run migrates to the new ones. Returns "" once switched, or why
-        not (no new instance started; nothing changed then)."""
-        old = [i for i, s in self._instances.items() if s.state is not InstanceState.FAILED]
+        are retired in the background: what they run migrates to the new ones. Returns "" once
+        switched, or why not (no new instance started; nothing changed then)."""
+        old = [i for i, s in self._instances.items() if not s.retiring and s.state is not InstanceState.FAILED]
         added = [self._add_instance(runtime, source) for _ in range(source.config.instances)]
         await asyncio.gather(*(self._start_instance(i, starts) for i in added))
         if not any(self._instances[i].state is InstanceState.READY for i in added):
@@ -224,7 +227,7 @@ class ServedModel:
             await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
             return f"no instance started ({reasons})"
         self.source, self.config, self.runtime = source, source.config, runtime
-        await self._retire_instances(old)
+        self._spawn(self._retire_instances(old))
         return ""
 
     async def _retire_instances(self, instance_ids: list[str]) -> None:
@@ -233,7 +236,7 @@ class ServedModel:
         `health.drain_timeout_s`, what is left continues elsewhere by replay."""
         slots = [self._instances[i] for i in instance_ids]
         for slot in slots:
-            slot.served = False  # not restarted if it fails from now on
+            slot.served, slot.retiring = False, True  # not restarted if it fails from now on
         deadline = time.monotonic() + self.config.scheduler.health.drain_timeout_s
         while True:
             for slot in slots:  # (one that was restarting may have come back meanwhile)
@@ -694,6 +697,9 @@ class ServedModel:
     def resume(self, instance_id: str) -> None:
         """Undo `drain`: the instance takes new requests again."""
         slot = self._slot(instance_id)
+        if slot.retiring:
+            raise MigrationRejected(Refusal.CONFLICT, f"instance {instance_id!r} is being retired: model "
+                                                      f"{self.name!r}'s config no longer has it")
         if slot.state is not InstanceState.DRAINING:
             raise MigrationRejected(Refusal.INVALID, f"instance {instance_id!r} is {slot.state.value}, not draining")
         slot.state = InstanceState.READY

@@ -42,6 +42,10 @@ def index(server: ServerProcess) -> dict[str, dict]:
     return {m["name"]: m for m in httpx.post(f"{server.url}/v2/repository/index").json()}
 
 
+def _listing(server: ServerProcess, model: str) -> dict:
+    return httpx.get(f"{server.url}/v2/llumnix/models/{model}/instances", headers=server.headers).json()
+
+
 def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -174,7 +178,7 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
     config = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
     # No rescheduling: nothing migrates the retired instance's request away; the deadline must.
     config["scheduler"]["migration"] = {"rescheduling": False}
-    config["scheduler"]["health"] = {"drain_timeout_s": 2}
+    config["scheduler"]["health"] = {"drain_timeout_s": 8}
     write_model(repository, "retiring", config)
     eventually(lambda: {i["state"] for i in instances(server, "retiring").values()} == {"ready"}
                if "retiring" in index(server) and index(server)["retiring"]["state"] == "READY" else False,
@@ -183,6 +187,14 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
     runs = [StreamedCompletion(server, "retiring", max_tokens=3000).wait_for_tokens(10) for _ in range(2)]
     config["instances"] = 1  # instance 1, the newest, is retired
     (repository / "retiring" / "config.yaml").write_text(yaml.safe_dump(config))
+    eventually(lambda: instances(server, "retiring")["1"]["state"] == "draining", 30, "instance 1 draining")
+    # The drain does not hold the model up: the next edit applies while instance 1 still drains.
+    config["scheduler"]["dispatch_policy"] = "queue"
+    (repository / "retiring" / "config.yaml").write_text(yaml.safe_dump(config))
+    eventually(lambda: _listing(server, "retiring")["dispatch_policy"] == "queue", 5, "the next edit applied")
+    assert "1" in instances(server, "retiring"), "instance 1 left before its 8 s drain deadline"
+    refused = httpx.post(f"{server.url}/v2/llumnix/models/retiring/instances/1/resume", headers=server.headers)
+    assert refused.status_code == 409 and "being retired" in refused.text, refused.text
     for run in runs:
         run.result()
         assert run.token_ids == undisturbed.token_ids
