@@ -637,8 +637,10 @@ class ServedModel:
 
     # --- migration ----------------------------------------------------------------------------
 
-    async def migrate(self, request_id: str, destination_id: str) -> MigrationReport:
+    async def migrate(self, request_id: str, destination_id: str,
+                      stage_timeout_s: float | None = None) -> MigrationReport:
         """Move a running request to another instance while it decodes (Llumnix live migration).
+        `stage_timeout_s`: this migration's, instead of the model's `migration.stage_timeout_s`.
 
         Raises `MigrationRejected` (nothing moved) for an unknown request or destination, the
         request's own instance, a destination that takes no work or lacks room, or a request
@@ -666,10 +668,13 @@ class ServedModel:
         self._migrating.add(request_id)
         self._migrations_at.update((source_id, destination_id))
         self._metrics.migrations_started.labels(self.name, source_id, destination_id).inc()
+        settings = self.config.scheduler.migration
+        if stage_timeout_s is not None:
+            settings = settings.model_copy(update={"stage_timeout_s": stage_timeout_s})
         try:
             report = await migrate_request(
                 stream, self._instances[source_id].engine, destination.engine, destination.runtime,
-                self.config.scheduler.migration, snapshot.block_size, snapshot.block_bytes,
+                settings, snapshot.block_size, snapshot.block_bytes,
             )
         finally:
             self._migrating.discard(request_id)

@@ -143,9 +143,9 @@ def running_on(server: ServerProcess, request_id: str, model: str = "alpha") -> 
     return found[0]
 
 
-def migrate(server: ServerProcess, request_id: str, to: str, model: str = "alpha") -> httpx.Response:
+def migrate(server: ServerProcess, request_id: str, to: str, model: str = "alpha", **options) -> httpx.Response:
     return httpx.post(f"{server.url}/v2/llumnix/models/{model}/migrate", headers=server.headers, timeout=60,
-                      json={"request_id": request_id, "to": to})
+                      json={"request_id": request_id, "to": to, **options})
 
 
 def set_draining(server: ServerProcess, instance: str, draining: bool, model: str = "alpha") -> None:

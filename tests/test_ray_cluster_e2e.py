@@ -50,10 +50,8 @@ def server(cluster, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     config = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
     config["resources"].update(cpu_threads=1, placement="spread")
     # Only the test migrates; the network path is what auto picks between two nodes.
-    # A short stage timeout, so that a stage that fails (a hung destination) ends soon; no final
-    # stage short enough to stop early at, so that a migration runs all its stages.
-    config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5, "stage_timeout_s": 2,
-                                        "final_stage_blocks": 0}
+    # No final stage short enough to stop early at, so that a migration runs all its stages.
+    config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5, "final_stage_blocks": 0}
     write_model(repository, MODEL, config)
     server = llumnix_server(repository, repository.parent / "ray-server.log",
                             extra_args=("--ray-address", ray.address)).start()
@@ -144,8 +142,8 @@ def test_a_migration_whose_stage_fails_on_the_other_node_leaves_the_stream_on_it
     ray_node = second if nodes_of(server)[destination] == second.node_id else ray.head_node
     hung = engine_of(ray_node)
     hung.suspend()
-    try:
-        response = migrate(server, run.request_id, destination, MODEL)
+    try:  # (a short stage timeout for this migration alone, so that the failing stage ends soon)
+        response = migrate(server, run.request_id, destination, MODEL, stage_timeout_s=2)
     finally:
         hung.resume()
     assert response.status_code == 200, response.text

@@ -81,7 +81,7 @@ def create_llumnix_router(registry: ModelRegistry) -> APIRouter:
         """Move a running request (the `id` its OpenAI or KServe response carries) to another
         instance of its model, live. 4xx if it cannot start; otherwise the migration's report,
         committed or aborted with the reason (then the request goes on where it was)."""
-        report = await registry.get(model_name).migrate(body.request_id, body.to)
+        report = await registry.get(model_name).migrate(body.request_id, body.to, body.stage_timeout_s)
         return dataclasses.asdict(report)
 
     return router
@@ -92,3 +92,5 @@ class MigrateRequest(BaseModel):
 
     request_id: str = Field(min_length=1)
     to: str = Field(min_length=1, description="an instance id as /instances lists it")
+    stage_timeout_s: float | None = Field(default=None, gt=0,
+                                          description="this migration's stage timeout (default: the model's)")
