@@ -189,10 +189,12 @@ def test_a_full_destination_is_refused_and_nothing_moves(gamma) -> None:
 
 def test_a_request_preempted_during_its_migration_stays_and_completes_on_its_source(gamma) -> None:
     # The destination is frozen, so the migration waits in its first stage. Meanwhile a
-    # high-priority 54-block request joins the low-priority 8-block one on instance 0; once it
-    # has grown past the 55 blocks left, vLLM preempts the low-priority one. When the
-    # destination answers again, the migration finds its request no longer decoding and stops.
-    (low,) = start_on_instance_0(gamma, [short_request(16, priority=5, max_tokens=400)])
+    # high-priority 48-block request joins the low-priority one on instance 0: admitted while
+    # the low-priority one holds at most 15 blocks (its first ~1,000 tokens), the two then grow
+    # past the 63 blocks (to 60 and 24 at most) and vLLM preempts the low-priority one, which
+    # waits until the high-priority one is done. When the destination answers again, the
+    # migration finds its request no longer decoding and stops.
+    (low,) = start_on_instance_0(gamma, [short_request(16, priority=5, max_tokens=2000)])
     started = migrations(gamma, MODEL, "started").get(("0", "1"), 0)
     with frozen(engine_pid(gamma, "1", MODEL)):
         migrating = InBackground(lambda: migrate(gamma, low.request_id, "1", MODEL))
@@ -202,7 +204,7 @@ def test_a_request_preempted_during_its_migration_stays_and_completes_on_its_sou
         # The migration is under way; the high-priority request must go to instance 0.
         set_draining(gamma, "1", True, MODEL)
         try:
-            high = StreamedCompletion(gamma, MODEL, prompt=prompt(54 * BLOCK_SIZE - 10, 17), max_tokens=300,
+            high = StreamedCompletion(gamma, MODEL, prompt=prompt(48 * BLOCK_SIZE - 10, 17), max_tokens=1500,
                                       priority=-5)
             deadline = time.monotonic() + 20
             while low.request_id not in waiting_on(gamma, "0") and time.monotonic() < deadline:
