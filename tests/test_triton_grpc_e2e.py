@@ -70,6 +70,32 @@ def test_infer_matches_http(client, serving) -> None:
     assert over_http.json()["text_output"] == "Hello" + text
 
 
+def test_cumulative_logprob_is_the_sum_of_the_tokens_logprobs(client, serving) -> None:
+    """vllm_backend's `return_cumulative_logprob`: over infer, and over a stream, where each
+    response carries the sum of every token so far; the same greedy tokens' logprobs as the
+    OpenAI API reports them."""
+    completion = httpx.post(f"{serving.url}/v1/completions", headers=serving.headers, timeout=60,
+                            json={"model": "alpha", "prompt": "Hello", "logprobs": 0, **json.loads(SAMPLING)}).json()
+    expected = sum(completion["choices"][0]["logprobs"]["token_logprobs"])
+    result = client.infer("alpha", inputs("Hello", return_cumulative_logprob=True), headers=AUTH)
+    assert result.as_numpy("cumulative_logprob").dtype == np.float32
+    assert float(result.as_numpy("cumulative_logprob")[0]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=AUTH)
+    try:
+        client.async_stream_infer("alpha", inputs("Hello", stream=True, return_cumulative_logprob=True,
+                                                  return_num_output_tokens=True))
+        sums, tokens = [], 0
+        while tokens < 8:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            sums.append(float(result.as_numpy("cumulative_logprob")[0]))
+            tokens += int(result.as_numpy("num_output_tokens")[0])
+    finally:
+        client.stop_stream()
+    assert sums == sorted(sums, reverse=True) and sums[-1] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
 def test_infer_errors_name_what_was_wrong(client) -> None:
     with pytest.raises(InferenceServerException, match="unknown input 'colour'") as refused:
         client.infer("alpha", [tensor("text_input", "x"), tensor("colour", "red")], headers=AUTH)

@@ -213,8 +213,8 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
         if inputs.get("stream"):
             raise RequestError("stream: streaming needs generate_stream (HTTP infer carries one response)", "stream")
         run = await start_infer(registry, model_name, inputs, client_id, request)
-        text, finish_reason, n_out = await collect_output(request, run.stream)
-        return infer_response(run.envelope, infer_outputs(run, inputs, wanted, text, finish_reason, n_out), binary)
+        output = await collect_output(request, run.stream)
+        return infer_response(run.envelope, infer_outputs(run, inputs, wanted, output), binary)
 
     return router
 
@@ -261,6 +261,27 @@ class Run:
     stream: AsyncIterator[GenerationDelta]
 
 
+@dataclass(frozen=True)
+class InferOutput:
+    """What an infer response reports of a request's output: all of it, or one streamed part."""
+
+    text: str
+    finish_reason: str | None
+    num_tokens: int  # the tokens it carries
+    cumulative_logprob: float | None = None  # of every token generated so far (engine logprobs asked)
+
+    def then(self, delta: GenerationDelta) -> InferOutput:
+        """The part `delta` adds after this one (the logprob still counts from the start)."""
+        total = self.cumulative_logprob
+        if delta.logprobs is not None:
+            total = (total or 0.0) + sum(t.logprob or 0.0 for t in delta.logprobs)
+        return InferOutput(delta.text, delta.finish_reason, len(delta.token_ids), total)
+
+    def joined(self, part: InferOutput) -> InferOutput:
+        return InferOutput(self.text + part.text, part.finish_reason or self.finish_reason,
+                           self.num_tokens + part.num_tokens, part.cumulative_logprob)
+
+
 async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str, Any], client_id: str | None,
                       request: Request | None) -> Run:
     """Start an infer request from its input tensors (`kserve_infer.checked_input`'s values)."""
@@ -269,22 +290,24 @@ async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str
     body = GenerateRequest(text_input=inputs["text_input"], id=client_id,
                            sampling_parameters=inputs.get("sampling_parameters"),
                            stream=inputs.get("stream"), exclude_input_in_output=inputs.get("exclude_input_in_output"))
-    return await _start(registry, model_name, body, request)
+    return await _start(registry, model_name, body, request, bool(inputs.get("return_cumulative_logprob")))
 
 
-def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], text: str, finish_reason: str | None,
-                  n_out: int, with_prompt: bool = True) -> dict[str, tuple[str, Any]]:
+def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], output: InferOutput,
+                  with_prompt: bool = True) -> dict[str, tuple[str, Any]]:
     """An infer response's output tensors (name: (datatype, value)): `text_output` (after the
     prompt unless `exclude_input_in_output`, or `with_prompt` is off as for a streamed part),
     and what the `return_*` inputs ask for; only those in `wanted` if it names any."""
     prefix = run.body.text_input if with_prompt and not run.params.exclude_input_in_output else ""
-    outputs = {"text_output": ("BYTES", prefix + text)}
+    outputs = {"text_output": ("BYTES", prefix + output.text)}
     if inputs.get("return_finish_reason"):
-        outputs["finish_reason"] = ("BYTES", finish_reason or "")
+        outputs["finish_reason"] = ("BYTES", output.finish_reason or "")
+    if inputs.get("return_cumulative_logprob"):
+        outputs["cumulative_logprob"] = ("FP32", output.cumulative_logprob or 0.0)
     if inputs.get("return_num_input_tokens"):
         outputs["num_input_tokens"] = ("UINT32", run.prompt_tokens)
     if inputs.get("return_num_output_tokens"):
-        outputs["num_output_tokens"] = ("UINT32", n_out)
+        outputs["num_output_tokens"] = ("UINT32", output.num_tokens)
     unknown = wanted - set(outputs)
     if unknown:
         raise RequestError(f"unknown or not requested output(s) {sorted(unknown)}; ask for one with its "
@@ -292,9 +315,11 @@ def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], text: str,
     return {k: v for k, v in outputs.items() if not wanted or k in wanted}
 
 
-async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request | None) -> Run:
+async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest, request: Request | None,
+                 logprobs: bool = False) -> Run:
     """Start a generate or infer request: checked, tokenised, dispatched, its first output in
-    (with an HTTP `request`, given up if its client goes away meanwhile)."""
+    (with an HTTP `request`, given up if its client goes away meanwhile). `logprobs`: the engine
+    reports at least each generated token's own logprob."""
     arrival = time.monotonic()
     model = registry.get(model_name)
     params = body.merged_parameters()
@@ -304,27 +329,25 @@ async def _start(registry: ModelRegistry, model_name: str, body: GenerateRequest
     # only comes back in the response, so two requests with the same id never mix.
     request_id = new_request_id("gen")
     prompt = await tokenize(model.runtime.encode, body.text_input)
+    sampling = params.sampling(model.runtime.default_sampling(), params.max_tokens)
+    if logprobs and sampling.get("logprobs") is None:
+        sampling["logprobs"] = 0  # (the sampled token's alone)
     gen_request = GenerationRequest(
-        request_id, tuple(prompt),
-        params.sampling(model.runtime.default_sampling(), params.max_tokens),
-        params.priority_or_default(model.config.scheduler.priority), arrival,
+        request_id, tuple(prompt), sampling, params.priority_or_default(model.config.scheduler.priority), arrival,
     )
     stream = await started(request, model.generate(gen_request))
     envelope = {"id": body.id or request_id, "model_name": model.name, "model_version": str(model.source.version)}
     return Run(body, params, len(prompt), envelope, stream)
 
 
-async def collect_output(request: Request | None, stream: AsyncIterator[GenerationDelta]) -> tuple[str, str | None, int]:
-    """(text, finish reason, tokens) of a whole request (with an HTTP `request`, given up if its
-    client goes away)."""
+async def collect_output(request: Request | None, stream: AsyncIterator[GenerationDelta]) -> InferOutput:
+    """A whole request's output (with an HTTP `request`, given up if its client goes away)."""
 
-    async def collect() -> tuple[str, str | None, int]:
-        texts, finish, tokens = [], None, 0
+    async def collect() -> InferOutput:
+        whole = InferOutput("", None, 0)
         async for delta in stream:
-            texts.append(delta.text)
-            tokens += len(delta.token_ids)
-            finish = delta.finish_reason or finish
-        return "".join(texts), finish, tokens
+            whole = whole.joined(whole.then(delta))
+        return whole
 
     return await unless_disconnected(request, collect())
 
@@ -334,9 +357,9 @@ async def _generate(registry: ModelRegistry, model_name: str, body: GenerateRequ
     run = await _start(registry, model_name, body, request)
     if stream_route or run.params.stream:
         return StreamingResponse(_generate_events(run.envelope, run.stream), media_type="text/event-stream")
-    text, _, _ = await collect_output(request, run.stream)
+    output = await collect_output(request, run.stream)
     prefix = "" if run.params.exclude_input_in_output else body.text_input
-    return JSONResponse(dict(run.envelope, text_output=prefix + text))
+    return JSONResponse(dict(run.envelope, text_output=prefix + output.text))
 
 
 def stats_of(model: ServedModel) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelSt
 from llumnix_backend.requests import RequestError
 from llumnix_server.errors import as_api_error
 from llumnix_server.kserve_api import (
-    EXTENSIONS, SERVER_NAME, collect_output, config_of, config_override, infer_outputs, metadata_of, start_infer, stats_of,
+    EXTENSIONS, SERVER_NAME, InferOutput, collect_output, config_of, config_override, infer_outputs, metadata_of,
+    start_infer, stats_of,
 )
 from llumnix_server.kserve_infer import check_input_name, checked_input, decode_tensor, encode_tensor
 
@@ -141,8 +142,7 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise RequestError("stream: a streamed request needs ModelStreamInfer (ModelInfer carries one response)",
                                "stream")
         run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
-        text, finish, n_out = await collect_output(None, run.stream)
-        return _response(run.envelope, infer_outputs(run, inputs, wanted, text, finish, n_out))
+        return _response(run.envelope, infer_outputs(run, inputs, wanted, await collect_output(None, run.stream)))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Each request on the stream is served as it arrives, beside those still running, as
@@ -182,16 +182,16 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             inputs, wanted = _inputs(request)
             run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
             if run.params.stream:
+                part = InferOutput("", None, 0)
                 async for delta in run.stream:
                     # num_output_tokens: the tokens this response carries (vllm_backend's meaning).
-                    outputs = infer_outputs(run, inputs, wanted, delta.text, delta.finish_reason,
-                                            len(delta.token_ids), with_prompt=False)
+                    part = part.then(delta)
+                    outputs = infer_outputs(run, inputs, wanted, part, with_prompt=False)
                     send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs,
                                                                                        final=False)))
                 send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, {}, final=True)))
             else:
-                text, finish, n_out = await collect_output(None, run.stream)
-                outputs = infer_outputs(run, inputs, wanted, text, finish, n_out)
+                outputs = infer_outputs(run, inputs, wanted, await collect_output(None, run.stream))
                 send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs, final=True)))
         except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
             send(service_pb2.ModelStreamInferResponse(error_message=as_api_error(exc).message))

@@ -3,8 +3,9 @@
 
 Inputs (each of shape [1]): `text_input` (BYTES), and optionally `sampling_parameters` (BYTES, a
 JSON object), `exclude_input_in_output`, `stream`, `return_finish_reason`,
-`return_num_input_tokens` and `return_num_output_tokens` (BOOL). Outputs: `text_output`, and
-`finish_reason`, `num_input_tokens`, `num_output_tokens` when asked for. Tensors travel as JSON
+`return_cumulative_logprob`, `return_num_input_tokens` and `return_num_output_tokens` (BOOL).
+Outputs: `text_output`, and `finish_reason`, `cumulative_logprob` (FP32: of every token generated
+so far), `num_input_tokens`, `num_output_tokens` when asked for. Tensors travel as JSON
 `data` or in Triton's binary tensor extension (the JSON header's length in
 `Inference-Header-Content-Length`, then the raw tensors; BYTES elements are a 4-byte
 little-endian length and the bytes), which tritonclient uses by default. Streaming needs a
@@ -23,8 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from llumnix_backend.requests import RequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
-               "return_num_output_tokens")
+BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
+               "return_num_input_tokens", "return_num_output_tokens")
 KNOWN_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS)
 
 
@@ -68,6 +69,8 @@ def encode_tensor(datatype: str, value: Any) -> bytes:
     if datatype == "BYTES":
         encoded = value.encode()
         return struct.pack("<I", len(encoded)) + encoded
+    if datatype == "FP32":
+        return struct.pack("<f", value)
     return struct.pack("<I", value)  # UINT32
 
 
