@@ -71,7 +71,9 @@ RESERVED_ENGINE_ARGS = {
 }
 # vLLM's server accepts seeds that fit a signed 64-bit integer (torch.long).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-MAX_TOKEN_LIST = 4096  # entries of a token-id list or of bad_words
+MAX_TOKEN_LIST = 4096  # entries of a token-id list
+# vLLM tokenises each bad word on the server's event loop as it adds the request: bound them.
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 256, 1024
 # Engine arguments that name files, resolved against the model folder when relative.
 PATH_ENGINE_ARGS = ("model", "tokenizer", "download_dir")
 # Sampling fields the front ends may pass through (vLLM's names and meanings).
@@ -109,9 +111,12 @@ def _check_sampling_bounds(sampling: Mapping[str, Any], vocab_size: int) -> None
         values = sampling.get(field)
         if values is None:
             continue
-        if len(values) > MAX_TOKEN_LIST:
-            raise RequestError(f"{field} has {len(values)} entries, at most {MAX_TOKEN_LIST} are allowed", field)
+        limit = MAX_BAD_WORDS if field == "bad_words" else MAX_TOKEN_LIST
+        if len(values) > limit:
+            raise RequestError(f"{field} has {len(values)} entries, at most {limit} are allowed", field)
         if field == "bad_words":
+            if any(len(word) > MAX_BAD_WORD_CHARS for word in values):
+                raise RequestError(f"a bad word is longer than {MAX_BAD_WORD_CHARS} characters", field)
             continue
         if field == "allowed_token_ids" and not values:
             raise RequestError("allowed_token_ids is empty: no token could be generated", field)
