@@ -212,6 +212,14 @@ class FrontendSettings(_Strict):
     tool_call_parser: str | None = None
     # Let the model decide whether to call a tool (tool_choice "auto", the default with tools).
     enable_auto_tool_choice: bool = False
+    # The chat template, for a tokenizer without one or instead of its own (vLLM's
+    # --chat-template): a Jinja template, or a file holding one, relative to the model's folder
+    # (read with the config: an edit of the file applies as one of the config does).
+    chat_template: str | None = None
+
+    @property
+    def chat_template_is_inline(self) -> bool:
+        return self.chat_template is not None and ("{{" in self.chat_template or "{%" in self.chat_template)
 
     @model_validator(mode="after")
     def _auto_needs_a_parser(self) -> FrontendSettings:

@@ -233,9 +233,10 @@ class ModelRuntime(abc.ABC):
 
     @abc.abstractmethod
     def render_chat(self, messages: list[dict[str, Any]], add_special_tokens: bool = False,
-                    **template_kwargs: Any) -> list[int]:
-        """Token ids of a chat conversation rendered by the model's chat template (with the
-        tokenizer's special tokens added on top when asked: the template has its own)."""
+                    chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat conversation rendered by `chat_template` (the model config's
+        `frontend.chat_template`), else the tokenizer's own (with the tokenizer's special tokens
+        added on top when asked: the template has its own)."""
 
     def chat_tools(self, request: Mapping[str, Any], messages: list[dict[str, Any]],
                    constraint: dict[str, Any] | None, settings: FrontendSettings) -> ChatTools:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -34,7 +35,24 @@ def load_model_source(model_dir: Path, num_gpus: int = 0) -> ModelSource:
     if triton_file.is_file():
         if yaml_file.is_file():
             raise ConfigError(model_dir, None, f"both {CONFIG_FILE} and {TRITON_CONFIG_FILE}: keep one")
-        return load_triton_model(model_dir, num_gpus)
+        return _with_chat_template_read(load_triton_model(model_dir, num_gpus), model_dir)
     if not yaml_file.is_file():
         raise ConfigError(model_dir, None, f"no {CONFIG_FILE} (or Triton's {TRITON_CONFIG_FILE}) in the model folder")
-    return ModelSource(load_model_config(yaml_file), str(yaml_file), str(yaml_file), model_dir)
+    return _with_chat_template_read(ModelSource(load_model_config(yaml_file), str(yaml_file), str(yaml_file), model_dir),
+                                    model_dir)
+
+
+def _with_chat_template_read(source: ModelSource, model_dir: Path) -> ModelSource:
+    """The source with `frontend.chat_template` as the template itself: a file it names is read
+    here, with the config, never on a request's path."""
+    frontend = source.config.frontend
+    if frontend.chat_template is None or frontend.chat_template_is_inline:
+        return source
+    path = model_dir / frontend.chat_template
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source.config_file, "frontend.chat_template",
+                          f"neither a Jinja template nor a readable file: {path}: {exc}") from None
+    frontend = frontend.model_copy(update={"chat_template": text})
+    return dataclasses.replace(source, config=source.config.model_copy(update={"frontend": frontend}))

@@ -76,6 +76,19 @@ def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
         load_model_source(folder).config
 
 
+def test_a_chat_template_is_inline_or_a_file_read_with_the_config(tmp_path: Path) -> None:
+    inline = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    folder = write_config(tmp_path / "inline", f"engine: {{model: x}}\nfrontend: {{chat_template: \"{inline}\"}}\n")
+    assert load_model_source(folder).config.frontend.chat_template == inline
+    folder = write_config(tmp_path / "file", "engine: {model: x}\nfrontend: {chat_template: chat.jinja}\n")
+    (folder / "chat.jinja").write_text(inline)
+    assert load_model_source(folder).config.frontend.chat_template == inline
+    (folder / "chat.jinja").unlink()
+    with pytest.raises(ConfigError) as caught:
+        load_model_source(folder)
+    assert caught.value.field == "frontend.chat_template" and "chat.jinja" in caught.value.reason
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     with pytest.raises(ConfigError, match="no config.yaml"):

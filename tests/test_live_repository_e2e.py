@@ -70,12 +70,20 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     # the 200 the load sends must last until its last step, two engine starts away).
     load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=1000)
 
-    # A scheduler change: applied in place, nothing restarted.
+    # A scheduler change, and a chat template of the folder's own: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
     config["scheduler"]["migration"] = {"source_below_tokens": 256, "destination_above_tokens": 1024}
+    config["frontend"] = {"chat_template": "chat.jinja"}
+    (repository / "dropped" / "chat.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: listing()["dispatch_policy"] == "queue", 20, "the new dispatch policy")
     assert instances(server, "dropped")["0"]["snapshot"]["engine_pid"] == engine
+    rendered = httpx.post(f"{server.url}/tokenize", json={"model": "dropped", "messages": [{"role": "user", "content": "hi"}]})
+    plain = httpx.post(f"{server.url}/tokenize", json={"model": "dropped", "prompt": "[hi]", "add_special_tokens": False})
+    assert rendered.json()["tokens"] == plain.json()["tokens"], (rendered.text, plain.text)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                      json={"model": "dropped", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert chat.json()["usage"]["prompt_tokens"] == plain.json()["count"], chat.text
     # Rescheduling is on in the config, but with one instance there is nothing to pair.
     assert listing()["rescheduling"] == {"enabled": True, "active": False, "interval_s": 0.1, "source_below_tokens": 256,
                                          "destination_above_tokens": 1024, "max_in_flight_per_instance": 2}

@@ -325,12 +325,14 @@ class VllmModelRuntime(ModelRuntime):
         return self._tokenizer.convert_ids_to_tokens(list(token_ids))
 
     def render_chat(self, messages: list[dict[str, Any]], add_special_tokens: bool = False,
-                    **template_kwargs: Any) -> list[int]:
-        if getattr(self._tokenizer, "chat_template", None) is None:
-            raise RequestError(f"model {self._name!r} has no chat template; use /v1/completions", "messages")
+                    chat_template: str | None = None, **template_kwargs: Any) -> list[int]:
+        if chat_template is None and getattr(self._tokenizer, "chat_template", None) is None:
+            raise RequestError(f"model {self._name!r} has no chat template (set frontend.chat_template in its "
+                               "config); use /v1/completions", "messages")
         try:
             text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, **{"add_generation_prompt": True, **template_kwargs}
+                messages, tokenize=False, chat_template=chat_template,
+                **{"add_generation_prompt": True, **template_kwargs}
             )
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise RequestError(f"cannot apply the chat template: {exc}", "messages") from None

@@ -378,7 +378,8 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         template = body.template_arguments()
         if tools is not None and tools.template_tools is not None:
             template["tools"] = tools.template_tools
-        prompt = await tokenize(lambda: model.runtime.render_chat(messages, body.add_special_tokens, **template))
+        prompt = await tokenize(lambda: model.runtime.render_chat(messages, body.add_special_tokens,
+                                                                  model.config.frontend.chat_template, **template))
         response_id = new_request_id("chatcmpl")
         max_tokens = body.max_completion_tokens or body.max_tokens
         echoed = body.echoed_text()

@@ -60,7 +60,8 @@ def create_vllm_router(registry: ModelRegistry) -> APIRouter:
         else:
             template = {"add_generation_prompt": body.add_generation_prompt,
                         "continue_final_message": body.continue_final_message}
-            tokens = await tokenize(lambda: runtime.render_chat(body.messages, bool(body.add_special_tokens), **template))
+            tokens = await tokenize(lambda: runtime.render_chat(body.messages, bool(body.add_special_tokens),
+                                                                model.config.frontend.chat_template, **template))
         result: dict[str, Any] = {"count": len(tokens), "max_model_len": runtime.max_model_len, "tokens": tokens}
         if body.return_token_strs:
             result["token_strs"] = runtime.token_strings(tokens)
