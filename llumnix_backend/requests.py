@@ -82,6 +82,17 @@ class EmbeddingRequest:
 
 
 @dataclass(frozen=True)
+class RankedLogprob:
+    """A token the engine reports at a position of the prompt or the output, as vLLM's `Logprob`
+    with its token id."""
+
+    token_id: int
+    token: str  # its text, as the detokenizer wrote it
+    logprob: float
+    rank: int  # 1: the most likely token there
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's (or an echoed prompt token's) log probability, and the most likely
     tokens at its position."""
@@ -89,16 +100,8 @@ class TokenLogprob:
     token: str  # the token's text, as the detokenizer wrote it
     logprob: float | None  # None only for an echoed prompt's first token: nothing precedes it
     top: tuple[tuple[str, float], ...] = ()  # (token text, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class RankedLogprob:
-    """A token the engine reports at a prompt position, as vLLM's `Logprob` with its token id."""
-
-    token_id: int
-    token: str  # its text, as the detokenizer wrote it
-    logprob: float
-    rank: int  # 1: the most likely token there
+    # The sampled token and the most likely ones, with their ids and ranks, as vLLM lists them.
+    ranked: tuple[RankedLogprob, ...] = ()
 
 
 # vLLM's prompt logprobs: per prompt token, None for the first (nothing precedes it), else the

@@ -70,6 +70,28 @@ def test_infer_matches_http(client, serving) -> None:
     assert over_http.json()["text_output"] == "Hello" + text
 
 
+def test_logprobs_as_vllm_backend_returns_them(client, serving) -> None:
+    """`return_logprobs`: per output token, the sampled token and the `logprobs: N` most likely
+    ones by token id, with logprob, rank and text; null when the sampling parameters ask for none."""
+    sampling = json.dumps({**json.loads(SAMPLING), "logprobs": 2})
+    result = client.infer("alpha", [tensor("text_input", "Hello"), tensor("sampling_parameters", sampling),
+                                    tensor("exclude_input_in_output", True), tensor("return_logprobs", True)],
+                          headers=AUTH)
+    positions = json.loads(result.as_numpy("logprobs")[0])
+    assert len(positions) == 8
+    assert all(1 <= len(p) <= 3 and all(set(c) == {"logprob", "rank", "decoded_token"} for c in p.values())
+               for p in positions)
+    # Greedy: the most likely token at each position is the one generated there.
+    completion = httpx.post(f"{serving.url}/v1/completions", headers=serving.headers, timeout=60,
+                            json={"model": "alpha", "prompt": "Hello", "return_token_ids": True,
+                                  **json.loads(SAMPLING)}).json()
+    firsts = [int(next(i for i, c in p.items() if c["rank"] == 1)) for p in positions]
+    assert firsts == completion["choices"][0]["token_ids"]
+    assert all(p[str(i)]["logprob"] == max(c["logprob"] for c in p.values()) for p, i in zip(positions, firsts))
+    plain = client.infer("alpha", inputs("Hello", return_logprobs=True), headers=AUTH)
+    assert plain.as_numpy("logprobs")[0] == b"null"
+
+
 def test_cumulative_logprob_is_the_sum_of_the_tokens_logprobs(client, serving) -> None:
     """vllm_backend's `return_cumulative_logprob`: over infer, and over a stream, where each
     response carries the sum of every token so far; the same greedy tokens' logprobs as the

@@ -389,7 +389,9 @@ def _token_logprobs(completion: Any, top_n: int | None) -> tuple[TokenLogprob, .
         chosen = candidates[token_id]
         ranked = sorted(candidates.values(), key=lambda c: c.rank)[:top_n]
         result.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
-                                   tuple((c.decoded_token or "", c.logprob) for c in ranked)))
+                                   tuple((c.decoded_token or "", c.logprob) for c in ranked),
+                                   tuple(RankedLogprob(i, c.decoded_token or "", c.logprob, c.rank)
+                                         for i, c in candidates.items())))
     return tuple(result)
 
 

@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelState
-from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
 from llumnix_server.kserve_infer import HEADER_LENGTH, infer_response, parse_infer_request
-from llumnix_server.sampling import SamplingFields, StructuredOutputs
+from llumnix_server.sampling import SamplingFields, StructuredOutputs, finite_logprob
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize
 
@@ -39,6 +39,7 @@ class GenerateParameters(SamplingFields):
     stream: bool = False
     exclude_input_in_output: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # vLLM's default, as vllm_backend has it
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the most likely tokens' logprobs per output token
     guided_decoding: StructuredOutputs | None = None  # vllm_backend's earlier name of structured_outputs
     lora_name: str | None = None  # vllm_backend's: refused, no model here serves LoRA adapters
 
@@ -51,6 +52,12 @@ class GenerateParameters(SamplingFields):
     def constraint_fields(self) -> dict[str, Any]:
         older = self.guided_decoding.engine_fields() if self.guided_decoding else {}
         return {**older, **super().constraint_fields()}
+
+    def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
+        fields = super().sampling(defaults, max_tokens)
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
+        return fields
 
 
 class GenerateRequest(BaseModel):
@@ -269,17 +276,18 @@ class InferOutput:
     finish_reason: str | None
     num_tokens: int  # the tokens it carries
     cumulative_logprob: float | None = None  # of every token generated so far (engine logprobs asked)
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens it carries (engine logprobs asked)
 
     def then(self, delta: GenerationDelta) -> InferOutput:
         """The part `delta` adds after this one (the logprob still counts from the start)."""
         total = self.cumulative_logprob
         if delta.logprobs is not None:
             total = (total or 0.0) + sum(t.logprob or 0.0 for t in delta.logprobs)
-        return InferOutput(delta.text, delta.finish_reason, len(delta.token_ids), total)
+        return InferOutput(delta.text, delta.finish_reason, len(delta.token_ids), total, delta.logprobs or ())
 
     def joined(self, part: InferOutput) -> InferOutput:
         return InferOutput(self.text + part.text, part.finish_reason or self.finish_reason,
-                           self.num_tokens + part.num_tokens, part.cumulative_logprob)
+                           self.num_tokens + part.num_tokens, part.cumulative_logprob, self.logprobs + part.logprobs)
 
 
 async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str, Any], client_id: str | None,
@@ -293,6 +301,15 @@ async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str
     return await _start(registry, model_name, body, request, bool(inputs.get("return_cumulative_logprob")))
 
 
+def _logprobs_output(run: Run, output: InferOutput) -> str:
+    """vllm_backend's `logprobs`: per token of the output, the sampled token and the most likely
+    ones by token id (logprob, rank, text), as JSON; null unless the request asked for them."""
+    if run.params.logprobs is None:
+        return "null"
+    return json.dumps([{str(r.token_id): {"logprob": finite_logprob(r.logprob), "rank": r.rank, "decoded_token": r.token}
+                        for r in token.ranked} for token in output.logprobs])
+
+
 def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], output: InferOutput,
                   with_prompt: bool = True) -> dict[str, tuple[str, Any]]:
     """An infer response's output tensors (name: (datatype, value)): `text_output` (after the
@@ -304,6 +321,8 @@ def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], output: In
         outputs["finish_reason"] = ("BYTES", output.finish_reason or "")
     if inputs.get("return_cumulative_logprob"):
         outputs["cumulative_logprob"] = ("FP32", output.cumulative_logprob or 0.0)
+    if inputs.get("return_logprobs"):
+        outputs["logprobs"] = ("BYTES", _logprobs_output(run, output))
     if inputs.get("return_num_input_tokens"):
         outputs["num_input_tokens"] = ("UINT32", run.prompt_tokens)
     if inputs.get("return_num_output_tokens"):

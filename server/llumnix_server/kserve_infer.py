@@ -3,9 +3,11 @@
 
 Inputs (each of shape [1]): `text_input` (BYTES), and optionally `sampling_parameters` (BYTES, a
 JSON object), `exclude_input_in_output`, `stream`, `return_finish_reason`,
-`return_cumulative_logprob`, `return_num_input_tokens` and `return_num_output_tokens` (BOOL).
-Outputs: `text_output`, and `finish_reason`, `cumulative_logprob` (FP32: of every token generated
-so far), `num_input_tokens`, `num_output_tokens` when asked for. Tensors travel as JSON
+`return_cumulative_logprob`, `return_logprobs`, `return_num_input_tokens` and
+`return_num_output_tokens` (BOOL). Outputs: `text_output`, and `finish_reason`,
+`cumulative_logprob` (FP32: of every token generated so far), `logprobs` (JSON: per token, the
+most likely tokens by id, with `logprobs: N` in the sampling parameters), `num_input_tokens`,
+`num_output_tokens` when asked for. Tensors travel as JSON
 `data` or in Triton's binary tensor extension (the JSON header's length in
 `Inference-Header-Content-Length`, then the raw tensors; BYTES elements are a 4-byte
 little-endian length and the bytes), which tritonclient uses by default. Streaming needs a
@@ -25,7 +27,7 @@ from llumnix_backend.requests import RequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
-               "return_num_input_tokens", "return_num_output_tokens")
+               "return_logprobs", "return_num_input_tokens", "return_num_output_tokens")
 KNOWN_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS)
 
 

@@ -34,7 +34,7 @@ from llumnix_backend.requests import (
 )
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
-from llumnix_server.sampling import SamplingFields, structured_outputs
+from llumnix_server.sampling import SamplingFields, finite_logprob, structured_outputs
 from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize, tokenize_prompts
 
@@ -391,10 +391,6 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     return router
 
 
-def _finite(logprob: float) -> float:
-    return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
-
-
 def _completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
     """OpenAI's completions logprobs; `text_offset`: where the first token's text starts. A token
     without a logprob (an echoed prompt's first) has null ones."""
@@ -403,22 +399,22 @@ def _completion_logprobs(tokens: Sequence[TokenLogprob], text_offset: int) -> di
         offsets.append(text_offset)
         text_offset += len(token.token)
     return {"tokens": [t.token for t in tokens],
-            "token_logprobs": [None if t.logprob is None else _finite(t.logprob) for t in tokens],
-            "top_logprobs": [None if t.logprob is None else {text: _finite(lp) for text, lp in t.top} for t in tokens],
+            "token_logprobs": [None if t.logprob is None else finite_logprob(t.logprob) for t in tokens],
+            "top_logprobs": [None if t.logprob is None else {text: finite_logprob(lp) for text, lp in t.top} for t in tokens],
             "text_offset": offsets}
 
 
 def _prompt_logprobs(positions: PromptLogprobs) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs`: per prompt token, by token id."""
     return [None if candidates is None else
-            {str(c.token_id): {"logprob": _finite(c.logprob), "rank": c.rank, "decoded_token": c.token}
+            {str(c.token_id): {"logprob": finite_logprob(c.logprob), "rank": c.rank, "decoded_token": c.token}
              for c in candidates}
             for candidates in positions]
 
 
 def _chat_logprobs(tokens: Sequence[TokenLogprob], _: int) -> dict[str, Any]:
     def entry(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
+        return {"token": text, "logprob": finite_logprob(logprob), "bytes": list(text.encode())}
 
     return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(*c) for c in t.top]} for t in tokens]}
 

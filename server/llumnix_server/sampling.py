@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.requests import RequestError
 
+def finite_logprob(logprob: float) -> float:
+    return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
+
+
 # Stop strings are matched against the output after every token: bound their number and size.
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
