@@ -72,7 +72,8 @@ ProgressCallback = Callable[[InstanceEvent], None]
 @dataclass(frozen=True)
 class InstanceStarts:
     """How the server starts instances: at most as many at once as `slots` allows, telling
-    `progress` as each begins and ends, and every `progress_every_s` while it waits or starts."""
+    `progress` when one waits for a slot, as each begins and ends, and every `progress_every_s`
+    while it starts."""
 
     slots: asyncio.Semaphore
     progress: ProgressCallback
@@ -210,7 +211,7 @@ class ServedModel:
                          key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
         added = [self._add_instance(self.runtime, source) for _ in range(config.instances - len(members))]
         await asyncio.gather(*(self._start_instance(i, starts) for i in added))
-        self._spawn(self._retire_instances(members[:max(0, len(members) - config.instances)]))
+        self._retire_instances(members[:max(0, len(members) - config.instances)])
         self.config = config
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
@@ -227,16 +228,23 @@ class ServedModel:
             await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
             return f"no instance started ({reasons})"
         self.source, self.config, self.runtime = source, source.config, runtime
-        self._spawn(self._retire_instances(old))
+        self._retire_instances(old)
         return ""
 
-    async def _retire_instances(self, instance_ids: list[str]) -> None:
-        """Take instances out of dispatch, wait until the requests they run have left (migrated
-        away by rescheduling, or finished where they are if it is off), then stop them. Past
-        `health.drain_timeout_s`, what is left continues elsewhere by replay."""
-        slots = [self._instances[i] for i in instance_ids]
-        for slot in slots:
+    def _retire_instances(self, instance_ids: list[str]) -> None:
+        """Take instances out of the model and out of dispatch now; in the background, wait until
+        the requests they run have left (migrated away by rescheduling, or finished where they
+        are if it is off), then stop them. Past `health.drain_timeout_s`, what is left continues
+        elsewhere by replay."""
+        for instance_id in instance_ids:
+            slot = self._instances[instance_id]
             slot.served, slot.retiring = False, True  # not restarted if it fails from now on
+            if slot.state is InstanceState.READY:
+                slot.state = InstanceState.DRAINING
+        self._spawn(self._drain_and_stop(instance_ids))
+
+    async def _drain_and_stop(self, instance_ids: list[str]) -> None:
+        slots = [self._instances[i] for i in instance_ids]
         deadline = time.monotonic() + self.config.scheduler.health.drain_timeout_s
         while True:
             for slot in slots:  # (one that was restarting may have come back meanwhile)
