@@ -285,10 +285,6 @@ class InferOutput:
             total = (total or 0.0) + sum(t.logprob or 0.0 for t in delta.logprobs)
         return InferOutput(delta.text, delta.finish_reason, len(delta.token_ids), total, delta.logprobs or ())
 
-    def joined(self, part: InferOutput) -> InferOutput:
-        return InferOutput(self.text + part.text, part.finish_reason or self.finish_reason,
-                           self.num_tokens + part.num_tokens, part.cumulative_logprob, self.logprobs + part.logprobs)
-
 
 async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str, Any], client_id: str | None,
                       request: Request | None) -> Run:
@@ -363,10 +359,14 @@ async def collect_output(request: Request | None, stream: AsyncIterator[Generati
     """A whole request's output (with an HTTP `request`, given up if its client goes away)."""
 
     async def collect() -> InferOutput:
-        whole = InferOutput("", None, 0)
+        part, texts, logprobs, tokens, finish = InferOutput("", None, 0), [], [], 0, None
         async for delta in stream:
-            whole = whole.joined(whole.then(delta))
-        return whole
+            part = part.then(delta)
+            texts.append(part.text)
+            logprobs.extend(part.logprobs)
+            tokens += part.num_tokens
+            finish = part.finish_reason or finish
+        return InferOutput("".join(texts), finish, tokens, part.cumulative_logprob, tuple(logprobs))
 
     return await unless_disconnected(request, collect())
 

@@ -152,12 +152,16 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
         responses: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
 
+        def served(task: asyncio.Task) -> None:
+            running.discard(task)
+            responses.put_nowait(_SERVED)
+
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     task = asyncio.create_task(self._serve_streamed(request, responses.put_nowait))
                     running.add(task)
-                    task.add_done_callback(lambda t: (running.discard(t), responses.put_nowait(_SERVED)))
+                    task.add_done_callback(served)
             finally:
                 responses.put_nowait(_READ_ALL)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.requests import RequestError
 
+
 def finite_logprob(logprob: float) -> float:
     return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
 
