@@ -19,6 +19,7 @@
     frontend:                        # the API server's handling (vLLM's front-end arguments)
       tool_call_parser: hermes       # tool calls parsed by the backend's parser of that name
       enable_auto_tool_choice: true  # tool_choice "auto": the model decides
+      limits: {max_prompts: 256, max_stop_strings: 64}  # bounds on one request's inputs
 
 Every error names the file and the field (`ConfigError`); unknown keys are errors. A folder in
 Triton's format (config.pbtxt and version folders) is read by `triton_config` instead.
@@ -202,6 +203,21 @@ class ResourceSettings(_Strict):
         return self
 
 
+class RequestLimits(_Strict):
+    """Bounds on what one request may ask for, checked before any of it reaches an engine, so
+    that no request holds the event loop or an engine's input processing for long (vLLM
+    matches stop strings and tokenises bad words on its own event loop, per request). Raise
+    them for a model whose clients need more."""
+
+    max_prompts: int = Field(default=256, ge=1)  # prompts in one completion or embeddings request
+    max_stop_strings: int = Field(default=64, ge=0)
+    max_stop_chars: int = Field(default=1024, ge=1)  # characters of one stop string
+    max_bad_words: int = Field(default=256, ge=0)
+    max_bad_word_chars: int = Field(default=1024, ge=1)
+    # entries of allowed_token_ids, stop_token_ids or logit_bias
+    max_token_list: int = Field(default=4096, ge=1)
+
+
 class FrontendSettings(_Strict):
     """What the API server does with a model's requests and outputs, under the names of vLLM's
     front-end arguments (`vllm serve --tool-call-parser ...`). A change applies without
@@ -216,6 +232,7 @@ class FrontendSettings(_Strict):
     # --chat-template): a Jinja template, or a file holding one, relative to the model's folder
     # (read with the config: an edit of the file applies as one of the config does).
     chat_template: str | None = None
+    limits: RequestLimits = RequestLimits()
 
     @property
     def chat_template_is_inline(self) -> bool:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llumnix_backend.config import RequestLimits
+
 
 class RequestError(ValueError):
     """The request is invalid; the message names the field and why (HTTP 400)."""
@@ -18,6 +20,30 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+def check_limits(sampling: Mapping[str, Any], limits: RequestLimits) -> None:
+    """Raise `RequestError` naming the field if the sampling fields ask for more than the
+    model's `frontend.limits` allow."""
+    stop = sampling.get("stop")
+    _check_strings("stop", [stop] if isinstance(stop, str) else stop or [], limits, "max_stop_strings",
+                   "max_stop_chars")
+    _check_strings("bad_words", sampling.get("bad_words") or [], limits, "max_bad_words", "max_bad_word_chars")
+    for field_name in ("allowed_token_ids", "stop_token_ids", "logit_bias"):
+        entries = len(sampling.get(field_name) or ())
+        if entries > limits.max_token_list:
+            raise RequestError(f"{field_name} has {entries} entries; at most {limits.max_token_list} are allowed "
+                               "(frontend.limits.max_token_list)", field_name)
+
+
+def _check_strings(field_name: str, strings: list[str], limits: RequestLimits, count: str, chars: str) -> None:
+    most, most_chars = getattr(limits, count), getattr(limits, chars)
+    if len(strings) > most:
+        raise RequestError(f"{field_name} has {len(strings)} strings; at most {most} are allowed "
+                           f"(frontend.limits.{count})", field_name)
+    if any(len(s) > most_chars for s in strings):
+        raise RequestError(f"{field_name}: a string is longer than {most_chars} characters "
+                           f"(frontend.limits.{chars})", field_name)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed
 from llumnix_backend.policies.control import ControlPlan, InstanceHealth, plan_tick
 from llumnix_backend.policies.placement import GpuPlacement, PlacementError, demand_of, instances_per_gpu
 from llumnix_backend.policies.rescheduling import PlannedMigration
-from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest, RequestError
+from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest, RequestError, check_limits
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
 logger = logging.getLogger(__name__)
@@ -416,6 +416,7 @@ class ServedModel:
                 f"maximum context length of {limit} tokens",
                 "max_tokens",
             )
+        check_limits(request.sampling, self.config.frontend.limits)
         self.runtime.check_sampling(request.sampling)
 
     def _check_priority(self, priority: int) -> None:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llumnix_backend.config import ConfigError, DispatchPolicyName, parse_model_config
+from llumnix_backend.config import ConfigError, DispatchPolicyName, RequestLimits, parse_model_config
 from llumnix_backend.repository import load_model_source
 from llumnix_backend.repository import is_valid_model_name, model_folders
+from llumnix_backend.requests import RequestError, check_limits
 
 
 def write_config(folder: Path, text: str) -> Path:
@@ -57,6 +58,8 @@ def test_defaults_for_an_almost_empty_config(tmp_path: Path) -> None:
         ("scheduler: {migration: {source_below: 10}}\n", "scheduler.migration", "source_below_tokens"),
         ("scheduler: {migration: {source_below_tokens: 500, destination_above_tokens: 100}}\n",
          "scheduler.migration", "at least source_below_tokens"),
+        ("frontend: {limits: {max_prompts: 0}}\n", "frontend.limits.max_prompts", "greater than or equal to 1"),
+        ("frontend: {limits: {max_stops: 3}}\n", "frontend.limits.max_stops", "unknown key"),
     ],
 )
 def test_invalid_fields_are_named(tmp_path: Path, text: str, field: str, reason: str) -> None:
@@ -87,6 +90,27 @@ def test_a_chat_template_is_inline_or_a_file_read_with_the_config(tmp_path: Path
     with pytest.raises(ConfigError) as caught:
         load_model_source(folder)
     assert caught.value.field == "frontend.chat_template" and "chat.jinja" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field", "words"),
+    [
+        ({"stop": ["a", "b", "c"]}, "stop", "3 strings; at most 2 are allowed (frontend.limits.max_stop_strings)"),
+        ({"stop": "abcdef"}, "stop", "longer than 5 characters (frontend.limits.max_stop_chars)"),
+        ({"bad_words": ["x"] * 4}, "bad_words", "at most 3 are allowed (frontend.limits.max_bad_words)"),
+        ({"bad_words": ["x" * 7]}, "bad_words", "longer than 6 characters (frontend.limits.max_bad_word_chars)"),
+        ({"logit_bias": {str(i): 1 for i in range(9)}}, "logit_bias", "9 entries; at most 8"),
+        ({"allowed_token_ids": list(range(9))}, "allowed_token_ids", "frontend.limits.max_token_list"),
+        ({"stop_token_ids": list(range(9))}, "stop_token_ids", "at most 8"),
+    ],
+)
+def test_request_limits_are_the_models_own(sampling: dict, field: str, words: str) -> None:
+    limits = RequestLimits(max_stop_strings=2, max_stop_chars=5, max_bad_words=3, max_bad_word_chars=6,
+                           max_token_list=8)
+    with pytest.raises(RequestError) as caught:
+        check_limits(sampling, limits)
+    assert caught.value.field == field and words in str(caught.value)
+    check_limits(sampling, RequestLimits())  # within the defaults
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     # A scheduler change, and a chat template of the folder's own: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
     config["scheduler"]["migration"] = {"source_below_tokens": 256, "destination_above_tokens": 1024}
-    config["frontend"] = {"chat_template": "chat.jinja"}
+    config["frontend"] = {"chat_template": "chat.jinja", "limits": {"max_stop_strings": 2}}
     (repository / "dropped" / "chat.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: listing()["dispatch_policy"] == "queue", 20, "the new dispatch policy")
@@ -84,6 +84,9 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
                       json={"model": "dropped", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
     assert chat.json()["usage"]["prompt_tokens"] == plain.json()["count"], chat.text
+    three_stops = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                             json={"model": "dropped", "prompt": "hi", "max_tokens": 1, "stop": ["a", "b", "c"]})
+    assert three_stops.status_code == 400 and "frontend.limits.max_stop_strings" in three_stops.text, three_stops.text
     # Rescheduling is on in the config, but with one instance there is nothing to pair.
     assert listing()["rescheduling"] == {"enabled": True, "active": False, "interval_s": 0.1, "source_below_tokens": 256,
                                          "destination_above_tokens": 1024, "max_in_flight_per_instance": 2}

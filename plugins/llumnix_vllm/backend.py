@@ -71,9 +71,6 @@ RESERVED_ENGINE_ARGS = {
 }
 # vLLM's server accepts seeds that fit a signed 64-bit integer (torch.long).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-MAX_TOKEN_LIST = 4096  # entries of a token-id list
-# vLLM tokenises each bad word on the server's event loop as it adds the request: bound them.
-MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 256, 1024
 # Engine arguments that name files, resolved against the model folder when relative.
 PATH_ENGINE_ARGS = ("model", "tokenizer", "download_dir")
 # Sampling fields the front ends may pass through (vLLM's names and meanings).
@@ -102,21 +99,14 @@ def _resolve_path_arg(key: str, value: Any, source: ModelSource) -> Any:
 
 def _check_sampling_bounds(sampling: Mapping[str, Any], vocab_size: int) -> None:
     """What vLLM's engine would fail on (an error from deep inside, or a dead engine) rather
-    than refuse: seeds beyond a 64-bit integer, token ids outside the vocabulary, an empty
-    allow-list, and lists too long to check cheaply."""
+    than refuse: seeds beyond a 64-bit integer, token ids outside the vocabulary, and an empty
+    allow-list. (How long the lists may be is the model's `frontend.limits`, checked first.)"""
     seed = sampling.get("seed")
     if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
         raise RequestError(f"seed must be between {SEED_MIN} and {SEED_MAX}, got {seed}", "seed")
-    for field in ("allowed_token_ids", "stop_token_ids", "logit_bias", "bad_words"):
+    for field in ("allowed_token_ids", "stop_token_ids", "logit_bias"):
         values = sampling.get(field)
         if values is None:
-            continue
-        limit = MAX_BAD_WORDS if field == "bad_words" else MAX_TOKEN_LIST
-        if len(values) > limit:
-            raise RequestError(f"{field} has {len(values)} entries, at most {limit} are allowed", field)
-        if field == "bad_words":
-            if any(len(word) > MAX_BAD_WORD_CHARS for word in values):
-                raise RequestError(f"a bad word is longer than {MAX_BAD_WORD_CHARS} characters", field)
             continue
         if field == "allowed_token_ids" and not values:
             raise RequestError("allowed_token_ids is empty: no token could be generated", field)

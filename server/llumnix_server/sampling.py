@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.requests import RequestError
@@ -15,8 +15,6 @@ def finite_logprob(logprob: float) -> float:
 
 
 # Stop strings are matched against the output after every token: bound their number and size.
-MAX_STOP_STRINGS = 64
-MAX_STOP_CHARS = 1024
 
 # Request fields that pass to the engine unchanged (vLLM SamplingParams names).
 ENGINE_SAMPLING_FIELDS = frozenset({
@@ -93,16 +91,6 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        strings = [stop] if isinstance(stop, str) else stop or []
-        if len(strings) > MAX_STOP_STRINGS:
-            raise ValueError(f"{len(strings)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
-        if any(len(s) > MAX_STOP_CHARS for s in strings):
-            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
-        return stop
 
     def sampling(self, defaults: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
         """The engine's sampling fields: the model's defaults, overridden by what was given.

@@ -17,7 +17,6 @@ from llumnix_backend.requests import RequestError
 from llumnix_backend.served_model import ServedModel
 
 T = TypeVar("T")
-MAX_PROMPTS = 256  # prompts in one completion or embeddings request (each its own engine request)
 
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llumnix-tokenizer")
 
@@ -37,8 +36,10 @@ async def tokenize_prompts(model: ServedModel, prompt: str | list[int] | list[st
         raise RequestError("the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]  # type: ignore[arg-type]
-    if len(prompt) > MAX_PROMPTS:
-        raise RequestError(f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS} are allowed", "prompt")
+    most = model.config.frontend.limits.max_prompts  # (each prompt is its own engine request)
+    if len(prompt) > most:
+        raise RequestError(f"{len(prompt)} prompts in one request; at most {most} are allowed "
+                           "(frontend.limits.max_prompts)", "prompt")
     prompts = []
     for p in prompt:
         prompts.append(await tokenize(model.runtime.encode, p, add_special_tokens)
