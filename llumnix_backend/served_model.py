@@ -6,8 +6,10 @@ there that the snapshot does not show yet, so a burst of requests spreads out be
 engines report back; it never waits on an instance to decide.
 
 The control loop ticks every `migration.interval_s`: `policies.control.plan_tick` decides
-from the instances' health and load which instances are lost, which to restart and which
-requests to migrate, and this module carries the plan out. A request whose instance is lost
+from the instances' health and load, and the config's instance count, which instances are
+lost, which to start, restart, retire or stop, and which requests to migrate; this module
+only carries the plan out. Starting the model, and a config edit, set the target and run a
+tick at once. A request whose instance is lost
 continues on another one (replay): its prompt plus every token the client has received, with
 the sampling budget that is left, recomputed there.
 """
@@ -91,7 +93,9 @@ class _Instance:
     failures: int = 0  # deaths and failed restarts in a row
     down_since: float | None = None  # time.monotonic() of the latest failure
     busy: bool = False  # its engine is being stopped or restarted
-    retiring: bool = False  # no longer one of the model's: it drains, then stops (`_retire_instances`)
+    # Set once it is no longer one of the model's: it drains until then, and the plan stops it
+    # once it is empty (`_retire_instances`).
+    retire_by: float | None = None
     # Requests dispatched here and not finished.
     in_flight: set[str] = field(default_factory=set)
     # Those of them no snapshot has shown yet (as of `_seen`, the latest snapshot looked at),
@@ -119,12 +123,19 @@ class _Instance:
         self._unseen, self._seen, self._view, self._departed = {}, None, None, set()
         self._stepped = None
 
-    def health(self, instance_id: str, migrating: bool) -> InstanceHealth:
+    @property
+    def retiring(self) -> bool:
+        return self.retire_by is not None
+
+    def health(self, instance_id: str, migrating: bool, current: bool = True,
+               hosts_requests: bool = False) -> InstanceHealth:
         """`migrating`: it takes part in a migration now (a request stopped for the switch holds
-        its engine's steps up, and the migration's own stage timeout covers that)."""
+        its engine's steps up, and the migration's own stage timeout covers that); `current`: it
+        runs the model's current engines; `hosts_requests`: requests run on it."""
         return InstanceHealth(instance_id, self.state, self.engine.alive, self.engine.last_report_at, self.served,
                               self.failures, self.down_since, self.busy, self.engine.failure,
-                              None if migrating else self._stepping_since())
+                              None if migrating else self._stepping_since(), current, self.retire_by,
+                              hosts_requests)
 
     def _stepping_since(self) -> float | None:
         """While requests run here, when the engine's latest step report arrived."""
@@ -193,26 +204,21 @@ class ServedModel:
         """Start the configured number of instances and the control loop; failures are
         recorded, not raised."""
         self._starts = starts
-        ids = [self._add_instance(self.runtime, self.source) for _ in range(self.config.instances)]
-        await asyncio.gather(*(self._start_instance(i, starts) for i in ids))
+        await self._tick_now()
         self._control = asyncio.create_task(self._control_loop(), name=f"control-{self.name}")
 
     async def reconfigure(self, source: ModelSource, starts: InstanceStarts) -> None:
         """Switch to `source`, which starts the same engines (`ModelSource.same_engine`), without
-        restarting what keeps running. New scheduler settings apply at once. Extra instances are
-        started; surplus ones (the newest) are retired in the background (`_retire_instances`):
-        the reload does not wait for their requests to leave."""
-        self.source, config = source, source.config
-        self.config = self.config.model_copy(update={"scheduler": config.scheduler})
-        # Members: every instance that serves or will again (a lost one restarts); an instance
-        # that never started is not one. Surplus members go failed ones first, then the newest.
-        members = sorted((i for i, s in self._instances.items()
-                          if not s.retiring and (s.state is not InstanceState.FAILED or s.served)),
-                         key=lambda i: (self._instances[i].state is InstanceState.FAILED, int(i)), reverse=True)
-        added = [self._add_instance(self.runtime, source) for _ in range(config.instances - len(members))]
-        await asyncio.gather(*(self._start_instance(i, starts) for i in added))
-        self._retire_instances(members[:max(0, len(members) - config.instances)])
-        self.config = config
+        restarting what keeps running: the new settings apply at once, and the instance count
+        by a tick of the plan. Returns once the instances it starts have started (or failed);
+        surplus ones drain and stop in the background, the reload does not wait for them."""
+        self.source, self.config, self._starts = source, source.config, starts
+        # An instance that never started is tried again with the new settings: it makes way
+        # for a new one.
+        for instance_id in [i for i, s in self._instances.items() if s.state is InstanceState.FAILED
+                            and not s.served and not s.busy and s.runtime is self.runtime]:
+            self._spawn(self._stop_instance(self._remove(instance_id)))
+        await self._tick_now()
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
         """Switch to engines of new settings (`source`, loaded as `runtime`) that can take over
@@ -220,7 +226,6 @@ class ServedModel:
         start beside the old ones; once one serves, new requests go to them, and the old ones
         are retired in the background: what they run migrates to the new ones. Returns "" once
         switched, or why not (no new instance started; nothing changed then)."""
-        old = [i for i, s in self._instances.items() if not s.retiring and s.state is not InstanceState.FAILED]
         added = [self._add_instance(runtime, source) for _ in range(source.config.instances)]
         await asyncio.gather(*(self._start_instance(i, starts) for i in added))
         if not any(self._instances[i].state is InstanceState.READY for i in added):
@@ -228,42 +233,24 @@ class ServedModel:
             await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
             return f"no instance started ({reasons})"
         self.source, self.config, self.runtime = source, source.config, runtime
-        self._retire_instances(old)
+        self._retire_instances([i for i, s in self._instances.items() if s.runtime is not runtime and not s.retiring])
         return ""
 
-    def _retire_instances(self, instance_ids: list[str]) -> None:
-        """Take instances out of the model and out of dispatch now; in the background, wait until
-        the requests they run have left (migrated away by rescheduling, or finished where they
-        are if it is off), then stop them. Past `health.drain_timeout_s`, what is left continues
-        elsewhere by replay."""
+    def _retire_instances(self, instance_ids: Sequence[str]) -> None:
+        """Take instances out of the model and out of dispatch now. The plan stops each once the
+        requests it runs have left (migrated away by rescheduling, or finished where they are if
+        it is off); past `health.drain_timeout_s`, it evicts what is left to continue elsewhere
+        by replay."""
+        deadline = time.monotonic() + self.config.scheduler.health.drain_timeout_s
         for instance_id in instance_ids:
             slot = self._instances[instance_id]
-            slot.served, slot.retiring = False, True  # not restarted if it fails from now on
+            slot.served, slot.retire_by = False, deadline  # not restarted if it fails from now on
             if slot.state is InstanceState.READY:
                 slot.state = InstanceState.DRAINING
-        self._spawn(self._drain_and_stop(instance_ids))
 
-    async def _drain_and_stop(self, instance_ids: list[str]) -> None:
-        slots = [self._instances[i] for i in instance_ids]
-        deadline = time.monotonic() + self.config.scheduler.health.drain_timeout_s
-        while True:
-            for slot in slots:  # (one that was restarting may have come back meanwhile)
-                if slot.state is InstanceState.READY:
-                    slot.state = InstanceState.DRAINING
-            hosting = [i for i in instance_ids if self._hosts_requests(i)]
-            if not any(s.busy for s in slots) and not hosting:
-                break
-            if time.monotonic() >= deadline:
-                for instance_id in hosting:
-                    self._instances[instance_id].engine.abandon("retired: its requests did not leave within "
-                                                                "health.drain_timeout_s")
-            await asyncio.sleep(IDLE_POLL_S)
-        for instance_id in instance_ids:
-            await self._stop_instance(self._remove(instance_id))
-
-    def _hosts_requests(self, instance_id: str) -> bool:
-        return bool(self._instances[instance_id].in_flight) or any(
-            s.instance_id == instance_id for s in self._streams.values())
+    def _hosting(self) -> set[str]:
+        """The instances requests run on (dispatched, or streaming from them)."""
+        return {i for i, s in self._instances.items() if s.in_flight} | {s.instance_id for s in self._streams.values()}
 
     def _add_instance(self, runtime: ModelRuntime, source: ModelSource) -> str:
         """Add an instance of `runtime` (started by `_start_instance`) on the GPUs placement
@@ -317,7 +304,9 @@ class ServedModel:
                 if not slot.served:  # never restarted: its GPUs are free for others
                     self._gpus.release(f"{self.name}/{instance_id}")
             else:
-                slot.state, slot.error, slot.served, slot.failures = InstanceState.READY, None, True, 0
+                # (one retired while it started comes up drained, for the plan to stop it)
+                slot.error, slot.failures, slot.served = None, 0, not slot.retiring
+                slot.state = InstanceState.DRAINING if slot.retiring else InstanceState.READY
             progress(InstanceEvent(self.name, instance_id, slot.state, time.monotonic() - began, slot.error, gpus,
                                    slot.engine.node))
 
@@ -725,21 +714,41 @@ class ServedModel:
         while True:
             await asyncio.sleep(self.config.scheduler.migration.interval_s)  # settings may change
             try:
-                health = [s.health(i, self._migrations_at[i] > 0) for i, s in self._instances.items()]
-                plan = plan_tick(health, self.views(), self.config.scheduler, self._migrations_at,
-                                 frozenset(self._migrating | self._bound), time.monotonic())
-                self._carry_out(plan)
+                self._carry_out(self._plan())
             except Exception:  # noqa: BLE001 - the loop must outlive any one bad tick
                 logger.exception("model %s: control loop tick failed", self.name)
 
-    def _carry_out(self, plan: ControlPlan) -> None:
+    async def _tick_now(self) -> None:
+        """One tick now, returning once the instances it starts have started (or failed)."""
+        await asyncio.gather(*self._carry_out(self._plan()))
+
+    def _plan(self) -> ControlPlan:
+        hosting = self._hosting()
+        health = [s.health(i, self._migrations_at[i] > 0, s.runtime is self.runtime, i in hosting)
+                  for i, s in self._instances.items()]
+        return plan_tick(health, self.views(), self.config.scheduler, self.config.instances, self._migrations_at,
+                         frozenset(self._migrating | self._bound), time.monotonic())
+
+    def _carry_out(self, plan: ControlPlan) -> list[asyncio.Task]:
+        """Carry the plan out; returns the starts of the instances it added (they run on)."""
         self._end_overdue_requests()
         for lost in plan.lost:
             self._lose_instance(lost.instance_id, lost.reason)
         for instance_id in plan.restart:
             self._spawn(self._restart_instance(instance_id))
+        self._retire_instances(plan.retire)
+        for instance_id in plan.evict:
+            self._instances[instance_id].engine.abandon("retired: its requests did not leave within "
+                                                        "health.drain_timeout_s")
+        for instance_id in plan.stop:
+            self._spawn(self._stop_instance(self._remove(instance_id)))
         for migration in plan.migrations:
             self._spawn(self._planned_migration(migration))
+        starts = self._starts
+        if not plan.start or starts is None:
+            return []
+        return [self._spawn(self._start_instance(self._add_instance(self.runtime, self.source), starts))
+                for _ in range(plan.start)]
 
     def _end_overdue_requests(self) -> None:
         """Abort the requests running past the model's request timeout (their streams then end
@@ -774,10 +783,11 @@ class ServedModel:
 
         asyncio.get_running_loop().call_later(grace_s, end_the_rest)
 
-    def _spawn(self, work) -> None:
+    def _spawn(self, work: Awaitable) -> asyncio.Task:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _lose_instance(self, instance_id: str, reason: str) -> None:
         """Take a dead or hung instance out of service: its streams end with `EngineDead` (and

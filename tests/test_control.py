@@ -25,8 +25,11 @@ def health(instance_id: str = "0", state: InstanceState = InstanceState.READY, a
     return InstanceHealth(instance_id, state, alive, last_report_at, served=kw.pop("served", True), **kw)
 
 
-def plan(*instances: InstanceHealth, settings: SchedulerSettings = SETTINGS, views=(), now: float = NOW):
-    return plan_tick(instances, views, settings, {}, frozenset(), now)
+def plan(*instances: InstanceHealth, settings: SchedulerSettings = SETTINGS, views=(), now: float = NOW,
+         target: int | None = None):
+    """The plan for these instances; by default the config asks for as many members as there are."""
+    target = sum(i.member for i in instances) if target is None else target
+    return plan_tick(instances, views, settings, target, {}, frozenset(), now)
 
 
 def test_a_healthy_instance_needs_nothing() -> None:
@@ -130,3 +133,52 @@ def test_no_instance_is_both_lost_and_restarted(rows) -> None:
     by_id = {i.instance_id: i for i in instances}
     assert all(by_id[i].state in (InstanceState.READY, InstanceState.DRAINING) for i in lost)
     assert all(by_id[i].state is InstanceState.FAILED and by_id[i].served for i in result.restart)
+
+
+# --- the instance count and retirement ----------------------------------------------------------
+
+def test_fewer_members_than_the_config_asks_for_are_topped_up() -> None:
+    assert plan(health("0"), target=3).start == 2
+    # A failed member counts (it restarts, or waits for a config edit): nothing is added for it.
+    assert plan(health("0"), health("1", state=InstanceState.FAILED, alive=False, served=False), target=2).start == 0
+    # Instances being retired, or running the engines a reload replaces, are not members.
+    assert plan(health("0"), health("1", retire_by=NOW + 5), target=2).start == 1
+    assert plan(health("0", current=False), target=1).start == 1
+
+
+def test_the_surplus_retired_is_failed_members_first_then_the_newest() -> None:
+    members = [health("0"), health("1"), health("2", state=InstanceState.FAILED, alive=False), health("10")]
+    assert plan(*members, target=3).retire == ("2",)
+    assert plan(*members, target=2).retire == ("2", "10")
+    assert plan(*members, target=4).retire == () and plan(*members, target=4).start == 0
+
+
+def test_a_retired_instance_stops_once_empty_and_is_evicted_at_its_deadline() -> None:
+    retiring = dict(state=InstanceState.DRAINING, retire_by=NOW + 1)
+    assert plan(health("0", **retiring), target=0).stop == ("0",)
+    hosting = plan(health("0", hosts_requests=True, **retiring), target=0)
+    assert hosting.stop == () and hosting.evict == ()
+    overdue = plan(health("0", hosts_requests=True, **retiring), target=0, now=NOW + 1)
+    assert overdue.evict == ("0",) and overdue.stop == ()
+    # Nothing is stopped under a start or a stop of its engine: it is stopped once that is over.
+    assert plan(health("0", busy=True, **retiring), target=0).stop == ()
+    assert plan(health("0", **{**retiring, "state": InstanceState.STARTING}), target=0).stop == ()
+
+
+def test_a_retired_instance_is_never_restarted() -> None:
+    failed = health("0", state=InstanceState.FAILED, alive=False, failures=1, down_since=0.0, retire_by=NOW)
+    assert plan(failed, target=0).restart == ()
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(InstanceState)), st.booleans(), st.booleans(), st.booleans(),
+                          st.booleans()), max_size=8), st.integers(0, 8))
+def test_the_count_plan_meets_the_target_and_touches_only_members(rows, target: int) -> None:
+    instances = [health(str(i), state, alive=alive, current=current, hosts_requests=hosting,
+                        retire_by=NOW if retiring else None)
+                 for i, (state, alive, current, retiring, hosting) in enumerate(rows)]
+    result = plan(*instances, target=target)
+    members = {i.instance_id for i in instances if i.member}
+    assert set(result.retire) <= members
+    assert len(members) - len(result.retire) + result.start == target
+    assert not set(result.stop) & members and not set(result.evict) & members
+    assert not set(result.stop) & set(result.evict)

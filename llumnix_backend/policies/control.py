@@ -11,6 +11,13 @@ instances (their health, their load views, the migrations in flight) and the tim
   passed: `restart_backoff_s`, doubling with each failure in a row, at most
   `max_restart_backoff_s`. One that never started stays failed (its settings need fixing,
   and a config edit retries it).
+- **The instance count.** The model's members are its instances that run its current engines
+  and are not being retired. With fewer than the config's `instances`, the plan starts more;
+  with more, it retires the surplus (failed ones first, then the newest). A failed instance
+  stays a member: it is restarted, or (if it never started) waits for a config edit.
+- **Retirement.** A retired instance takes no new requests. Once nothing runs on it, it is
+  stopped. Past its drain deadline (`health.drain_timeout_s`), what still runs on it is
+  evicted: it continues elsewhere by replay.
 - **Rescheduling.** With `migration.rescheduling` on, the migrations `plan_migrations` asks
   for among the instances that serve and are not lost.
 """
@@ -44,6 +51,18 @@ class InstanceHealth:
     # While requests run on it (and it takes part in no migration): when its engine's latest
     # step report arrived. None otherwise.
     stepped_at: float | None = None
+    current: bool = True  # it runs the model's current engines (not the ones a reload replaces)
+    retire_by: float | None = None  # being retired: when its requests must have left by
+    hosts_requests: bool = False  # requests dispatched to it have not finished
+
+    @property
+    def retiring(self) -> bool:
+        return self.retire_by is not None
+
+    @property
+    def member(self) -> bool:
+        """One of the instances that make up the model's count."""
+        return self.current and not self.retiring
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,10 @@ class ControlPlan:
     lost: tuple[LostInstance, ...] = ()
     restart: tuple[str, ...] = ()
     migrations: tuple[PlannedMigration, ...] = ()
+    start: int = 0  # new instances to add and start
+    retire: tuple[str, ...] = ()  # members to take out of the model: they drain, then stop
+    stop: tuple[str, ...] = ()  # retired instances nothing runs on any more: stop and remove
+    evict: tuple[str, ...] = ()  # retired instances past their drain deadline: replay what runs there
 
 
 def restart_backoff(failures: int, health: HealthSettings) -> float:
@@ -77,20 +100,40 @@ def lost_reason(instance: InstanceHealth, health: HealthSettings, now: float) ->
     return None
 
 
+def plan_count(instances: Sequence[InstanceHealth], target: int) -> tuple[int, tuple[str, ...]]:
+    """How many instances to start, and which members to retire, for `target` members."""
+    members = sorted((i for i in instances if i.member),
+                     key=lambda i: (i.state is InstanceState.FAILED, int(i.instance_id)), reverse=True)
+    return max(0, target - len(members)), tuple(i.instance_id for i in members[:max(0, len(members) - target)])
+
+
+def plan_retirement(instances: Sequence[InstanceHealth], now: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Retired instances to stop (nothing runs there, no start or stop under way) and to evict
+    (past their deadline with requests still there)."""
+    # (one still starting is stopped once it is up: it comes up drained)
+    retiring = [i for i in instances if i.retiring and not i.busy and i.state is not InstanceState.STARTING]
+    stop = tuple(i.instance_id for i in retiring if not i.hosts_requests)
+    evict = tuple(i.instance_id for i in retiring if i.hosts_requests and now >= i.retire_by)
+    return stop, evict
+
+
 def plan_tick(instances: Sequence[InstanceHealth], views: Sequence[InstanceView], settings: SchedulerSettings,
-              migrations_at: Mapping[str, int], migrating: frozenset[str], now: float) -> ControlPlan:
+              target_instances: int, migrations_at: Mapping[str, int], migrating: frozenset[str],
+              now: float) -> ControlPlan:
     health = settings.health
     lost = tuple(LostInstance(i.instance_id, reason) for i in instances
                  if (reason := lost_reason(i, health, now)) is not None)
     restart = ()
     if health.restart:
         restart = tuple(i.instance_id for i in instances
-                        if i.state is InstanceState.FAILED and i.served and not i.busy and i.down_since is not None
-                        and now >= i.down_since + restart_backoff(i.failures, health))
+                        if i.state is InstanceState.FAILED and i.served and i.member and not i.busy
+                        and i.down_since is not None and now >= i.down_since + restart_backoff(i.failures, health))
     migrations: tuple[PlannedMigration, ...] = ()
     if settings.migration.rescheduling:
         usable = {i.instance_id for i in instances if i.state in SERVING and i.alive} - {x.instance_id for x in lost}
         live = [v for v in views if v.instance_id in usable]
         if len(live) > 1:
             migrations = tuple(plan_migrations(live, settings.priority, settings.migration, migrations_at, migrating))
-    return ControlPlan(lost, restart, migrations)
+    start, retire = plan_count(instances, target_instances)
+    stop, evict = plan_retirement(instances, now)
+    return ControlPlan(lost, restart, migrations, start, retire, stop, evict)

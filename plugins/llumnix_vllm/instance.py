@@ -258,6 +258,8 @@ class VllmInstance(EngineInstance):
 
     @property
     def alive(self) -> bool:
+        # (`errored` is what vLLM's `AsyncLLM.check_health` raises on: its engine-core client
+        # saw the engine process die or fail; read here without a call per tick)
         return self._engine is not None and not self._engine.errored and self._abandoned is None
 
     @property
