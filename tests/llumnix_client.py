@@ -32,6 +32,7 @@ class StreamedCompletion:
         self.token_ids: list[int] = []
         self.chunks: list[list[int]] = []
         self.text: list[str] = []
+        self.logprobs: list[float] = []  # each token's, when the request asked for logprobs
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.error_event: dict | None = None  # the stream's in-band error, if it ended with one
@@ -55,6 +56,7 @@ class StreamedCompletion:
                                 self.chunks.append(choice["token_ids"])
                                 self.token_ids += choice["token_ids"]
                                 self.text.append(choice["text"])
+                                self.logprobs += (choice.get("logprobs") or {}).get("token_logprobs") or []
                                 self.finish_reason = choice["finish_reason"] or self.finish_reason
                             self._progress.notify_all()
         except BaseException as exc:  # noqa: BLE001 - reported by result()

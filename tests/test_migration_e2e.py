@@ -194,3 +194,29 @@ def test_a_request_that_finishes_during_its_migration_completes_on_its_source(se
     assert not report["committed"] and report["reason"].startswith(finished), report
     assert run.token_ids == baseline.token_ids[:300] and run.finish_reason == "length"
     assert wait_idle(serving) == {"0": 0, "1": 0}
+
+
+def test_a_migrated_request_keeps_its_logprobs(serving) -> None:
+    body = {"max_tokens": 400, "logprobs": 2}
+    undisturbed = StreamedCompletion(serving, **body).result()
+    run = StreamedCompletion(serving, **body).wait_for_tokens(100)
+    response = migrate(serving, run.request_id, other(running_on(serving, run.request_id)))
+    assert response.status_code == 200 and response.json()["committed"], response.text
+    run.result()
+    assert run.token_ids == undisturbed.token_ids
+    # One logprob per token, before and after the switch, as the undisturbed run's (the
+    # destination computes them from the KV it was handed).
+    assert len(run.logprobs) == len(undisturbed.logprobs) == 400
+    assert run.logprobs == pytest.approx(undisturbed.logprobs, abs=1e-3)
+
+
+def test_a_seeded_sampled_request_is_not_moved_and_the_refusal_says_why(serving) -> None:
+    run = StreamedCompletion(serving, max_tokens=600, temperature=1.0, seed=7).wait_for_tokens(20)
+    source = running_on(serving, run.request_id)
+    response = migrate(serving, run.request_id, other(source))
+    assert response.status_code == 409 and "seeded random sampling lives in its engine" in response.text, \
+        response.text
+    run.result()
+    assert len(run.token_ids) == 600 and run.finish_reason == "length"
+    # The same seed on an undisturbed run gives the same tokens: nothing was disturbed.
+    assert StreamedCompletion(serving, max_tokens=600, temperature=1.0, seed=7).result().token_ids == run.token_ids
