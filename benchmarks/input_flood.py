@@ -24,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -74,8 +75,9 @@ async def stream_gaps(client: httpx.AsyncClient, until: float) -> list[float]:
 
 
 def flood(url: str, until: float, index: int) -> int:
-    """One flooding client, on a thread of its own with its bodies encoded up front, so that
-    the probes (on the event loop) time the server, not this process."""
+    """One flooding client, in a process of its own with its bodies encoded up front, so that
+    the probes (on this process's event loop) time the server, not the flood's clients: on
+    threads of this process they held the GIL while the probes waited."""
     bodies = [json.dumps({"model": MODEL, **body}).encode() for body in HEAVY_BODIES]
     sent = 0
     with httpx.Client(base_url=url, timeout=60, headers={"content-type": "application/json"}) as client:
@@ -89,8 +91,10 @@ def flood(url: str, until: float, index: int) -> int:
 async def phase(url: str, seconds: float, clients: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         until = time.monotonic() + seconds
-        results = await asyncio.gather(probe(client, until), stream_gaps(client, until),
-                                       *(asyncio.to_thread(flood, url, until, i) for i in range(clients)))
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(max(1, clients)) as pool:
+            results = await asyncio.gather(probe(client, until), stream_gaps(client, until),
+                                           *(loop.run_in_executor(pool, flood, url, until, i) for i in range(clients)))
     probes, gaps, sent = results[0], results[1], sum(results[2:])
 
     def figures(values: list[float]) -> dict:
