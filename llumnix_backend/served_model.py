@@ -7,9 +7,9 @@ engines report back; it never waits on an instance to decide.
 
 The control loop ticks every `migration.interval_s`: `policies.control.plan_tick` decides
 from the instances' health and load, and the config's instance count, which instances are
-lost, which to start, restart, retire or stop, and which requests to migrate; this module
-only carries the plan out. Starting the model, and a config edit, set the target and run a
-tick at once. A request whose instance is lost
+lost, which to start, restart, retire or stop, when to switch to the engines a reload brings
+in, and which requests to migrate; this module only carries the plan out. Starting the
+model, a config edit and a reload with new engines set the target and run a tick at once. A request whose instance is lost
 continues on another one (replay): its prompt plus every token the client has received, with
 the sampling budget that is left, recomputed there.
 """
@@ -127,14 +127,15 @@ class _Instance:
     def retiring(self) -> bool:
         return self.retire_by is not None
 
-    def health(self, instance_id: str, migrating: bool, current: bool = True,
+    def health(self, instance_id: str, migrating: bool, current: bool = True, incoming: bool = False,
                hosts_requests: bool = False) -> InstanceHealth:
         """`migrating`: it takes part in a migration now (a request stopped for the switch holds
         its engine's steps up, and the migration's own stage timeout covers that); `current`: it
-        runs the model's current engines; `hosts_requests`: requests run on it."""
+        runs the model's current engines; `incoming`: those a reload brings in;
+        `hosts_requests`: requests run on it."""
         return InstanceHealth(instance_id, self.state, self.engine.alive, self.engine.last_report_at, self.served,
                               self.failures, self.down_since, self.busy, self.engine.failure,
-                              None if migrating else self._stepping_since(), current, self.retire_by,
+                              None if migrating else self._stepping_since(), current, incoming, self.retire_by,
                               hosts_requests)
 
     def _stepping_since(self) -> float | None:
@@ -175,6 +176,15 @@ class _Instance:
         return self._view
 
 
+@dataclass
+class _Replacement:
+    """Engines of new settings a reload brings in (`ServedModel.replace_engines`)."""
+
+    source: ModelSource
+    runtime: ModelRuntime
+    outcome: asyncio.Future  # "" once the model switched to them, else why not
+
+
 class ServedModel:
     def __init__(self, name: str, source: ModelSource, runtime: ModelRuntime, metrics: ServerMetrics,
                  gpus: GpuInventory | None = None) -> None:
@@ -197,6 +207,7 @@ class ServedModel:
         self.stats = ModelStats()
         self._tasks: set[asyncio.Task] = set()  # what runs in the background: migrations, restarts, retirements
         self._starts: InstanceStarts | None = None
+        self._incoming: _Replacement | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -222,19 +233,33 @@ class ServedModel:
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
         """Switch to engines of new settings (`source`, loaded as `runtime`) that can take over
-        requests from the current ones (`ModelRuntime.can_take_over_from`). The new instances
-        start beside the old ones; once one serves, new requests go to them, and the old ones
-        are retired in the background: what they run migrates to the new ones. Returns "" once
-        switched, or why not (no new instance started; nothing changed then)."""
-        added = [self._add_instance(runtime, source) for _ in range(source.config.instances)]
-        await asyncio.gather(*(self._start_instance(i, starts) for i in added))
-        if not any(self._instances[i].state is InstanceState.READY for i in added):
-            reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
-            await asyncio.gather(*(self._stop_instance(self._remove(i)) for i in added))
-            return f"no instance started ({reasons})"
-        self.source, self.config, self.runtime = source, source.config, runtime
-        self._retire_instances([i for i, s in self._instances.items() if s.runtime is not runtime and not s.retiring])
-        return ""
+        requests from the current ones (`ModelRuntime.can_take_over_from`). The plan starts the
+        new instances beside the old ones; once one serves, the model switches to them, and
+        the old ones are retired in the background: what they run migrates to the new ones.
+        Returns "" once switched and every new instance has started (or failed), or why not
+        (none started; nothing changed then)."""
+        self._starts = starts
+        self._incoming = _Replacement(source, runtime, asyncio.get_running_loop().create_future())
+        outcome = self._incoming.outcome
+        await self._tick_now()
+        return await outcome
+
+    def _switch_to_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        assert incoming is not None
+        self.source, self.config, self.runtime = incoming.source, incoming.source.config, incoming.runtime
+        self._retire_instances([i for i, s in self._instances.items()
+                                if s.runtime is not incoming.runtime and not s.retiring])
+        incoming.outcome.set_result("")
+
+    def _give_up_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        assert incoming is not None
+        added = [i for i, s in self._instances.items() if s.runtime is incoming.runtime]
+        reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
+        for instance_id in added:
+            self._spawn(self._stop_instance(self._remove(instance_id)))
+        incoming.outcome.set_result(f"no instance started ({reasons})")
 
     def _retire_instances(self, instance_ids: Sequence[str]) -> None:
         """Take instances out of the model and out of dispatch now. The plan stops each once the
@@ -316,6 +341,8 @@ class ServedModel:
             await asyncio.sleep(IDLE_POLL_S)
 
     async def shutdown(self) -> None:
+        if self._incoming is not None and not self._incoming.outcome.done():
+            self._incoming.outcome.set_result("the model was shut down")
         for task in [self._control, *self._tasks]:
             if task is not None:
                 task.cancel()
@@ -723,15 +750,22 @@ class ServedModel:
         await asyncio.gather(*self._carry_out(self._plan()))
 
     def _plan(self) -> ControlPlan:
-        hosting = self._hosting()
-        health = [s.health(i, self._migrations_at[i] > 0, s.runtime is self.runtime, i in hosting)
+        hosting, incoming = self._hosting(), self._incoming
+        health = [s.health(i, self._migrations_at[i] > 0, s.runtime is self.runtime,
+                           incoming is not None and s.runtime is incoming.runtime, i in hosting)
                   for i, s in self._instances.items()]
         return plan_tick(health, self.views(), self.config.scheduler, self.config.instances, self._migrations_at,
-                         frozenset(self._migrating | self._bound), time.monotonic())
+                         frozenset(self._migrating | self._bound), time.monotonic(),
+                         None if incoming is None else incoming.source.config.instances)
 
     def _carry_out(self, plan: ControlPlan) -> list[asyncio.Task]:
         """Carry the plan out; returns the starts of the instances it added (they run on)."""
         self._end_overdue_requests()
+        incoming = self._incoming  # (the engines started below, if it asks for some)
+        if plan.switch:
+            self._switch_to_incoming()
+        elif plan.give_up:
+            self._give_up_incoming()
         for lost in plan.lost:
             self._lose_instance(lost.instance_id, lost.reason)
         for instance_id in plan.restart:
@@ -745,10 +779,12 @@ class ServedModel:
         for migration in plan.migrations:
             self._spawn(self._planned_migration(migration))
         starts = self._starts
-        if not plan.start or starts is None:
+        if starts is None:
             return []
-        return [self._spawn(self._start_instance(self._add_instance(self.runtime, self.source), starts))
-                for _ in range(plan.start)]
+        added = [self._add_instance(self.runtime, self.source) for _ in range(plan.start)]
+        if incoming is not None:
+            added += [self._add_instance(incoming.runtime, incoming.source) for _ in range(plan.start_incoming)]
+        return [self._spawn(self._start_instance(i, starts)) for i in added]
 
     def _end_overdue_requests(self) -> None:
         """Abort the requests running past the model's request timeout (their streams then end

@@ -182,3 +182,26 @@ def test_the_count_plan_meets_the_target_and_touches_only_members(rows, target: 
     assert len(members) - len(result.retire) + result.start == target
     assert not set(result.stop) & members and not set(result.evict) & members
     assert not set(result.stop) & set(result.evict)
+
+
+def test_a_replacement_starts_the_new_count_then_switches_once_one_serves() -> None:
+    old = [health("0"), health("1")]
+    new = dict(current=False, incoming=True)
+    first = plan_tick(old, (), SETTINGS, 2, {}, frozenset(), NOW, incoming_target=3)
+    assert first.start_incoming == 3 and not first.switch and not first.give_up
+    starting = [health(str(k), state=InstanceState.STARTING, alive=False, last_report_at=None, served=False, **new)
+                for k in (2, 3, 4)]
+    waiting = plan_tick(old + starting, (), SETTINGS, 2, {}, frozenset(), NOW, incoming_target=3)
+    assert waiting.start_incoming == 0 and not waiting.switch and not waiting.give_up
+    one_up = [health("2", **new), *starting[1:]]
+    switched = plan_tick(old + one_up, (), SETTINGS, 2, {}, frozenset(), NOW, incoming_target=3)
+    assert switched.switch and switched.start == 0 and switched.retire == ()
+
+
+def test_a_replacement_whose_every_instance_failed_to_start_is_given_up() -> None:
+    failed = [health(str(k), state=InstanceState.FAILED, alive=False, served=False, current=False, incoming=True)
+              for k in (2, 3)]
+    result = plan_tick([health("0"), *failed], (), SETTINGS, 1, {}, frozenset(), NOW, incoming_target=2)
+    assert result.give_up and not result.switch and result.restart == ()
+    # Without a replacement under way, nothing of the kind is planned.
+    assert not plan(health("0")).give_up and plan(health("0")).start_incoming == 0

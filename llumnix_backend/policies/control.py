@@ -15,6 +15,10 @@ instances (their health, their load views, the migrations in flight) and the tim
   and are not being retired. With fewer than the config's `instances`, the plan starts more;
   with more, it retires the surplus (failed ones first, then the newest). A failed instance
   stays a member: it is restarted, or (if it never started) waits for a config edit.
+- **Replacing the engines.** While a reload brings in engines of new settings, the plan starts
+  the new config's count of them beside the model's; as soon as one serves, it switches the
+  model to them (the old instances retire); if every one of them failed to start, it gives the
+  replacement up (they are removed, and the model goes on as it was).
 - **Retirement.** A retired instance takes no new requests. Once nothing runs on it, it is
   stopped. Past its drain deadline (`health.drain_timeout_s`), what still runs on it is
   evicted: it continues elsewhere by replay.
@@ -52,6 +56,7 @@ class InstanceHealth:
     # step report arrived. None otherwise.
     stepped_at: float | None = None
     current: bool = True  # it runs the model's current engines (not the ones a reload replaces)
+    incoming: bool = False  # it runs the engines a reload is bringing in
     retire_by: float | None = None  # being retired: when its requests must have left by
     hosts_requests: bool = False  # requests dispatched to it have not finished
 
@@ -80,6 +85,9 @@ class ControlPlan:
     retire: tuple[str, ...] = ()  # members to take out of the model: they drain, then stop
     stop: tuple[str, ...] = ()  # retired instances nothing runs on any more: stop and remove
     evict: tuple[str, ...] = ()  # retired instances past their drain deadline: replay what runs there
+    start_incoming: int = 0  # instances of the engines a reload brings in to add and start
+    switch: bool = False  # one of those serves: the model switches to them
+    give_up: bool = False  # every one of those failed to start: drop them, keep the model as it is
 
 
 def restart_backoff(failures: int, health: HealthSettings) -> float:
@@ -117,9 +125,22 @@ def plan_retirement(instances: Sequence[InstanceHealth], now: float) -> tuple[tu
     return stop, evict
 
 
+def plan_replacement(instances: Sequence[InstanceHealth], target: int) -> tuple[int, bool, bool]:
+    """While a reload brings in new engines, `target` of them: how many to start, whether to
+    switch to them, whether to give them up."""
+    incoming = [i for i in instances if i.incoming and not i.retiring]
+    if any(i.state is InstanceState.READY and i.alive for i in incoming):
+        return 0, True, False
+    start = max(0, target - len(incoming))
+    failed = bool(incoming) and all(i.state is InstanceState.FAILED and not i.busy for i in incoming)
+    return start, False, failed and not start
+
+
 def plan_tick(instances: Sequence[InstanceHealth], views: Sequence[InstanceView], settings: SchedulerSettings,
               target_instances: int, migrations_at: Mapping[str, int], migrating: frozenset[str],
-              now: float) -> ControlPlan:
+              now: float, incoming_target: int | None = None) -> ControlPlan:
+    """`target_instances`: the config's count; `incoming_target`: while a reload brings in new
+    engines, the new config's count of them (None otherwise)."""
     health = settings.health
     lost = tuple(LostInstance(i.instance_id, reason) for i in instances
                  if (reason := lost_reason(i, health, now)) is not None)
@@ -134,6 +155,9 @@ def plan_tick(instances: Sequence[InstanceHealth], views: Sequence[InstanceView]
         live = [v for v in views if v.instance_id in usable]
         if len(live) > 1:
             migrations = tuple(plan_migrations(live, settings.priority, settings.migration, migrations_at, migrating))
-    start, retire = plan_count(instances, target_instances)
+    start_incoming, switch, give_up = (0, False, False) if incoming_target is None else \
+        plan_replacement(instances, incoming_target)
+    # (a switch or a give-up changes the members: the count waits for the next tick)
+    start, retire = (0, ()) if switch or give_up else plan_count(instances, target_instances)
     stop, evict = plan_retirement(instances, now)
-    return ControlPlan(lost, restart, migrations, start, retire, stop, evict)
+    return ControlPlan(lost, restart, migrations, start, retire, stop, evict, start_incoming, switch, give_up)
