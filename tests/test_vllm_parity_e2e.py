@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -26,8 +27,8 @@ from llumnix_server.openai_api import UNSUPPORTED
 pytestmark = pytest.mark.engine
 
 
-def post(server: ServerProcess, path: str, **kwargs) -> httpx.Response:
-    return httpx.post(server.url + path, headers=server.headers, timeout=60, **kwargs)
+def post(server: ServerProcess, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + path, headers={**server.headers, **(headers or {})}, timeout=60, **kwargs)
 
 
 def openai_client(server: ServerProcess) -> openai.OpenAI:
@@ -115,12 +116,33 @@ def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> 
 def test_a_request_that_spells_out_vllms_defaults_is_served(serving) -> None:
     """Clients that send every field with vLLM's default (0.32's request models) ask for
     nothing this server lacks."""
-    defaults = {field: None for field in UNSUPPORTED - {"request_id"}}
+    defaults = {field: None for field in UNSUPPORTED}
     defaults.update(length_penalty=1.0, include_reasoning=True, mm_payload="tensors", use_beam_search=False,
                     return_token_offsets=False, routed_experts_prompt_start=0, echo=False)
     for path, body in OPENAI_PATHS:
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, **defaults, **body})
         assert response.status_code == 200, (path, response.text)
+
+
+def test_a_clients_request_id_names_the_response_as_in_vllm_and_duplicates_are_kept_apart(serving) -> None:
+    body = {"model": "alpha", "prompt": "Once upon", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    by_field = post(serving, "/v1/completions", json={**body, "max_tokens": 2, "request_id": "mine"})
+    assert by_field.json()["id"] == "cmpl-mine", by_field.text
+    by_header = post(serving, "/v1/chat/completions", headers={"X-Request-Id": "from-header"},
+                     json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                           "request_id": "from-body"})
+    assert by_header.json()["id"] == "chatcmpl-from-header", by_header.text
+    embedded = post(serving, "/v1/embeddings", json={"model": "embed", "input": "hi", "request_id": "vec"})
+    assert embedded.json()["id"] == "embd-vec", embedded.text
+    # Two requests in flight with the same id: each gets its own whole output, both under the id.
+    with ThreadPoolExecutor(2) as pool:
+        twins = list(pool.map(lambda _: post(serving, "/v1/completions", json={**body, "request_id": "twin"}), range(2)))
+    alone = post(serving, "/v1/completions", json=body).json()["choices"][0]["text"]
+    for twin in twins:
+        assert twin.status_code == 200 and twin.json()["id"] == "cmpl-twin", twin.text
+        assert twin.json()["usage"]["completion_tokens"] == 300 and twin.json()["choices"][0]["text"] == alone
+    too_long = post(serving, "/v1/completions", json={**body, "request_id": "x" * 300})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "request_id", too_long.text
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serving) -> None:

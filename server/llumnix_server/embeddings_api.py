@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.requests import EmbeddingRequest, RequestError
-from llumnix_server.streams import new_request_id, unless_disconnected
+from llumnix_server.streams import client_request_ids, unless_disconnected
 from llumnix_server.tokenizing import tokenize_prompts
 
 # vLLM's embedding fields this server does not implement, refused when given a value that asks
@@ -38,6 +38,7 @@ class EmbeddingsRequest(BaseModel):
     use_activation: bool | None = None
     add_special_tokens: bool = True
     priority: int | None = None
+    request_id: str | None = None  # the response's id is `embd-<request_id>` (X-Request-Id wins)
 
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -73,11 +74,11 @@ def create_embeddings_router(registry: ModelRegistry) -> APIRouter:
         arrival = time.monotonic()
         body.refuse_unsupported()
         model = registry.get(body.model)
-        response_id = new_request_id("embd")
+        response_id, engine_id = client_request_ids("embd", request, body.request_id)
         try:
             prompts = await tokenize_prompts(model, body.input, body.add_special_tokens)
             priority = body.priority_or_default(model.config.scheduler.priority)
-            inputs = [EmbeddingRequest(f"{response_id}-{i}", tuple(ids), priority, body.dimensions,
+            inputs = [EmbeddingRequest(f"{engine_id}-{i}", tuple(ids), priority, body.dimensions,
                                        body.use_activation) for i, ids in enumerate(prompts)]
             vectors = await unless_disconnected(request, _all_of([model.embed(one, arrival) for one in inputs]))
         except RequestError as exc:  # (the core calls what it embeds the prompt)

@@ -35,7 +35,7 @@ from llumnix_backend.requests import (
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields, finite_logprob, structured_outputs
-from llumnix_server.streams import merge_indexed, new_request_id, started, unless_disconnected
+from llumnix_server.streams import client_request_ids, merge_indexed, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize, tokenize_prompts
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -47,7 +47,7 @@ UNSUPPORTED = frozenset({
     "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
     "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
     "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "repetition_detection", "thinking_token_budget",
-    "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "request_id", "session_id",
+    "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "session_id",
     "cache_salt", "chat_template",
 })
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -82,6 +82,7 @@ class _SamplingRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")
 
     model: str
+    request_id: str | None = None  # vLLM's: the response's id is `cmpl-<request_id>` (X-Request-Id wins)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -287,10 +288,11 @@ async def _echoed(deltas: AsyncIterator[GenerationDelta], echo: _Echo) -> AsyncI
 class _Choices:
     """The engine requests behind one API call: one per prompt and choice (n)."""
 
-    def __init__(self, model: ServedModel, response_id: str, prompts: list[list[int]], body: _SamplingRequest,
+    def __init__(self, model: ServedModel, engine_id: str, prompts: list[list[int]], body: _SamplingRequest,
                  max_tokens: int | None, arrival: float, echoes: Sequence[_Echo] | None = None,
                  tools: ChatTools | None = None) -> None:
-        """`echoes`: one per prompt, for an `echo` request; `tools`: a chat request's."""
+        """`engine_id`: what the engine requests are keyed by (`client_request_ids`); `echoes`:
+        one per prompt, for an `echo` request; `tools`: a chat request's."""
         sampling = body.sampling(model.runtime.default_sampling(), max_tokens)
         if tools is not None:
             sampling = tools.sampling(sampling)
@@ -302,7 +304,7 @@ class _Choices:
             for i in range(body.n):
                 index = p_index * body.n + i
                 choice_sampling = dict(sampling, seed=seed + i) if seed is not None and body.n > 1 else sampling
-                request_id = response_id if len(prompts) * body.n == 1 else f"{response_id}-{index}"
+                request_id = engine_id if len(prompts) * body.n == 1 else f"{engine_id}-{index}"
                 self.requests.append(
                     GenerationRequest(request_id, tuple(prompt), choice_sampling, priority, arrival)
                 )
@@ -358,13 +360,13 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
         arrival = time.monotonic()
         body.refuse_unsupported()
         model = registry.get(body.model)
-        response_id = new_request_id("cmpl")
+        response_id, engine_id = client_request_ids("cmpl", request, body.request_id)
         prompt_only = body.max_tokens == 0
         if prompt_only and not body.echo:
             raise RequestError("max_tokens: 0 generates nothing; it needs echo (the prompt alone)", "max_tokens")
         prompts = await tokenize_prompts(model, body.prompt, body.add_special_tokens)
         echoes = await _echoes(model, body.prompt, prompts, body.logprobs, prompt_only) if body.echo else None
-        choices = _Choices(model, response_id, prompts, body, 1 if prompt_only else body.max_tokens, arrival, echoes)
+        choices = _Choices(model, engine_id, prompts, body, 1 if prompt_only else body.max_tokens, arrival, echoes)
         envelope = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _COMPLETION)
 
@@ -380,10 +382,10 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
             template["tools"] = tools.template_tools
         prompt = await tokenize(lambda: model.runtime.render_chat(messages, body.add_special_tokens,
                                                                   model.config.frontend.chat_template, **template))
-        response_id = new_request_id("chatcmpl")
+        response_id, engine_id = client_request_ids("chatcmpl", request, body.request_id)
         max_tokens = body.max_completion_tokens or body.max_tokens
         echoed = body.echoed_text()
-        choices = _Choices(model, response_id, [prompt], body, max_tokens, arrival,
+        choices = _Choices(model, engine_id, [prompt], body, max_tokens, arrival,
                            [_Echo(echoed)] if echoed else None, tools)
         envelope = {"id": response_id, "created": int(time.time()), "model": model.name}
         return await _respond(request, body, choices, envelope, _CHAT)

@@ -9,13 +9,31 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from llumnix_backend.requests import GenerationDelta
+from llumnix_backend.requests import GenerationDelta, RequestError
 
 T = TypeVar("T")
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+MAX_CLIENT_ID_CHARS = 256
+
+
+def client_request_ids(prefix: str, request: Request, given: str | None) -> tuple[str, str]:
+    """The id an OpenAI-style response shows, and the one its engine requests are keyed by. As
+    vLLM's server: `prefix-ID`, ID the `X-Request-Id` header, else the body's `request_id`, else
+    a random one. A client's ID is shown as given; the engine's key gets a random suffix, since
+    two requests in flight may carry the same ID (they are kept apart)."""
+    chosen = request.headers.get("x-request-id") or given
+    if not chosen:
+        generated = new_request_id(prefix)
+        return generated, generated
+    if len(chosen) > MAX_CLIENT_ID_CHARS:
+        raise RequestError(f"the request id is longer than {MAX_CLIENT_ID_CHARS} characters", "request_id")
+    shown = f"{prefix}-{chosen}"
+    return shown, f"{shown}-{uuid.uuid4().hex[:12]}"
 
 
 async def _wait_for_disconnect(request: Request) -> None:
