@@ -15,7 +15,15 @@ import pytest
 import yaml
 
 from conftest import ENGINE_START_TIMEOUT_S, tiny_config, write_model
-from llumnix_client import BoundedLoad, StreamedCompletion, instances, migrations, short_generation
+from llumnix_client import (
+    BoundedLoad,
+    StreamedCompletion,
+    instances,
+    migrations,
+    running_on,
+    set_draining,
+    short_generation,
+)
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 pytestmark = pytest.mark.engine
@@ -194,9 +202,15 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
     eventually(lambda: {i["state"] for i in instances(server, "retiring").values()} == {"ready"}
                if "retiring" in index(server) and index(server)["retiring"]["state"] == "READY" else False,
                ENGINE_START_TIMEOUT_S, "two instances ready")
-    # (7,500 tokens: about 12 s here, longer under load, so one still runs at the deadline)
+    # (7,500 tokens: about 12 s here, longer under load, so it still runs at the deadline)
     undisturbed = StreamedCompletion(server, "retiring", max_tokens=7500).result()
-    runs = [StreamedCompletion(server, "retiring", max_tokens=7500).wait_for_tokens(10) for _ in range(2)]
+    # The request runs on instance 1, and replays onto an idle instance 0: alone in its batch
+    # there, as the undisturbed run was (a batch of two sums in another order, and over
+    # thousands of greedy tokens a near-tie can flip).
+    set_draining(server, "0", True, "retiring")
+    run = StreamedCompletion(server, "retiring", max_tokens=7500).wait_for_tokens(10)
+    set_draining(server, "0", False, "retiring")
+    assert running_on(server, run.request_id, "retiring") == "1"
     config["instances"] = 1  # instance 1, the newest, is retired
     (repository / "retiring" / "config.yaml").write_text(yaml.safe_dump(config))
     eventually(lambda: instances(server, "retiring")["1"]["state"] == "draining", 30, "instance 1 draining")
@@ -207,9 +221,8 @@ def test_a_retired_instance_hands_what_still_runs_over_by_replay_after_its_drain
     assert "1" in instances(server, "retiring"), "instance 1 left before its 4 s drain deadline"
     refused = httpx.post(f"{server.url}/v2/llumnix/models/retiring/instances/1/resume", headers=server.headers)
     assert refused.status_code == 409 and "being retired" in refused.text, refused.text
-    for run in runs:
-        run.result()
-        assert run.token_ids == undisturbed.token_ids
+    run.result()
+    assert run.token_ids == undisturbed.token_ids
     eventually(lambda: list(instances(server, "retiring")) == ["0"], 60, "instance 1 gone")
     replays = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
                if line.startswith('llumnix:replays_total{destination="0",model_name="retiring",source="1"}')]
