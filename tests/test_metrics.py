@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, ServerMetrics, one_two_five
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.served_model import ModelStats, _RequestTracker
+from llumnix_backend.request_accounting import ModelStats, RequestTracker
 
 LABELS = {"model_name": "m", "engine": "0"}
 N_PROMPT = 40
@@ -23,7 +23,7 @@ def test_prompt_logprobs_skip_the_prefix_cache() -> None:
 
 def track(deltas: list[GenerationDelta], reads_prefix_cache: bool = True) -> ServerMetrics:
     metrics = ServerMetrics(lambda: [], ("ready",))
-    tracker = _RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
+    tracker = RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
                               N_PROMPT, reads_prefix_cache, max_tokens=100)
     for delta in deltas:
         tracker.observe(delta)
@@ -89,7 +89,7 @@ def test_queue_and_prefill_times_are_the_first_instances_and_buckets_are_vllms()
 
 def test_preemptions_add_up_over_the_instances_a_request_ran_on() -> None:
     metrics = ServerMetrics(lambda: [], ("ready",))
-    tracker = _RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
+    tracker = RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", tuple(range(N_PROMPT))),
                               N_PROMPT, True, max_tokens=100)
     for delta in (GenerationDelta((7,), "a", num_preemptions=1, num_cached_tokens=16),
                   GenerationDelta((8,), "b", num_preemptions=2)):
