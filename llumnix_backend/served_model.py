@@ -204,7 +204,8 @@ class ServedModel:
         self._control: asyncio.Task | None = None
         self._closing = False  # the server is shutting down
         self.stats = ModelStats()
-        self._tasks: set[asyncio.Task] = set()  # what runs in the background: migrations, restarts, retirements
+        self._tasks: set[asyncio.Task] = set()  # what runs in the background: migrations, starts, restarts
+        self._stops: set[asyncio.Task] = set()  # engines of instances taken out, being stopped
         self._starts: InstanceStarts | None = None
         self._incoming: _Replacement | None = None
 
@@ -227,7 +228,7 @@ class ServedModel:
         # for a new one.
         for instance_id in [i for i, s in self._instances.items() if s.state is InstanceState.FAILED
                             and not s.served and not s.busy and s.runtime is self.runtime]:
-            self._spawn(self._stop_instance(self._remove(instance_id)))
+            self._remove_and_stop(instance_id)
         await self._tick_now()
 
     async def replace_engines(self, source: ModelSource, runtime: ModelRuntime, starts: InstanceStarts) -> str:
@@ -257,7 +258,7 @@ class ServedModel:
         added = [i for i, s in self._instances.items() if s.runtime is incoming.runtime]
         reasons = "; ".join(f"instance {i}: {self._instances[i].error}" for i in added)
         for instance_id in added:
-            self._spawn(self._stop_instance(self._remove(instance_id)))
+            self._remove_and_stop(instance_id)
         incoming.outcome.set_result(f"no instance started ({reasons})")
 
     def _retire_instances(self, instance_ids: Sequence[str]) -> None:
@@ -346,9 +347,16 @@ class ServedModel:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self._stop_instance(s) for s in self._instances.values()))
+        await asyncio.gather(*self._stops, *(self._stop_instance(s) for s in self._instances.values()))
         for instance_id in self._instances:
             self._gpus.release(f"{self.name}/{instance_id}")
+
+    def _remove_and_stop(self, instance_id: str) -> None:
+        """Take an instance out of the model now and stop its engine in the background (a
+        shutdown waits for that stop instead of cancelling it: the engine must not outlive it)."""
+        task = asyncio.create_task(self._stop_instance(self._remove(instance_id)))
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
 
     @staticmethod
     async def _stop_instance(slot: _Instance) -> None:
@@ -774,7 +782,7 @@ class ServedModel:
             self._instances[instance_id].engine.abandon("retired: its requests did not leave within "
                                                         "health.drain_timeout_s")
         for instance_id in plan.stop:
-            self._spawn(self._stop_instance(self._remove(instance_id)))
+            self._remove_and_stop(instance_id)
         for migration in plan.migrations:
             self._spawn(self._planned_migration(migration))
         starts = self._starts

@@ -6,6 +6,7 @@ engines are in the recovery and live-repository e2e tests."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -229,5 +230,44 @@ def test_new_engines_take_over_and_the_old_ones_are_retired() -> None:
         reason = await model.replace_engines(source(2), failing, starts())
         assert "no instance started" in reason and states(model) == {"2": "ready", "3": "ready"}
         await model.shutdown()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streams_survive_random_kills_hangs_and_reloads_and_nothing_is_left_running(seed: int) -> None:
+    """Seeded sequences of what production throws at a model while it streams: engines killed
+    or stopped, the instance count edited, the engines replaced. Every stream must end whole
+    with an undisturbed run's tokens; the model must settle at its config's count; and once it
+    shuts down, no engine it ever started may still run."""
+    rng = random.Random(seed)
+
+    async def scenario() -> None:
+        runtimes = [FakeRuntime()]
+        model = model_of(runtimes[0])
+        await model.start(starts())
+        streams = [Stream(model, f"r{k}", rng.randrange(150, 400)) for k in range(6)]
+        count = 2
+        for _ in range(12):
+            await asyncio.sleep(rng.uniform(0.02, 0.12))
+            action = rng.choice(("kill", "kill", "hang", "count", "replace"))
+            alive = [e for r in runtimes for e in r.engines.values() if e.alive]
+            if action in ("kill", "hang") and alive:
+                victim = rng.choice(alive)
+                victim.die() if action == "kill" else victim.hang()
+            elif action == "count":
+                count = rng.randrange(1, 4)
+                await model.reconfigure(source(count), starts())
+            elif action == "replace":
+                runtimes.append(FakeRuntime())
+                await model.replace_engines(source(count), runtimes[-1], starts())
+        for stream in streams:
+            assert await stream.task == "length", stream.task
+            assert stream.tokens == stream.expected(len(stream.tokens)) and len(stream.tokens) > 0
+        await until(lambda: sorted(states(model).values()) == ["ready"] * count, f"{count} instances ready")
+        await model.shutdown()
+        left = [(k, e.instance_id, e._started, e._lost) for k, r in enumerate(runtimes) for e in r.engines.values()
+                if not e.shut_down and e.alive]
+        assert not left, left
 
     run(scenario)
