@@ -29,6 +29,7 @@ VLLM_TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 
 VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                                     10.0, 20.0, 40.0, 80.0)
 VLLM_REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+VLLM_REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                                 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -99,6 +100,12 @@ class ServerMetrics:
         self.request_params_max_tokens = histogram(
             "vllm:request_params_max_tokens", "The max_tokens each request was given (the rest of the context if "
             "none).", REQUEST_TOKEN_BUCKETS)
+        # vLLM's, once per prompt of an API call (its "parent request" of `n` choices):
+        self.request_params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
+                                          VLLM_REQUEST_PARAMS_N_BUCKETS)
+        self.request_max_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens", "The most tokens any of a prompt's n choices generated.",
+            REQUEST_TOKEN_BUCKETS)
         self.prefill_kv_computed = histogram(
             "vllm:request_prefill_kv_computed_tokens", "Prompt tokens whose KV a request's first prefill computed "
             "(not found in the prefix cache).", REQUEST_TOKEN_BUCKETS)

@@ -37,14 +37,30 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
 
 
+class ChoiceGroup:
+    """The `n` choices an API call asks for of one prompt (vLLM's parent request): vLLM counts
+    `n`, and the most tokens any of them generated, once, as the last of them ends."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._left, self._most = n, 0
+
+    def finished(self, n_generated: int) -> int | None:
+        """One choice ended having generated `n_generated`; the group's most once all have."""
+        self._left -= 1
+        self._most = max(self._most, n_generated)
+        return self._most if self._left == 0 else None
+
+
 class RequestTracker:
     """Per-request latency and token accounting: inter-token latencies as the outputs come, the
     rest once when the request ends."""
 
     def __init__(self, metrics: ServerMetrics, stats: ModelStats, model: str, instance_id: str,
-                 request: GenerationRequest, n_prompt: int, reads_prefix_cache: bool, max_tokens: int) -> None:
+                 request: GenerationRequest, n_prompt: int, reads_prefix_cache: bool, max_tokens: int,
+                 group: ChoiceGroup | None = None) -> None:
         """`reads_prefix_cache`: the engine looks the prompt up in its prefix cache; `max_tokens`:
-        the most it may generate."""
+        the most it may generate; `group`: the choices of its prompt it is one of (none: alone)."""
         self._metrics = metrics
         self._stats = stats
         self._labels = (model, instance_id)
@@ -60,6 +76,7 @@ class RequestTracker:
         self._queue_time: float | None = None
         self._prefill_time: float | None = None
         self._max_tokens = max_tokens
+        self._group = group or ChoiceGroup(1)
         # Preemptions: on the instances the request left, and on the one running it (its count).
         self._preemptions_before = self._preemptions_here = 0
         self._finish_reason: str | None = None
@@ -111,6 +128,9 @@ class RequestTracker:
         m.request_prompt_tokens.labels(*labels).observe(self._n_prompt)
         m.request_generation_tokens.labels(*labels).observe(self._n_generated)
         m.request_params_max_tokens.labels(*labels).observe(self._max_tokens)
+        if (most := self._group.finished(self._n_generated)) is not None:
+            m.request_params_n.labels(*labels).observe(self._group.n)
+            m.request_max_generation_tokens.labels(*labels).observe(most)
         m.request_preemptions.labels(*labels).observe(self._preemptions_before + self._preemptions_here)
         if self._cached_tokens is not None:
             m.prefill_kv_computed.labels(*labels).observe(self._n_prompt - max(0, self._cached_tokens))

@@ -41,7 +41,7 @@ from llumnix_backend.plugin import EngineDead, EngineInstance, EngineStartFailed
 from llumnix_backend.policies.control import ControlPlan, InstanceHealth, plan_tick
 from llumnix_backend.policies.placement import GpuPlacement, PlacementError, demand_of, instances_per_gpu
 from llumnix_backend.policies.rescheduling import PlannedMigration
-from llumnix_backend.request_accounting import ModelStats, RequestTracker
+from llumnix_backend.request_accounting import ChoiceGroup, ModelStats, RequestTracker
 from llumnix_backend.requests import EmbeddingRequest, GenerationDelta, GenerationRequest, RequestError, check_limits
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad, blocks_for
 
@@ -473,9 +473,11 @@ class ServedModel:
         self._metrics.dispatch.labels(self.name, choice, policy.value).inc()
         return choice
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, request: GenerationRequest,
+                       group: ChoiceGroup | None = None) -> AsyncIterator[GenerationDelta]:
         """Dispatch the request and stream its output. Closing the stream aborts it. If its
-        instance is lost, the request continues on another one (`_replay`).
+        instance is lost, the request continues on another one (`_replay`). `group`: the
+        choices of one prompt it is one of, counted together (vLLM's `n`).
 
         Raises `RequestError` for a bad request and `NoInstanceAvailable` when no instance
         accepts work, both before anything is streamed; `EngineDead` if its instance was lost
@@ -492,7 +494,8 @@ class ServedModel:
             self._bound.add(request.request_id)
         reads_prefix_cache = self._instances[instance_id].runtime.caches_prefixes and request.reads_prefix_cache
         tracker = RequestTracker(self._metrics, self.stats, self.name, instance_id, request, n_prompt,
-                                  reads_prefix_cache, request.max_tokens or self.runtime.max_model_len - n_prompt)
+                                  reads_prefix_cache, request.max_tokens or self.runtime.max_model_len - n_prompt,
+                                  group)
 
         def moved(old: str, new: str) -> None:
             self._moved(request, old, new)

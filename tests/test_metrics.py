@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, ServerMetrics, one_two_five
+from llumnix_backend.request_accounting import ChoiceGroup, ModelStats, RequestTracker
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.request_accounting import ModelStats, RequestTracker
 
 LABELS = {"model_name": "m", "engine": "0"}
 N_PROMPT = 40
@@ -100,3 +100,20 @@ def test_preemptions_add_up_over_the_instances_a_request_ran_on() -> None:
     assert value(metrics, "vllm:request_num_preemptions_sum") == 3
     assert value(metrics, "vllm:request_params_max_tokens_sum") == 100
     assert value(metrics, "vllm:request_prefill_kv_computed_tokens_sum") == N_PROMPT - 16
+
+
+def test_a_prompts_n_choices_are_counted_once_as_vllm_counts_a_parent_request() -> None:
+    metrics = ServerMetrics(lambda: [], ("ready",))
+    group = ChoiceGroup(3)
+    for generated in (4, 9, 2):
+        tracker = RequestTracker(metrics, ModelStats(), "m", "0", GenerationRequest("r", (1, 2)), 2, True,
+                                 max_tokens=10, group=group)
+        assert value(metrics, "vllm:request_params_n_count") in (None, 0.0)  # not before the last choice ends
+        tracker.observe(GenerationDelta(tuple(range(generated)), "x" * generated, finish_reason="length"))
+        tracker.finish("0")
+    assert value(metrics, "vllm:request_params_n_count") == 1 and value(metrics, "vllm:request_params_n_sum") == 3
+    assert value(metrics, "vllm:request_max_num_generation_tokens_sum") == 9
+    # A request alone is a group of one.
+    single = track([GenerationDelta((5, 6), "ab", finish_reason="length")])
+    assert value(single, "vllm:request_params_n_sum") == 1
+    assert value(single, "vllm:request_max_num_generation_tokens_sum") == 2

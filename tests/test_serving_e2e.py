@@ -518,6 +518,26 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         assert needle in text, needle
 
 
+def test_a_prompts_n_choices_count_once_in_vllms_parent_request_metrics(serving: ServerProcess) -> None:
+    def totals() -> dict[str, float]:
+        lines = get(serving, "/metrics").text.splitlines()
+        return {name: sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                          if line.startswith(name + "{") and 'model_name="alpha"' in line)
+                for name in ("vllm:request_params_n_count", "vllm:request_params_n_sum",
+                             "vllm:request_max_num_generation_tokens_sum")}
+
+    before = totals()
+    response = post(serving, "/v1/completions", json={"model": "alpha", "prompt": ["a", "b"], "n": 3,
+                                                      "max_tokens": 5, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    after = totals()
+    # Two prompts of three choices: two parent requests, n 3 each, at most 5 tokens each.
+    assert after["vllm:request_params_n_count"] - before["vllm:request_params_n_count"] == 2
+    assert after["vllm:request_params_n_sum"] - before["vllm:request_params_n_sum"] == 6
+    assert after["vllm:request_max_num_generation_tokens_sum"] - before["vllm:request_max_num_generation_tokens_sum"] \
+        == 10
+
+
 def scrape(server: ServerProcess, model: str, engine: str) -> dict[str, float]:
     """The samples of one model and instance in /metrics, by name (labels of their own left out)."""
     wanted = {"model_name": model, "engine": engine}

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.plugin import TOOL_FIELDS, ChatTools, ToolCallReader
+from llumnix_backend.request_accounting import ChoiceGroup
 from llumnix_backend.requests import (
     GenerationDelta,
     GenerationRequest,
@@ -300,7 +301,9 @@ class _Choices:
         priority = body.priority_or_default(model.config.scheduler.priority)
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.requests = []
+        self._groups = []  # each request's: the choices of its prompt
         for p_index, prompt in enumerate(prompts):
+            group = ChoiceGroup(body.n)
             for i in range(body.n):
                 index = p_index * body.n + i
                 choice_sampling = dict(sampling, seed=seed + i) if seed is not None and body.n > 1 else sampling
@@ -308,6 +311,7 @@ class _Choices:
                 self.requests.append(
                     GenerationRequest(request_id, tuple(prompt), choice_sampling, priority, arrival)
                 )
+                self._groups.append(group)
         self._echoes = [echo for echo in echoes for _ in range(body.n)] if echoes else None
         self.model = model
         # One reader of tool calls per choice, if the output is read for them.
@@ -317,7 +321,7 @@ class _Choices:
             self.readers = None if None in readers else readers  # type: ignore[assignment]
 
     def stream(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
-        streams = [self.model.generate(r) for r in self.requests]
+        streams = [self.model.generate(r, g) for r, g in zip(self.requests, self._groups)]
         if self._echoes is not None:
             streams = [_echoed(s, echo) for s, echo in zip(streams, self._echoes)]
         return merge_indexed(streams)
