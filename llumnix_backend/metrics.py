@@ -9,14 +9,15 @@ the meaning is the same (`vllm:time_to_first_token_seconds`, ...), with vLLM's l
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from llumnix_backend.snapshot import InstanceSnapshot
+from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot
 
 if TYPE_CHECKING:
     from llumnix_backend.migration import MigrationReport
@@ -244,6 +245,8 @@ class _InstanceCollector:
         # vLLM's info gauge (1, the settings in labels), with the settings the snapshots tell.
         cache_info = GaugeMetricFamily("vllm:cache_config_info", "The engine's KV cache: block size and blocks.",
                                        labels=[*labels, "block_size", "num_gpu_blocks"])
+        step_tokens = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens scheduled per engine step.",
+                                            labels=labels)
         count: dict[str, int] = {}
         for report in self._reports():
             key = [report.model, report.instance_id]
@@ -263,9 +266,14 @@ class _InstanceCollector:
             kv_total.add_metric(key, snap.total_blocks)
             cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
             preemptions.add_metric(key, snap.num_preemptions)
+            if snap.step_tokens:
+                cumulative = list(itertools.accumulate(snap.step_tokens))
+                bounds = [*(str(float(b)) for b in STEP_TOKEN_BOUNDS), "+Inf"]
+                step_tokens.add_metric(key, list(zip(bounds, cumulative)), snap.step_tokens_sum)
             if report.freeness is not None:
                 freeness.add_metric(key, report.freeness)
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, state, gpus, node, ready)
+        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, step_tokens, state, gpus,
+                    node, ready)

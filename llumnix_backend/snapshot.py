@@ -68,6 +68,10 @@ class LoadTotals:
         return sum(n for p, n in self.priorities if p < priority)
 
 
+# Bucket bounds of the tokens one engine step schedules (vLLM's `iteration_tokens` buckets).
+STEP_TOKEN_BOUNDS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclass(frozen=True)
 class InstanceSnapshot:
     """An instance's KV-cache and queue state at one moment.
@@ -86,6 +90,10 @@ class InstanceSnapshot:
     timestamp: float = 0.0  # time.monotonic() in the engine process (one clock per host)
     sequence: int = 0  # increases with every snapshot an instance sends
     engine_pid: int = 0  # the engine process that reported it (for operators; 0: unknown)
+    # Since the instance started: engine steps by the tokens they scheduled, one count per
+    # bucket of `STEP_TOKEN_BOUNDS` and one past the last (not cumulative), and their sum.
+    step_tokens: tuple[int, ...] = ()
+    step_tokens_sum: int = 0
 
     @property
     def free_blocks(self) -> int:

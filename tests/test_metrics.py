@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, ServerMetrics, one_two_five
+from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, InstanceReport, ServerMetrics, one_two_five
 from llumnix_backend.request_accounting import ChoiceGroup, ModelStats, RequestTracker
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
+from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot
 
 LABELS = {"model_name": "m", "engine": "0"}
 N_PROMPT = 40
@@ -117,3 +118,19 @@ def test_a_prompts_n_choices_are_counted_once_as_vllm_counts_a_parent_request() 
     single = track([GenerationDelta((5, 6), "ab", finish_reason="length")])
     assert value(single, "vllm:request_params_n_sum") == 1
     assert value(single, "vllm:request_max_num_generation_tokens_sum") == 2
+
+
+def test_engine_steps_by_tokens_are_vllms_iteration_tokens_histogram() -> None:
+    # Three steps of 1 token, one of 100 (bucket 128), one of 20,000 (past the last bound).
+    counts = [0] * (len(STEP_TOKEN_BOUNDS) + 1)
+    counts[0], counts[STEP_TOKEN_BOUNDS.index(128)], counts[-1] = 3, 1, 1
+    snapshot = InstanceSnapshot(10, 0, 16, step_tokens=tuple(counts), step_tokens_sum=20_103)
+    report = InstanceReport(model="m", instance_id="0", state="ready", snapshot=snapshot, freeness=None)
+    metrics = ServerMetrics(lambda: [report], ("ready",))
+    bucket = "vllm:iteration_tokens_total_bucket"
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "1.0"}) == 3
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "64.0"}) == 3
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "128.0"}) == 4
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "+Inf"}) == 5
+    assert value(metrics, "vllm:iteration_tokens_total_sum") == 20_103
+    assert value(metrics, "vllm:iteration_tokens_total_count") == 5

@@ -29,6 +29,7 @@ are fitted to (`benchmarks/step_profile.py`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import os
@@ -42,7 +43,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.request import RequestStatus
 
-from llumnix_backend.snapshot import InstanceSnapshot, RequestLoad, blocks_for
+from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot, RequestLoad, blocks_for
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class LlumnixScheduler(Scheduler):
         self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
         self._sequence = 0
         self._num_preemptions = 0
+        self._step_tokens = [0] * (len(STEP_TOKEN_BOUNDS) + 1)  # steps by tokens scheduled
+        self._step_tokens_sum = 0
         self._reported_shape: tuple[int, int, int] | None = None
         self._reported_at = 0.0
         self._block_pool = self.kv_cache_manager.block_pool
@@ -144,6 +147,9 @@ class LlumnixScheduler(Scheduler):
     def update_from_output(self, scheduler_output, *args: Any, **kwargs: Any):
         if self._trace is not None:
             self._trace.record(scheduler_output, self.requests)
+        if scheduled := scheduler_output.total_num_scheduled_tokens:
+            self._step_tokens[bisect.bisect_left(STEP_TOKEN_BOUNDS, scheduled)] += 1
+            self._step_tokens_sum += scheduled
         result = super().update_from_output(scheduler_output, *args, **kwargs)
         if self._stopped:  # (under async scheduling a stopped request's step in flight can finish it)
             self._forget_finished_stopped()
@@ -255,6 +261,8 @@ class LlumnixScheduler(Scheduler):
             timestamp=time.monotonic(),
             sequence=self._sequence,
             engine_pid=os.getpid(),
+            step_tokens=tuple(self._step_tokens),
+            step_tokens_sum=self._step_tokens_sum,
         )
         _ = snapshot.totals  # summed here, in the engine process, and pickled along with it
         return snapshot
