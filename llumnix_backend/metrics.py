@@ -31,6 +31,8 @@ VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
                                     10.0, 20.0, 40.0, 80.0)
 VLLM_REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 VLLM_REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+# The `le` labels of `vllm:iteration_tokens_total`, for the counts a snapshot carries.
+_STEP_TOKEN_LE = (*(str(float(bound)) for bound in STEP_TOKEN_BOUNDS), "+Inf")
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                                 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -267,9 +269,8 @@ class _InstanceCollector:
             cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
             preemptions.add_metric(key, snap.num_preemptions)
             if snap.step_tokens:
-                cumulative = list(itertools.accumulate(snap.step_tokens))
-                bounds = [*(str(float(b)) for b in STEP_TOKEN_BOUNDS), "+Inf"]
-                step_tokens.add_metric(key, list(zip(bounds, cumulative)), snap.step_tokens_sum)
+                buckets = list(zip(_STEP_TOKEN_LE, itertools.accumulate(snap.step_tokens)))
+                step_tokens.add_metric(key, buckets, snap.step_tokens_sum)
             if report.freeness is not None:
                 freeness.add_metric(key, report.freeness)
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])

@@ -9,9 +9,10 @@ The control loop ticks every `migration.interval_s`: `policies.control.plan_tick
 from the instances' health and load, and the config's instance count, which instances are
 lost, which to start, restart, retire or stop, when to switch to the engines a reload brings
 in, and which requests to migrate; this module only carries the plan out. Starting the
-model, a config edit and a reload with new engines set the target and run a tick at once. A request whose instance is lost
-continues on another one (replay): its prompt plus every token the client has received, with
-the sampling budget that is left, recomputed there.
+model, a config edit and a reload with new engines set the target and run a tick at once.
+
+A request whose instance is lost continues on another one (replay): its prompt plus every
+token the client has received, with the sampling budget that is left, recomputed there.
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ def starts() -> InstanceStarts:
     return InstanceStarts(asyncio.Semaphore(4), lambda event: None)
 
 
-def model_of(runtime: FakeRuntime, instances: int = 2, **scheduler) -> ServedModel:
-    return ServedModel("fake", source(instances, **scheduler), runtime,
-                       ServerMetrics(lambda: [], ("ready",)))
+async def started(runtime: FakeRuntime, instances: int = 2, **scheduler) -> ServedModel:
+    """A model of `instances` over `runtime`'s engines, started."""
+    model = ServedModel("fake", source(instances, **scheduler), runtime, ServerMetrics(lambda: [], ("ready",)))
+    await model.start(starts())
+    return model
 
 
 def states(model: ServedModel) -> dict[str, str]:
@@ -61,7 +63,7 @@ class Stream:
 
     def __init__(self, model: ServedModel, request_id: str, max_tokens: int, prompt: tuple[int, ...] = (5, 6, 7)):
         self.tokens: list[int] = []
-        self.prompt = prompt
+        self.request_id, self.prompt = request_id, prompt
         request = GenerationRequest(request_id, prompt, {"max_tokens": max_tokens}, arrival_time=time.monotonic())
         self.task = asyncio.create_task(self._run(model.generate(request)))
 
@@ -71,6 +73,9 @@ class Stream:
             self.tokens.extend(delta.token_ids)
             finish = delta.finish_reason or finish
         return finish
+
+    async def decoding(self) -> None:
+        await until(lambda: len(self.tokens) >= 5, f"tokens of {self.request_id}")
 
     def expected(self, n: int) -> list[int]:
         """What an undisturbed run generates."""
@@ -87,11 +92,10 @@ def run(scenario) -> None:
 def test_the_model_starts_its_count_and_a_dead_instance_replays_and_restarts() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime)
-        await model.start(starts())
+        model = await started(runtime)
         assert states(model) == {"0": "ready", "1": "ready"}
         streams = [Stream(model, f"r{k}", 300) for k in range(4)]  # round robin: two on each
-        await until(lambda: all(len(s.tokens) >= 5 for s in streams), "tokens")
+        await asyncio.gather(*(s.decoding() for s in streams))
         first = runtime.engines["0"]
         assert first.request_ids == {"r0", "r2"}
         first.die()
@@ -109,10 +113,9 @@ def test_the_model_starts_its_count_and_a_dead_instance_replays_and_restarts() -
 def test_a_hung_engine_is_lost_its_requests_continue_and_it_is_restarted() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime)
-        await model.start(starts())
+        model = await started(runtime)
         stream = Stream(model, "r0", 400)
-        await until(lambda: len(stream.tokens) >= 5, "tokens")
+        await stream.decoding()
         hung = runtime.engines["0"]
         hung.hang()
         assert await stream.task == "length" and stream.tokens == stream.expected(400)
@@ -125,10 +128,9 @@ def test_a_hung_engine_is_lost_its_requests_continue_and_it_is_restarted() -> No
 def test_with_every_instance_dead_a_request_waits_for_a_restart_and_the_model_says_why() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime, instances=1, health={"restart_backoff_s": 0.5})
-        await model.start(starts())
+        model = await started(runtime, instances=1, health={"restart_backoff_s": 0.5})
         stream = Stream(model, "r0", 200)
-        await until(lambda: len(stream.tokens) >= 5, "tokens")
+        await stream.decoding()
         runtime.engines["0"].die("the engine process was killed by SIGKILL")
         await until(lambda: not model.ready, "the model unavailable")
         assert "SIGKILL" in model.unavailable_reason()
@@ -142,10 +144,9 @@ def test_with_every_instance_dead_a_request_waits_for_a_restart_and_the_model_sa
 def test_a_request_fails_clearly_when_no_instance_comes_back() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime, instances=1, health={"restart": False, "replay_timeout_s": 0.2})
-        await model.start(starts())
+        model = await started(runtime, instances=1, health={"restart": False, "replay_timeout_s": 0.2})
         stream = Stream(model, "r0", 2000)
-        await until(lambda: len(stream.tokens) >= 5, "tokens")
+        await stream.decoding()
         runtime.engines["0"].die()
         with pytest.raises(EngineDead, match="could take over its requests within 0.2 s"):
             await stream.task
@@ -157,8 +158,7 @@ def test_a_request_fails_clearly_when_no_instance_comes_back() -> None:
 def test_a_config_edit_adds_instances_before_it_returns_and_retires_the_newest_surplus() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime)
-        await model.start(starts())
+        model = await started(runtime)
         await model.reconfigure(source(3), starts())
         assert states(model) == {"0": "ready", "1": "ready", "2": "ready"}
         # Without rescheduling, the retired instances' requests finish where they are.
@@ -180,10 +180,9 @@ def test_a_config_edit_adds_instances_before_it_returns_and_retires_the_newest_s
 def test_a_retired_instance_evicts_what_runs_there_at_its_drain_deadline() -> None:
     async def scenario() -> None:
         runtime = FakeRuntime()
-        model = model_of(runtime, health={"drain_timeout_s": 0.3})
-        await model.start(starts())
+        model = await started(runtime, health={"drain_timeout_s": 0.3})
         streams = [Stream(model, f"r{k}", 400) for k in range(2)]  # one on each
-        await until(lambda: all(len(s.tokens) >= 5 for s in streams), "tokens")
+        await asyncio.gather(*(s.decoding() for s in streams))
         await model.reconfigure(source(1, health={"drain_timeout_s": 0.3}), starts())
         await until(lambda: "1" not in states(model), "instance 1 stopped at its deadline", timeout_s=WAIT_S)
         await until(lambda: runtime.engines["1"].shut_down, "its engine stopped")
@@ -199,8 +198,7 @@ def test_an_instance_that_never_started_waits_for_a_config_edit_that_retries_it(
     async def scenario() -> None:
         runtime = FakeRuntime()
         runtime.failing_starts = 1
-        model = model_of(runtime)
-        await model.start(starts())
+        model = await started(runtime)
         assert sorted(states(model).values()) == ["failed", "ready"]
         failed = next(i for i, s in states(model).items() if s == "failed")
         await asyncio.sleep(0.3)  # many ticks: a start that failed is not retried by itself
@@ -215,10 +213,9 @@ def test_an_instance_that_never_started_waits_for_a_config_edit_that_retries_it(
 def test_new_engines_take_over_and_the_old_ones_are_retired() -> None:
     async def scenario() -> None:
         old, new = FakeRuntime(), FakeRuntime()
-        model = model_of(old)
-        await model.start(starts())
+        model = await started(old)
         stream = Stream(model, "r0", 300)
-        await until(lambda: len(stream.tokens) >= 5, "tokens")
+        await stream.decoding()
         assert await model.replace_engines(source(2, health={"drain_timeout_s": 0.2}), new, starts()) == ""
         assert states(model) == {"0": "draining", "1": "draining", "2": "ready", "3": "ready"}
         assert await stream.task == "length" and stream.tokens == stream.expected(300)
@@ -244,8 +241,7 @@ def test_streams_survive_random_kills_hangs_and_reloads_and_nothing_is_left_runn
 
     async def scenario() -> None:
         runtimes = [FakeRuntime()]
-        model = model_of(runtimes[0])
-        await model.start(starts())
+        model = await started(runtimes[0])
         streams = [Stream(model, f"r{k}", rng.randrange(150, 400)) for k in range(6)]
         count = 2
         for _ in range(12):

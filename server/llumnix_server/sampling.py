@@ -14,8 +14,6 @@ def finite_logprob(logprob: float) -> float:
     return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
 
 
-# Stop strings are matched against the output after every token: bound their number and size.
-
 # Request fields that pass to the engine unchanged (vLLM SamplingParams names).
 ENGINE_SAMPLING_FIELDS = frozenset({
     "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens",
