@@ -67,7 +67,7 @@ def killable_process(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path)
     requests here:
     `gamma` (test_recovery_e2e): 2 instances; a hung engine is found within 3 s.
     `wide` (test_tensor_parallel_e2e): 2 instances of tensor_parallel_size 2 (two worker
-    processes each, one KV shard per rank); a hung step is found within 3 s."""
+    processes each, one KV shard per rank); a hung step is found within 10 s."""
     repository = tmp_path_factory.mktemp("killable")
     gamma = tiny_config(str(tiny_model), instances=2, max_model_len=4096)
     gamma["scheduler"]["migration"] = {"rescheduling": False}
@@ -76,7 +76,10 @@ def killable_process(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path)
     wide["engine"]["tensor_parallel_size"] = 2
     wide["resources"]["cpu_threads"] = 1  # per worker: six workers share this host's cores
     wide["scheduler"]["migration"] = {"rescheduling": False}
-    wide["scheduler"]["health"] = {"stale_after_s": 3, "restart_backoff_s": 0.5}
+    # 10 s, not gamma's 3: six TP workers share two cores here, and on a loaded CI machine a
+    # step of theirs once seemed to outlast 3 s (a false hang, whose replay aborted the
+    # migration test's move).
+    wide["scheduler"]["health"] = {"stale_after_s": 10, "restart_backoff_s": 0.5}
     write_model(repository, "gamma", gamma)
     write_model(repository, "wide", wide)
     server = llumnix_server(repository, repository.parent / "killable-server.log").start()

@@ -69,7 +69,7 @@ def test_a_migrated_stream_is_token_identical(server, baseline) -> None:
 def test_an_instance_whose_worker_hangs_replays_its_requests_whole(server, baseline) -> None:
     """One worker of a tensor-parallel engine stops (SIGSTOP): the engine's steps wait on it
     forever, a stuck collective, while its heartbeat thread goes on reporting. The instance is
-    found hung by its steps (`health.stale_after_s`, 3 s here) and its request replays on the
+    found hung by its steps (`health.stale_after_s`, 10 s here) and its request replays on the
     other instance."""
     run = StreamedCompletion(server, MODEL, max_tokens=TOKENS).wait_for_tokens(50)
     victim = running_on(server, run.request_id, MODEL)
