@@ -233,6 +233,10 @@ class _InstanceCollector:
         labels = list(MODEL_INSTANCE)
         running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the engine's running batch.", labels=labels)
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued in the engine.", labels=labels)
+        # As vLLM splits it: "capacity" and "deferred" add up to vllm:num_requests_waiting.
+        waiting_by_reason = GaugeMetricFamily("vllm:num_requests_waiting_by_reason",
+                                              "Requests queued in the engine, by why they wait.",
+                                              labels=[*labels, "reason"])
         kv_usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels=labels)
         kv_total = GaugeMetricFamily("llumnix:kv_blocks_total", "KV blocks of the instance.", labels=labels)
         freeness = GaugeMetricFamily("llumnix:instance_freeness", "Llumnix freeness (free virtual KV room in tokens per request: decode steps left).", labels=labels)
@@ -264,6 +268,8 @@ class _InstanceCollector:
                 continue
             running.add_metric(key, len(snap.running))
             waiting.add_metric(key, len(snap.waiting))
+            waiting_by_reason.add_metric([*key, "capacity"], len(snap.waiting) - snap.num_deferred)
+            waiting_by_reason.add_metric([*key, "deferred"], snap.num_deferred)
             kv_usage.add_metric(key, snap.used_blocks / max(1, snap.total_blocks))
             kv_total.add_metric(key, snap.total_blocks)
             cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
@@ -276,5 +282,5 @@ class _InstanceCollector:
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, kv_usage, kv_total, cache_info, freeness, preemptions, step_tokens, state, gpus,
+        yield from (running, waiting, waiting_by_reason, kv_usage, kv_total, cache_info, freeness, preemptions, step_tokens, state, gpus,
                     node, ready)

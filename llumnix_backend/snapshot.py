@@ -87,6 +87,9 @@ class InstanceSnapshot:
     running: tuple[RequestLoad, ...] = ()
     waiting: tuple[RequestLoad, ...] = ()  # in the order the engine will admit them
     num_preemptions: int = 0  # cumulative since the instance started
+    # Waiting requests the engine put off for a transient reason (vLLM's "deferred": LoRA
+    # budget, KV transfer, a blocked status); the rest wait for capacity.
+    num_deferred: int = 0
     timestamp: float = 0.0  # time.monotonic() in the engine process (one clock per host)
     sequence: int = 0  # increases with every snapshot an instance sends
     engine_pid: int = 0  # the engine process that reported it (for operators; 0: unknown)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, InstanceReport, ServerMetrics, one_two_five
 from llumnix_backend.request_accounting import ChoiceGroup, ModelStats, RequestTracker
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot
+from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot, RequestLoad
 
 LABELS = {"model_name": "m", "engine": "0"}
 N_PROMPT = 40
@@ -118,6 +118,17 @@ def test_a_prompts_n_choices_are_counted_once_as_vllm_counts_a_parent_request() 
     single = track([GenerationDelta((5, 6), "ab", finish_reason="length")])
     assert value(single, "vllm:request_params_n_sum") == 1
     assert value(single, "vllm:request_max_num_generation_tokens_sum") == 2
+
+
+def test_waiting_requests_by_reason_add_up_to_the_waiting_gauge_as_in_vllm() -> None:
+    waiting = tuple(RequestLoad(f"w{i}", 0, 10, 0, 1) for i in range(3))
+    snapshot = InstanceSnapshot(10, 0, 16, waiting=waiting, num_deferred=1)
+    report = InstanceReport(model="m", instance_id="0", state="ready", snapshot=snapshot, freeness=None)
+    metrics = ServerMetrics(lambda: [report], ("ready",))
+    by_reason = "vllm:num_requests_waiting_by_reason"
+    assert metrics.registry.get_sample_value(by_reason, {**LABELS, "reason": "capacity"}) == 2
+    assert metrics.registry.get_sample_value(by_reason, {**LABELS, "reason": "deferred"}) == 1
+    assert value(metrics, "vllm:num_requests_waiting") == 3
 
 
 def test_engine_steps_by_tokens_are_vllms_iteration_tokens_histogram() -> None:

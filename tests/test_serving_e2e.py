@@ -506,6 +506,7 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         'vllm:cache_config_info{block_size="',
         'vllm:num_requests_running{engine="1",model_name="alpha"}',
         'vllm:num_requests_waiting{engine="0",model_name="beta"}',
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="beta",reason="deferred"} 0.0',
         'vllm:kv_cache_usage_perc{engine="0",model_name="alpha"}',
         "# TYPE vllm:num_preemptions_total counter",
         'vllm:request_success_total{engine="',

@@ -258,6 +258,7 @@ class LlumnixScheduler(Scheduler):
             running=running,
             waiting=waiting,
             num_preemptions=self._num_preemptions,
+            num_deferred=len(getattr(self, "deferred_waiting", ())),  # (a vLLM without the set defers none)
             timestamp=time.monotonic(),
             sequence=self._sequence,
             engine_pid=os.getpid(),
