@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot
+from llumnix_backend.snapshot import KV_RESIDENCY_BOUNDS, STEP_TOKEN_BOUNDS, InstanceSnapshot, Tally
 
 if TYPE_CHECKING:
     from llumnix_backend.migration import MigrationReport
@@ -31,10 +31,22 @@ VLLM_INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
                                     10.0, 20.0, 40.0, 80.0)
 VLLM_REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 VLLM_REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
-# The `le` labels of `vllm:iteration_tokens_total`, for the counts a snapshot carries.
-_STEP_TOKEN_LE = (*(str(float(bound)) for bound in STEP_TOKEN_BOUNDS), "+Inf")
 VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                                 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(str(float(bound)) for bound in bounds), "+Inf")
+
+
+# The `le` labels of the histograms whose counts a snapshot carries (`Tally`).
+_STEP_TOKEN_LE = _le_labels(STEP_TOKEN_BOUNDS)
+_KV_RESIDENCY_LE = _le_labels(KV_RESIDENCY_BOUNDS)
+
+
+def _add_tally(family: HistogramMetricFamily, labels: list[str], tally: Tally, le: tuple[str, ...]) -> None:
+    if tally.counts:
+        family.add_metric(labels, list(zip(le, itertools.accumulate(tally.counts))), tally.total)
 
 
 def one_two_five(max_value: int) -> tuple[int, ...]:
@@ -253,6 +265,11 @@ class _InstanceCollector:
                                        labels=[*labels, "block_size", "num_gpu_blocks"])
         step_tokens = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens scheduled per engine step.",
                                             labels=labels)
+        # Sampled, and only where the engine runs with `kv_cache_metrics` (as in vLLM).
+        residency = [HistogramMetricFamily(name, text, labels=labels) for name, text in (
+            ("vllm:kv_block_lifetime_seconds", "KV cache block lifetime from allocation to eviction (sampled)."),
+            ("vllm:kv_block_idle_before_evict_seconds", "KV cache block idle time before eviction (sampled)."),
+            ("vllm:kv_block_reuse_gap_seconds", "Time between consecutive uses of a KV cache block (sampled)."))]
         count: dict[str, int] = {}
         for report in self._reports():
             key = [report.model, report.instance_id]
@@ -274,13 +291,15 @@ class _InstanceCollector:
             kv_total.add_metric(key, snap.total_blocks)
             cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
             preemptions.add_metric(key, snap.num_preemptions)
-            if snap.step_tokens:
-                buckets = list(zip(_STEP_TOKEN_LE, itertools.accumulate(snap.step_tokens)))
-                step_tokens.add_metric(key, buckets, snap.step_tokens_sum)
+            _add_tally(step_tokens, key, snap.step_tokens, _STEP_TOKEN_LE)
+            if snap.kv_residency is not None:
+                tallies = (snap.kv_residency.lifetime, snap.kv_residency.idle_before_evict, snap.kv_residency.reuse_gap)
+                for family, tally in zip(residency, tallies):
+                    _add_tally(family, key, tally, _KV_RESIDENCY_LE)
             if report.freeness is not None:
                 freeness.add_metric(key, report.freeness)
         ready = GaugeMetricFamily("llumnix:ready_instances", "Instances serving each model.", labels=["model_name"])
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
-        yield from (running, waiting, waiting_by_reason, kv_usage, kv_total, cache_info, freeness, preemptions, step_tokens, state, gpus,
-                    node, ready)
+        yield from (running, waiting, waiting_by_reason, kv_usage, kv_total, cache_info, freeness, preemptions,
+                    step_tokens, *residency, state, gpus, node, ready)

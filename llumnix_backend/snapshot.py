@@ -6,6 +6,7 @@ the front end; policies (dispatch, and later migration and scaling) read nothing
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
@@ -70,6 +71,44 @@ class LoadTotals:
 
 # Bucket bounds of the tokens one engine step schedules (vLLM's `iteration_tokens` buckets).
 STEP_TOKEN_BOUNDS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Bucket bounds of KV block residency times, in seconds (vLLM's `kv_cache_residency` buckets).
+KV_RESIDENCY_BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600,
+                       1200, 1800)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What an engine observed since it started, as a histogram: one count per bucket bound
+    and one past the last (not cumulative), and the observations' sum."""
+
+    counts: tuple[int, ...] = ()
+    total: float = 0
+
+
+class BucketCounter:
+    """Counts observations into a `Tally` over fixed bounds (the engine side; not shared)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._total: float = 0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._total += value
+
+    def tally(self) -> Tally:
+        return Tally(tuple(self._counts), self._total)
+
+
+@dataclass(frozen=True)
+class KvResidency:
+    """vLLM's sampled KV block residency (engine argument `kv_cache_metrics`): per evicted
+    block, its lifetime and its idle time before eviction, and the gaps between its uses."""
+
+    lifetime: Tally
+    idle_before_evict: Tally
+    reuse_gap: Tally
 
 
 @dataclass(frozen=True)
@@ -93,10 +132,10 @@ class InstanceSnapshot:
     timestamp: float = 0.0  # time.monotonic() in the engine process (one clock per host)
     sequence: int = 0  # increases with every snapshot an instance sends
     engine_pid: int = 0  # the engine process that reported it (for operators; 0: unknown)
-    # Since the instance started: engine steps by the tokens they scheduled, one count per
-    # bucket of `STEP_TOKEN_BOUNDS` and one past the last (not cumulative), and their sum.
-    step_tokens: tuple[int, ...] = ()
-    step_tokens_sum: int = 0
+    # Since the instance started: engine steps by the tokens they scheduled (`STEP_TOKEN_BOUNDS`),
+    step_tokens: Tally = Tally()
+    # and KV block residency (`KV_RESIDENCY_BOUNDS`), where the engine samples it.
+    kv_residency: KvResidency | None = None
 
     @property
     def free_blocks(self) -> int:

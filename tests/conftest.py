@@ -121,7 +121,8 @@ def serving(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             tiny_model: Path) -> ServerProcess:
     """`alpha`: 2 instances (llumnix dispatch, model folder given relative to its config; the
     migration tests move requests between them; tool calls read by vLLM's hermes parser);
-    `beta`: 1 instance (queue dispatch) running at most 2 requests at a time; `embed`: 1 instance
+    `beta`: 1 instance (queue dispatch) running at most 2 requests at a time, sampling KV block
+    residency; `embed`: 1 instance
     of the tiny model run as an embedding model (vLLM's pooling runner); and one folder per way a
     config can be broken.
 
@@ -144,6 +145,8 @@ def serving(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     # At most 2 requests run at once, so the tests can make requests queue; and a long context,
     # so a request can stay in the engine for seconds however fast the tiny model decodes.
     beta["engine"]["max_num_seqs"] = 2
+    # vLLM's KV block residency sampling, every block (for the metrics test).
+    beta["engine"].update(kv_cache_metrics=True, kv_cache_metrics_sample=1.0)
     write_model(repository, "beta", beta)
     embed = tiny_config(str(tiny_model))
     embed["engine"].update(runner="pooling", convert="embed")

@@ -5,7 +5,14 @@ from __future__ import annotations
 from llumnix_backend.metrics import REQUEST_TOKEN_BUCKETS, InstanceReport, ServerMetrics, one_two_five
 from llumnix_backend.request_accounting import ChoiceGroup, ModelStats, RequestTracker
 from llumnix_backend.requests import GenerationDelta, GenerationRequest
-from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot, RequestLoad
+from llumnix_backend.snapshot import (
+    KV_RESIDENCY_BOUNDS,
+    STEP_TOKEN_BOUNDS,
+    BucketCounter,
+    InstanceSnapshot,
+    KvResidency,
+    RequestLoad,
+)
 
 LABELS = {"model_name": "m", "engine": "0"}
 N_PROMPT = 40
@@ -133,9 +140,10 @@ def test_waiting_requests_by_reason_add_up_to_the_waiting_gauge_as_in_vllm() -> 
 
 def test_engine_steps_by_tokens_are_vllms_iteration_tokens_histogram() -> None:
     # Three steps of 1 token, one of 100 (bucket 128), one of 20,000 (past the last bound).
-    counts = [0] * (len(STEP_TOKEN_BOUNDS) + 1)
-    counts[0], counts[STEP_TOKEN_BOUNDS.index(128)], counts[-1] = 3, 1, 1
-    snapshot = InstanceSnapshot(10, 0, 16, step_tokens=tuple(counts), step_tokens_sum=20_103)
+    steps = BucketCounter(STEP_TOKEN_BOUNDS)
+    for scheduled in (1, 1, 1, 100, 20_000):
+        steps.observe(scheduled)
+    snapshot = InstanceSnapshot(10, 0, 16, step_tokens=steps.tally())
     report = InstanceReport(model="m", instance_id="0", state="ready", snapshot=snapshot, freeness=None)
     metrics = ServerMetrics(lambda: [report], ("ready",))
     bucket = "vllm:iteration_tokens_total_bucket"
@@ -145,3 +153,25 @@ def test_engine_steps_by_tokens_are_vllms_iteration_tokens_histogram() -> None:
     assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "+Inf"}) == 5
     assert value(metrics, "vllm:iteration_tokens_total_sum") == 20_103
     assert value(metrics, "vllm:iteration_tokens_total_count") == 5
+
+
+def test_sampled_kv_block_residency_is_vllms_three_histograms_where_the_engine_samples_it() -> None:
+    lifetime, idle, reuse_gap = (BucketCounter(KV_RESIDENCY_BOUNDS) for _ in range(3))
+    for seconds in (0.0005, 3.0, 4000.0):  # the first bucket, the 5 s one, past the last bound
+        lifetime.observe(seconds)
+    idle.observe(0.5)
+    sampled = KvResidency(lifetime.tally(), idle.tally(), reuse_gap.tally())
+    reports = [InstanceReport(model="m", instance_id=i, state="ready", freeness=None,
+                              snapshot=InstanceSnapshot(10, 0, 16, kv_residency=residency))
+               for i, residency in (("0", sampled), ("1", None))]
+    metrics = ServerMetrics(lambda: reports, ("ready",))
+    bucket = "vllm:kv_block_lifetime_seconds_bucket"
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "0.001"}) == 1
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "5.0"}) == 2
+    assert metrics.registry.get_sample_value(bucket, {**LABELS, "le": "+Inf"}) == 3
+    assert value(metrics, "vllm:kv_block_lifetime_seconds_sum") == 4003.0005
+    assert value(metrics, "vllm:kv_block_idle_before_evict_seconds_count") == 1
+    assert value(metrics, "vllm:kv_block_reuse_gap_seconds_count") == 0
+    # An instance that does not sample shows no residency, as vLLM registers none.
+    unsampled = {"engine": "1", "model_name": "m"}
+    assert metrics.registry.get_sample_value("vllm:kv_block_lifetime_seconds_count", unsampled) is None

@@ -486,6 +486,30 @@ def test_instances_endpoint_shows_snapshots(serving: ServerProcess) -> None:
     assert get(serving, "/v2/llumnix/models/nope/instances").status_code == 404
 
 
+def test_sampled_kv_block_residency_reaches_the_metrics(serving: ServerProcess) -> None:
+    """`beta` samples every block (`kv_cache_metrics`): prompts of more blocks than it holds,
+    each unlike the others, make it evict cached blocks, and their lifetimes are counted."""
+    snapshot = instances(serving, "beta")[0]["snapshot"]
+    prompt_tokens = 7000
+    rng = random.Random(0)
+    for _ in range(snapshot["total_blocks"] * snapshot["block_size"] // prompt_tokens + 2):
+        prompt = [rng.randrange(3, 250) for _ in range(prompt_tokens)]
+        response = post(serving, "/v1/completions", json={"model": "beta", "prompt": prompt, "max_tokens": 1})
+        assert response.status_code == 200, response.text
+    labels = {"engine": "0", "model_name": "beta"}
+
+    def evictions() -> float:
+        families = text_string_to_metric_families(get(serving, "/metrics").text)
+        return next((s.value for f in families if f.name == "vllm:kv_block_lifetime_seconds" for s in f.samples
+                     if s.name.endswith("_count") and s.labels == labels), 0.0)
+
+    deadline = time.monotonic() + 10  # (the snapshot that carries the count follows the step)
+    while evictions() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # Every prompt beyond what the cache holds evicts its blocks' worth: at least one prompt's.
+    assert evictions() >= prompt_tokens // snapshot["block_size"]
+
+
 def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) -> None:
     post(serving, "/v1/completions", json={"model": "alpha", "prompt": "metrics", "max_tokens": 4})
     post(serving, "/v1/completions", json={"model": "alpha", "prompt": "metrics", "priority": 99})

@@ -29,7 +29,6 @@ are fitted to (`benchmarks/step_profile.py`).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import os
@@ -43,7 +42,15 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.request import RequestStatus
 
-from llumnix_backend.snapshot import STEP_TOKEN_BOUNDS, InstanceSnapshot, RequestLoad, blocks_for
+from llumnix_backend.snapshot import (
+    KV_RESIDENCY_BOUNDS,
+    STEP_TOKEN_BOUNDS,
+    BucketCounter,
+    InstanceSnapshot,
+    KvResidency,
+    RequestLoad,
+    blocks_for,
+)
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
 
 logger = logging.getLogger(__name__)
@@ -89,8 +96,12 @@ class LlumnixScheduler(Scheduler):
         self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
         self._sequence = 0
         self._num_preemptions = 0
-        self._step_tokens = [0] * (len(STEP_TOKEN_BOUNDS) + 1)  # steps by tokens scheduled
-        self._step_tokens_sum = 0
+        self._step_tokens = BucketCounter(STEP_TOKEN_BOUNDS)  # steps by tokens scheduled
+        # vLLM samples block residency only with `kv_cache_metrics` on. Its stats hand what was
+        # sampled to the front end's stat loggers, which record nothing here, so it is taken
+        # first (see `update_from_output`).
+        self._residency_sampler = getattr(self, "kv_metrics_collector", None)
+        self._residency = tuple(BucketCounter(KV_RESIDENCY_BOUNDS) for _ in range(3))
         self._reported_shape: tuple[int, int, int] | None = None
         self._reported_at = 0.0
         self._block_pool = self.kv_cache_manager.block_pool
@@ -148,8 +159,14 @@ class LlumnixScheduler(Scheduler):
         if self._trace is not None:
             self._trace.record(scheduler_output, self.requests)
         if scheduled := scheduler_output.total_num_scheduled_tokens:
-            self._step_tokens[bisect.bisect_left(STEP_TOKEN_BOUNDS, scheduled)] += 1
-            self._step_tokens_sum += scheduled
+            self._step_tokens.observe(scheduled)
+        if self._residency_sampler is not None:  # (before vLLM's own stats drain it)
+            lifetime, idle, reuse_gap = self._residency
+            for event in self._residency_sampler.drain_events():
+                lifetime.observe(event.lifetime_seconds)
+                idle.observe(event.idle_seconds)
+                for gap in event.reuse_gaps_seconds:
+                    reuse_gap.observe(gap)
         result = super().update_from_output(scheduler_output, *args, **kwargs)
         if self._stopped:  # (under async scheduling a stopped request's step in flight can finish it)
             self._forget_finished_stopped()
@@ -262,8 +279,9 @@ class LlumnixScheduler(Scheduler):
             timestamp=time.monotonic(),
             sequence=self._sequence,
             engine_pid=os.getpid(),
-            step_tokens=tuple(self._step_tokens),
-            step_tokens_sum=self._step_tokens_sum,
+            step_tokens=self._step_tokens.tally(),
+            kv_residency=None if self._residency_sampler is None else KvResidency(
+                *(counter.tally() for counter in self._residency)),
         )
         _ = snapshot.totals  # summed here, in the engine process, and pickled along with it
         return snapshot
