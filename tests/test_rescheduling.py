@@ -187,6 +187,25 @@ def test_a_blocked_head_of_line_makes_a_source_until_it_fits() -> None:
     assert 100 - 60 + 10 * len(plans) >= 50
 
 
+def test_a_blocked_instance_is_rescued_by_a_busy_model() -> None:
+    """When every instance is busy, none is above `destination_above_tokens`, yet moving one
+    request off the instance whose queue head does not fit is what admits it: a rescue may go
+    to an instance that stays a quarter of the way between the thresholds (15 blocks per request
+    here)."""
+    bar = 15 * BLOCK
+    busy = view("b", [req(f"b{i}", 5) for i in range(14)], total=310)  # (310 - 70) / 14 = 17.1 blocks each
+    assert bar < migration_freeness(busy, PRIORITY) < SETTINGS.destination_above_tokens
+    stuck = view("a", [req("a1", 30), req("a2", 6)], waiting=[req("long-prompt", 0, demand=70)])  # 64 free
+    (plan,) = plan_migrations([stuck, busy], PRIORITY, SETTINGS)
+    assert (plan.request_id, plan.source, plan.destination) == ("a2", "a", "b")
+    # The same busy instance takes nothing from one merely low on room (not in trouble)...
+    low = view("c", [req(f"c{i}", 18) for i in range(5)])  # (100 - 90) / 5 = 2 blocks each
+    assert plan_migrations([low, busy], PRIORITY, SETTINGS) == []
+    # ...nor a rescue that would leave it below the bar: (310 - 70 - 53) / 15 = 12.5 blocks each.
+    stuck_big = view("d", [req("d1", 52)], waiting=[req("long-prompt", 0, demand=70)])
+    assert plan_migrations([stuck_big, busy], PRIORITY, SETTINGS) == []
+
+
 def test_several_migrations_in_flight_but_never_overshooting() -> None:
     """An overloaded instance sends as many requests as bring it towards the others, and stops
     before the destination would be the overloaded one."""

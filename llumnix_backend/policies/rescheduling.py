@@ -9,7 +9,13 @@ behind, so several can be in flight at once without overshooting.
   recomputation, or cannot admit their next queued request. An instance in trouble stays a
   source until it is comfortably free (above `destination_above_tokens`) and is never a
   destination.
-- Destinations: accepting instances above `destination_above_tokens`.
+- Destinations: accepting instances above `destination_above_tokens`. An instance in trouble
+  may also send to one that stays at least a quarter of the way from `source_below_tokens` to
+  `destination_above_tokens` (a rescue; 240 tokens by default): when the whole model is busy, no
+  instance is above `destination_above_tokens`, yet moving one request off an instance whose
+  queue head does not fit is what admits it (Llumnix's de-fragmentation). The quarter is the
+  simulator's choice (docs/scheduling.md): halfway rescued less, and `source_below_tokens`
+  itself made the destinations preempt three times as often.
 - The least free source sends to the freest destination: its least urgent request (highest
   priority value), then the one holding the fewest blocks (cheapest to move, and the shortest
   running: Llumnix's default). A move is made only if the destination has room for it and
@@ -98,10 +104,10 @@ class _Projection:
         threshold = settings.destination_above_tokens if self.trouble else settings.source_below_tokens
         return self.view.draining or self.freeness < threshold
 
-    def is_destination(self, settings: MigrationSettings) -> bool:
+    def is_destination_for(self, source: _Projection, settings: MigrationSettings) -> bool:
         view = self.view
         return (view.accepting and not view.draining and not self.trouble
-                and self.freeness > settings.destination_above_tokens)
+                and self.freeness > _destination_bars(source, settings)[0])
 
     def move(self, request: RequestLoad, sign: int) -> None:
         self.used_blocks += sign * request.num_blocks
@@ -128,10 +134,10 @@ def plan_migrations(
     while True:
         sources = [p for p in load if p.slots > 0 and p.id not in dead_ends and p.view.snapshot.running
                    and p.is_source(settings)]
-        destinations = [p for p in load if p.slots > 0 and p.is_destination(settings)]
-        if not sources or not destinations:
+        if not sources:
             return plans
         source = min(sources, key=lambda p: p.freeness)
+        destinations = [p for p in load if p.slots > 0 and p.is_destination_for(source, settings)]
         request = pick_request(source.view.snapshot.running, frozenset(taken))
         destination = None if request is None else next(
             (d for d in sorted(destinations, key=lambda p: -p.freeness) if _worth_it(source, d, request, settings)),
@@ -145,12 +151,26 @@ def plan_migrations(
         destination.move(request, +1)
 
 
+_RESCUE_BAR = 0.25  # see the module's notes on a rescue
+
+
+def _destination_bars(source: _Projection, settings: MigrationSettings) -> tuple[float, float]:
+    """How free a destination of `source` must be before the move, and stay after it: a rescue
+    needs `_RESCUE_BAR` of the way between the thresholds both times; any other move needs a
+    destination above `destination_above_tokens` that it does not make a source (ping-pong)."""
+    if source.trouble:
+        bar = settings.source_below_tokens + _RESCUE_BAR * (settings.destination_above_tokens
+                                                             - settings.source_below_tokens)
+        return bar, bar
+    return settings.destination_above_tokens, settings.source_below_tokens
+
+
 def _worth_it(source: _Projection, destination: _Projection, request: RequestLoad,
               settings: MigrationSettings) -> bool:
     if destination.id == source.id or request.num_blocks + 1 > destination.room():
         return False
     after = destination.freeness_with(request.num_blocks + 1, 1)
-    if after < settings.source_below_tokens:  # the destination would become a source: ping-pong
+    if after < _destination_bars(source, settings)[1]:
         return False
     if source.view.draining:  # always worth emptying
         return True
