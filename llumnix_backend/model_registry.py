@@ -337,6 +337,11 @@ class ModelRegistry:
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
         logger.error("model %s is unavailable: %s", entry.name, reason)
 
+    def engine_version(self, backend: str) -> str | None:
+        """The version of the engine that `backend` runs, once that backend is loaded."""
+        loaded = self._backends.get(backend)
+        return None if loaded is None else loaded.engine_version
+
     async def _backend(self, name: str, config_file: str) -> Backend:
         if name not in self._backends:
             backend = await asyncio.to_thread(load_backend, name, config_file)

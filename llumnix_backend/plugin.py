@@ -309,6 +309,7 @@ class ModelRuntime(abc.ABC):
 
 class Backend(abc.ABC):
     name: str
+    engine_version: str | None = None  # the engine's own version (what vLLM's /version reports)
 
     def visible_gpus(self) -> tuple[GpuDevice, ...]:
         """The GPUs its engines can use on this host (none for a CPU build, or on a cluster,

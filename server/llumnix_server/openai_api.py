@@ -7,7 +7,8 @@ and the older `guided_*` fields) are enforced by the engine. `echo` and `prompt_
 as in vLLM, and so do tools: the backend's parser (vLLM's, named in the model's `frontend:`
 settings) constrains and reads the output. Fields vLLM's server takes that
 this one does not implement (`UNSUPPORTED`) are refused with a 400 naming the field, never
-silently ignored; other unknown fields are ignored, as vLLM ignores them.
+silently ignored; other unknown fields are ignored with a warning in the log, as vLLM's server
+ignores them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from llumnix_backend.requests import (
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error
 from llumnix_server.sampling import SamplingFields, finite_logprob, structured_outputs
-from llumnix_server.streams import client_request_ids, merge_indexed, started, unless_disconnected
+from llumnix_server.streams import (
+    client_request_ids,
+    log_ignored_fields,
+    merge_indexed,
+    started,
+    unless_disconnected,
+)
 from llumnix_server.tokenizing import tokenize, tokenize_prompts
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -363,6 +370,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         arrival = time.monotonic()
         body.refuse_unsupported()
+        log_ignored_fields("/v1/completions", body.model_extra, UNSUPPORTED)
         model = registry.get(body.model)
         response_id, engine_id = client_request_ids("cmpl", request, body.request_id)
         prompt_only = body.max_tokens == 0
@@ -378,6 +386,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
         body.refuse_unsupported()
+        log_ignored_fields("/v1/chat/completions", body.model_extra, UNSUPPORTED | set(TOOL_FIELDS))
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
         tools = body.tools(model, messages)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from llumnix_backend.requests import GenerationDelta, RequestError
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def new_request_id(prefix: str) -> str:
@@ -34,6 +36,14 @@ def client_request_ids(prefix: str, request: Request, given: str | None) -> tupl
         raise RequestError(f"the request id is longer than {MAX_CLIENT_ID_CHARS} characters", "request_id")
     shown = f"{prefix}-{chosen}"
     return shown, f"{shown}-{uuid.uuid4().hex[:12]}"
+
+
+def log_ignored_fields(route: str, extra: Mapping[str, Any] | None, read: Collection[str]) -> None:
+    """Warn, as vLLM's server does, of a request's fields that nothing reads (`extra`: those
+    its model does not declare; `read`: the ones among them the route looks at)."""
+    ignored = sorted(set(extra or ()) - set(read))
+    if ignored:
+        logger.warning("%s: the request's fields %s were ignored", route, ", ".join(ignored))
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -47,7 +47,10 @@ def create_vllm_router(registry: ModelRegistry) -> APIRouter:
 
     @router.get("/version")
     async def server_version() -> dict[str, str]:
-        return {"version": version("llumnix-backend")}
+        # vLLM's server reports vLLM's version; ours goes beside it (and stands in for it
+        # without the vLLM backend).
+        ours = version("llumnix-backend")
+        return {"version": registry.engine_version("vllm") or ours, "llumnix_backend": ours}
 
     @router.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
