@@ -194,6 +194,7 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
     tokens again) or delivered if the switch is abandoned.
     `on_switch(old_instance_id, new_instance_id)` runs when the destination takes over."""
     pending: asyncio.Future | None = None  # a source read in flight during a handover
+    switched: Handover | None = None  # just committed: its pause ends as the first delta leaves
     try:
         while True:
             handover = stream.handover
@@ -217,8 +218,7 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
                         continue
                     first, destination = handover.destination_ready.result()
                     await _stop(source, pending)
-                    source, pending = destination, None
-                    handover.downtime_s = time.monotonic() - stream.last_delivery
+                    source, pending, switched = destination, None, handover
                     if first.num_cached_tokens is not None:
                         total = len(stream.request.prompt_token_ids) + len(stream.generated)
                         handover.recomputed_tokens = total - first.num_cached_tokens
@@ -236,7 +236,10 @@ async def relay(stream: RequestStream, source: AsyncIterator[GenerationDelta],
             if handover is None:
                 if delta is None:
                     return
+                paused_since = stream.last_delivery
                 delta = stream.deliver(delta)
+                if switched is not None:  # (read by the migration once this generator yields)
+                    switched.downtime_s, switched = time.monotonic() - paused_since, None
                 yield delta
                 if delta.finished:  # (the engine's, or a stop string across a switch: the engine is stopped)
                     return
