@@ -204,6 +204,12 @@ def test_a_blocked_instance_is_rescued_by_a_busy_model() -> None:
     # ...nor a rescue that would leave it below the bar: (310 - 70 - 53) / 15 = 12.5 blocks each.
     stuck_big = view("d", [req("d1", 52)], waiting=[req("long-prompt", 0, demand=70)])
     assert plan_migrations([stuck_big, busy], PRIORITY, SETTINGS) == []
+    # An instance free enough to be an ordinary destination (44 blocks) may still be left below
+    # the bar, as by any move, if not below the source threshold: (60 - 16 - 17) / 2 = 13.5.
+    roomy = view("e", [req("e1", 16)], total=60)
+    stuck_too = view("f", [req("f1", 16)], waiting=[req("long-prompt", 0, demand=48)], total=60)  # 44 free
+    (plan,) = plan_migrations([stuck_too, roomy], PRIORITY, SETTINGS)
+    assert (plan.request_id, plan.source, plan.destination) == ("f1", "f", "e")
 
 
 def test_several_migrations_in_flight_but_never_overshooting() -> None:

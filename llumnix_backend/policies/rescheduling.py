@@ -107,7 +107,7 @@ class _Projection:
     def is_destination_for(self, source: _Projection, settings: MigrationSettings) -> bool:
         view = self.view
         return (view.accepting and not view.draining and not self.trouble
-                and self.freeness > _destination_bars(source, settings)[0])
+                and self.freeness > (_rescue_bar(settings) if source.trouble else settings.destination_above_tokens))
 
     def move(self, request: RequestLoad, sign: int) -> None:
         self.used_blocks += sign * request.num_blocks
@@ -154,15 +154,18 @@ def plan_migrations(
 _RESCUE_BAR = 0.25  # see the module's notes on a rescue
 
 
-def _destination_bars(source: _Projection, settings: MigrationSettings) -> tuple[float, float]:
-    """How free a destination of `source` must be before the move, and stay after it: a rescue
-    needs `_RESCUE_BAR` of the way between the thresholds both times; any other move needs a
-    destination above `destination_above_tokens` that it does not make a source (ping-pong)."""
-    if source.trouble:
-        bar = settings.source_below_tokens + _RESCUE_BAR * (settings.destination_above_tokens
-                                                             - settings.source_below_tokens)
-        return bar, bar
-    return settings.destination_above_tokens, settings.source_below_tokens
+def _rescue_bar(settings: MigrationSettings) -> float:
+    low, high = settings.source_below_tokens, settings.destination_above_tokens
+    return low + _RESCUE_BAR * (high - low)
+
+
+def _may_receive(source: _Projection, destination: _Projection, after: float, settings: MigrationSettings) -> bool:
+    """Whether `destination` may take a request from `source`, left `after` free by it: a move
+    needs a destination above `destination_above_tokens` that it does not make a source
+    (ping-pong); a source in trouble may also be rescued by one that stays above the rescue bar."""
+    if destination.freeness > settings.destination_above_tokens and after >= settings.source_below_tokens:
+        return True
+    return source.trouble and after >= _rescue_bar(settings)
 
 
 def _worth_it(source: _Projection, destination: _Projection, request: RequestLoad,
@@ -170,7 +173,7 @@ def _worth_it(source: _Projection, destination: _Projection, request: RequestLoa
     if destination.id == source.id or request.num_blocks + 1 > destination.room():
         return False
     after = destination.freeness_with(request.num_blocks + 1, 1)
-    if after < _destination_bars(source, settings)[1]:
+    if not _may_receive(source, destination, after, settings):
         return False
     if source.view.draining:  # always worth emptying
         return True
