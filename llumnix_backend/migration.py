@@ -129,29 +129,54 @@ class RequestStream:
     # Makes a detokenizer for this request: token ids in, the text they add out. None: the
     # engines' text is used even after a switch.
     new_detokenizer: Callable[[], Detokenizer] | None = None
-    _delivered_text: list[str] = field(default_factory=list)
+    _delivered_text: list[str] = field(default_factory=list)  # (kept only for a switch to compare with)
+    # The stream's own detokenizer, made by `prepare_switch` or at the first switch, fed every
+    # token delivered since; its text is the stream's once `_own_text_out` is set.
     _detokenize: Detokenizer | None = None
+    _own_text: list[str] = field(default_factory=list)  # its text of the tokens so far, until then
+    _own_text_out: bool = False
     _owed: str = ""  # text of tokens delivered before the switch that the client still lacks
+
+    async def prepare_switch(self) -> None:
+        """Make the stream's own detokenizer ahead of a switch, feeding it every token so far in
+        a worker thread (one token at a time: milliseconds for a long output), so that neither
+        the switch's pause nor the event loop pays for it."""
+        if self.new_detokenizer is None or self._detokenize is not None:
+            return
+        upto = len(self.generated)
+        made = await asyncio.to_thread(self._own_detokenizer, tuple(self.generated[:upto]))
+        if made is not None and self._detokenize is None:  # (the switch may have come first)
+            self._detokenize, text = made
+            self._own_text = [text, self._detokenize(GenerationDelta(tuple(self.generated[upto:]), "")).text]
+
+    def _own_detokenizer(self, so_far: tuple[int, ...]) -> tuple[Detokenizer, str] | None:
+        try:
+            detokenize = self.new_detokenizer()
+            return detokenize, detokenize(GenerationDelta(so_far, "")).text
+        except Exception:  # noqa: BLE001 - a text repair must never cost the stream itself
+            logger.exception("request %s: no detokenizer of its own; the engines' text is used", self.request.request_id)
+            self.new_detokenizer = None
+            return None
 
     def switched(self) -> None:
         """The stream now comes from another instance."""
-        if self.new_detokenizer is None or self._detokenize is not None:
+        if self._own_text_out:
             return  # (after a first switch the stream writes its own text already)
-        try:
-            self._detokenize = self.new_detokenizer()
-            so_far = self._detokenize(GenerationDelta(tuple(self.generated), "")).text
-        except Exception:  # noqa: BLE001 - a text repair must never cost the stream itself
-            logger.exception("request %s: no detokenizer of its own; the engines' text is used", self.request.request_id)
-            self.new_detokenizer = self._detokenize = None
+        if self._detokenize is None and self.new_detokenizer is not None:  # (not prepared: a replay)
+            made = self._own_detokenizer(tuple(self.generated))
+            if made is not None:
+                self._detokenize, text = made
+                self._own_text = [text]
+        if self._detokenize is None:
             return
-        delivered = "".join(self._delivered_text)
+        so_far, delivered = "".join(self._own_text), "".join(self._delivered_text)
         self._owed = so_far[len(delivered):] if so_far.startswith(delivered) else ""
-        self._delivered_text = []  # no longer needed
+        self._own_text_out, self._own_text, self._delivered_text = True, [], []  # no longer needed
 
     def deliver(self, delta: GenerationDelta) -> GenerationDelta:
         """The delta as the client gets it; one that ends the output is `finished`."""
         self.last_delivery = time.monotonic()
-        if self._detokenize is not None:
+        if self._own_text_out:
             written = self._detokenize(delta)
             delta = replace(delta, text=self._owed + written.text)
             self._owed = ""
@@ -159,8 +184,15 @@ class RequestStream:
                 kept = written.kept
                 delta = replace(delta, token_ids=delta.token_ids[:kept], finish_reason="stop", stop_reason=written.stop,
                                 logprobs=delta.logprobs and delta.logprobs[:kept])
-        elif self.new_detokenizer is not None:  # (kept only for a switch to compare with)
+        elif self.new_detokenizer is not None:
             self._delivered_text.append(delta.text)
+            if self._detokenize is not None:  # prepared: kept up to date (the engine's text still goes out)
+                try:
+                    self._own_text.append(self._detokenize(delta).text)
+                except Exception:  # noqa: BLE001 - as in `_own_detokenizer`
+                    logger.exception("request %s: its own detokenizer failed; the engines' text is used",
+                                     self.request.request_id)
+                    self.new_detokenizer = self._detokenize = None
         self.generated.extend(delta.token_ids)
         return delta
 
@@ -339,6 +371,7 @@ async def migrate_request(
     handover = stream.handover = Handover(destination.instance_id)
     stopped = False  # the request is stopped on the source for the final stage
     try:
+        await stream.prepare_switch()
         if runtime.caches_prefixes:
             chunk_mib = settings.stage_chunk_mib or transfer.default_stage_chunk_mib
             chunk = max(1, int(chunk_mib * 2**20) // max(1, block_bytes))

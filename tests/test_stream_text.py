@@ -5,6 +5,8 @@ of vLLM's (prefix and read offsets)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,14 +48,22 @@ def new_detokenizer():
     return text_of
 
 
-def run(text: str, switch_at: int, switches: int = 1) -> str:
+def run(text: str, switch_at: int, switches: int = 1, prepare_at: int | None = None) -> str:
     """The client's text when the stream switches instance after `switch_at` tokens (and, with
     `switches` > 1, again every few tokens): each new engine continues a request whose prompt
-    holds every token so far, so its own text is garbled at the switch."""
+    holds every token so far, so its own text is garbled at the switch. With `prepare_at`, the
+    stream's own detokenizer is made after that many tokens (as a migration begins) and kept
+    up to date until the switch."""
     tokens = list(text.encode())
     stream = RequestStream(GenerationRequest("r", (0,)), "a", new_detokenizer=new_detokenizer)
     before, rest = tokens[:switch_at], tokens[switch_at:]
-    delivered = [stream.deliver(GenerationDelta((t,), s)).text for t, s in zip(before, engine_texts([], before))]
+    delivered = []
+    for i, (token, engine_text) in enumerate(zip(before, engine_texts([], before))):
+        if i == prepare_at:
+            asyncio.run(stream.prepare_switch())
+        delivered.append(stream.deliver(GenerationDelta((token,), engine_text)).text)
+    if prepare_at == switch_at:
+        asyncio.run(stream.prepare_switch())
     stream.switched()
     context = list(before)
     for i, token in enumerate(rest):
@@ -76,6 +86,7 @@ def test_a_character_split_by_the_switch_arrives_whole() -> None:
     text = "naïve café — 東京"
     for switch_at in range(1, len(text.encode())):
         assert run(text, switch_at) == text
+        assert run(text, switch_at, prepare_at=switch_at // 2) == text  # made as a migration began
 
 
 @given(st.text(min_size=2, max_size=40), st.data())
@@ -83,6 +94,7 @@ def test_the_client_text_is_the_undisturbed_text(text: str, data) -> None:
     switch_at = data.draw(st.integers(1, len(text.encode()) - 1))
     assert run(text, switch_at) == text
     assert run(text, switch_at, switches=5) == text
+    assert run(text, switch_at, prepare_at=data.draw(st.integers(0, switch_at))) == text
 
 
 def test_without_a_detokenizer_the_engine_text_passes_through() -> None:
