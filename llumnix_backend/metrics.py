@@ -107,6 +107,19 @@ class ServerMetrics:
             return Histogram(name, documentation, MODEL_INSTANCE, buckets=buckets, registry=r)
 
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        # vLLM's split of them: local_compute + local_cache_hit + external_kv_transfer = the total.
+        # (A request counts under its first instance, which never loads KV over a connector.)
+        self.prompt_tokens_by_source = Counter("vllm:prompt_tokens_by_source", "Prompt tokens by source.",
+                                               (*MODEL_INSTANCE, "source"), registry=r)
+        self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
+                                            "Prompt tokens the prefix cache held (local + external).")
+        self.prompt_tokens_cached_by_source = Counter(
+            "vllm:prompt_tokens_cached_by_source", "Prefix-cache hit tokens by the cache tier that supplied them "
+            "(device: the engine's own KV cache).", (*MODEL_INSTANCE, "source"), registry=r)
+        # vLLM's, for the model's queue bound (`admission.max_waiting_requests`: its max_num_queued_reqs).
+        self.admission_rejections = Counter("vllm:admission_rejections",
+                                            "Admission attempts rejected by a queue limit, by reason.",
+                                            ("model_name", "reason"), registry=r)
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
                                                REQUEST_TOKEN_BUCKETS)

@@ -124,6 +124,12 @@ class RequestTracker:
             m.request_success.labels(*labels, self._finish_reason).inc()
         self._stats.record(self.outcome == "success", now - self._arrival, self._queue_time)
         m.prompt_tokens.labels(*labels).inc(self._n_prompt)
+        cached = max(0, self._cached_tokens or 0)  # (unknown without a first output: none)
+        for source, tokens in (("local_compute", self._n_prompt - cached), ("local_cache_hit", cached),
+                               ("external_kv_transfer", 0)):
+            m.prompt_tokens_by_source.labels(*labels, source).inc(tokens)
+        m.prompt_tokens_cached.labels(*labels).inc(cached)
+        m.prompt_tokens_cached_by_source.labels(*labels, "device").inc(cached)
         m.generation_tokens.labels(*labels).inc(self._n_generated)
         m.request_prompt_tokens.labels(*labels).observe(self._n_prompt)
         m.request_generation_tokens.labels(*labels).observe(self._n_generated)

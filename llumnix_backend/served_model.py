@@ -603,6 +603,8 @@ class ServedModel:
         except (Overloaded, ShuttingDown) as refused:
             outcome = "overloaded" if isinstance(refused, Overloaded) else "shutdown"
             self._metrics.requests.labels(self.name, "none", outcome).inc()
+            if isinstance(refused, Overloaded):
+                self._metrics.admission_rejections.labels(self.name, "max_num_queued_reqs").inc()
             raise
 
     async def _dispatch_before(self, deadline: float, request: GenerationRequest | EmbeddingRequest,

@@ -187,6 +187,7 @@ def test_a_model_at_its_queue_bound_answers_503_with_retry_after(live, tiny_mode
     assert error["code"] == 503 and "max_waiting_requests" in error["message"], error
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'llumnix:requests_total{engine="none",model_name="base",outcome="overloaded"}' in metrics
+    assert 'vllm:admission_rejections_total{model_name="base",reason="max_num_queued_reqs"}' in metrics
     del config["scheduler"]["admission"]
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: short_generation(server, "base").status_code == 200, 20, "the bound lifted")

@@ -70,6 +70,14 @@ def test_token_histograms_and_prefix_cache_count_the_request_once() -> None:
     assert value(metrics, "vllm:request_generation_tokens_count") == 1
     assert value(metrics, "vllm:prefix_cache_queries_total") == N_PROMPT
     assert value(metrics, "vllm:prefix_cache_hits_total") == 16  # the first prefill's, not the migrated KV
+    by_source = {source: metrics.registry.get_sample_value("vllm:prompt_tokens_by_source_total",
+                                                           {**LABELS, "source": source})
+                 for source in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+    assert by_source == {"local_compute": N_PROMPT - 16, "local_cache_hit": 16, "external_kv_transfer": 0}
+    assert sum(by_source.values()) == value(metrics, "vllm:prompt_tokens_total")  # vLLM's invariant
+    assert value(metrics, "vllm:prompt_tokens_cached_total") == 16
+    assert metrics.registry.get_sample_value("vllm:prompt_tokens_cached_by_source_total",
+                                             {**LABELS, "source": "device"}) == 16
 
 
 def test_no_prefix_cache_figures_without_a_lookup_or_a_prefill() -> None:

@@ -526,6 +526,8 @@ def test_metrics_cover_requests_latency_and_instances(serving: ServerProcess) ->
         "vllm:request_num_preemptions_count",
         "vllm:request_prefill_kv_computed_tokens_count",
         "vllm:request_params_max_tokens_count",
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="alpha",source="local_compute"}',
+        'vllm:prompt_tokens_cached_by_source_total{engine="0",model_name="alpha",source="device"}',
         'vllm:iteration_tokens_total_bucket{engine="0",le="1.0",model_name="alpha"}',
         'vllm:cache_config_info{block_size="',
         'vllm:num_requests_running{engine="1",model_name="alpha"}',
