@@ -45,7 +45,8 @@ from migration_downtime import MODEL, TimedStream, instance_of, model_config, st
 PROMPT = list(range(100, 164))
 METRICS = ("vllm:num_preemptions_total", "vllm:request_success_total", "vllm:time_to_first_token_seconds",
            "vllm:inter_token_latency_seconds", "vllm:iteration_tokens_total", "vllm:request_params_n",
-           "vllm:num_requests_waiting_by_reason", "llumnix:replays_total", "llumnix:instance_restarts_total")
+           "vllm:num_requests_waiting_by_reason", "vllm:prompt_tokens_by_source", "llumnix:replays_total",
+           "llumnix:instance_restarts_total")
 ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
                  "additionalProperties": False}
 
