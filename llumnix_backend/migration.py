@@ -147,16 +147,27 @@ class RequestStream:
         made = await asyncio.to_thread(self._own_detokenizer, tuple(self.generated[:upto]))
         if made is not None and self._detokenize is None:  # (the switch may have come first)
             self._detokenize, text = made
-            self._own_text = [text, self._detokenize(GenerationDelta(tuple(self.generated[upto:]), "")).text]
+            self._own_text = [text]
+            self._keep_own_text(GenerationDelta(tuple(self.generated[upto:]), ""))  # delivered meanwhile
 
     def _own_detokenizer(self, so_far: tuple[int, ...]) -> tuple[Detokenizer, str] | None:
         try:
             detokenize = self.new_detokenizer()
             return detokenize, detokenize(GenerationDelta(so_far, "")).text
         except Exception:  # noqa: BLE001 - a text repair must never cost the stream itself
-            logger.exception("request %s: no detokenizer of its own; the engines' text is used", self.request.request_id)
-            self.new_detokenizer = None
+            self._give_up_own_text("no detokenizer of its own")
             return None
+
+    def _keep_own_text(self, delta: GenerationDelta) -> None:
+        """Feed the prepared detokenizer a delivered delta (the engine's text still goes out)."""
+        try:
+            self._own_text.append(self._detokenize(delta).text)
+        except Exception:  # noqa: BLE001 - as in `_own_detokenizer`
+            self._give_up_own_text("its own detokenizer failed")
+
+    def _give_up_own_text(self, why: str) -> None:
+        logger.exception("request %s: %s; the engines' text is used", self.request.request_id, why)
+        self.new_detokenizer = self._detokenize = None
 
     def switched(self) -> None:
         """The stream now comes from another instance."""
@@ -186,13 +197,8 @@ class RequestStream:
                                 logprobs=delta.logprobs and delta.logprobs[:kept])
         elif self.new_detokenizer is not None:
             self._delivered_text.append(delta.text)
-            if self._detokenize is not None:  # prepared: kept up to date (the engine's text still goes out)
-                try:
-                    self._own_text.append(self._detokenize(delta).text)
-                except Exception:  # noqa: BLE001 - as in `_own_detokenizer`
-                    logger.exception("request %s: its own detokenizer failed; the engines' text is used",
-                                     self.request.request_id)
-                    self.new_detokenizer = self._detokenize = None
+            if self._detokenize is not None:  # prepared: kept up to date
+                self._keep_own_text(delta)
         self.generated.extend(delta.token_ids)
         return delta
 

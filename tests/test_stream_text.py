@@ -107,7 +107,10 @@ def test_a_detokenizer_that_cannot_be_made_leaves_the_engine_text() -> None:
     def broken():
         raise RuntimeError("no tokenizer here")
 
-    stream = RequestStream(GenerationRequest("r", (0,)), "a", new_detokenizer=broken)
-    stream.deliver(GenerationDelta((104,), "h"))
-    stream.switched()
-    assert stream.deliver(GenerationDelta((105,), "i")).text == "i"
+    for prepared in (False, True):  # (at the switch, or as a migration began)
+        stream = RequestStream(GenerationRequest("r", (0,)), "a", new_detokenizer=broken)
+        if prepared:
+            asyncio.run(stream.prepare_switch())
+        stream.deliver(GenerationDelta((104,), "h"))
+        stream.switched()
+        assert stream.deliver(GenerationDelta((105,), "i")).text == "i"
