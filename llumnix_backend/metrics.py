@@ -278,6 +278,13 @@ class _InstanceCollector:
                                        labels=[*labels, "block_size", "num_gpu_blocks"])
         step_tokens = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens scheduled per engine step.",
                                             labels=labels)
+        # Only where the engine speculates (as in vLLM).
+        drafts, draft_tokens, accepted = (CounterMetricFamily(name, text, labels=labels) for name, text in (
+            ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts."),
+            ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens."),
+            ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")))
+        accepted_per_position = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                                    "Accepted tokens per draft position.", labels=[*labels, "position"])
         # Sampled, and only where the engine runs with `kv_cache_metrics` (as in vLLM).
         residency = [HistogramMetricFamily(name, text, labels=labels) for name, text in (
             ("vllm:kv_block_lifetime_seconds", "KV cache block lifetime from allocation to eviction (sampled)."),
@@ -305,6 +312,12 @@ class _InstanceCollector:
             cache_info.add_metric([*key, str(snap.block_size), str(snap.total_blocks)], 1.0)
             preemptions.add_metric(key, snap.num_preemptions)
             _add_tally(step_tokens, key, snap.step_tokens, _STEP_TOKEN_LE)
+            if (spec := snap.spec_decode) is not None:
+                for family, total in ((drafts, spec.drafts), (draft_tokens, spec.draft_tokens),
+                                      (accepted, spec.accepted_tokens)):
+                    family.add_metric(key, total)
+                for position, total in enumerate(spec.accepted_per_position):
+                    accepted_per_position.add_metric([*key, str(position)], total)
             if snap.kv_residency is not None:
                 tallies = (snap.kv_residency.lifetime, snap.kv_residency.idle_before_evict, snap.kv_residency.reuse_gap)
                 for family, tally in zip(residency, tallies):
@@ -315,4 +328,5 @@ class _InstanceCollector:
         for model, n in sorted(count.items()):
             ready.add_metric([model], n)
         yield from (running, waiting, waiting_by_reason, kv_usage, kv_total, cache_info, freeness, preemptions,
-                    step_tokens, *residency, state, gpus, node, ready)
+                    step_tokens, *residency, drafts, draft_tokens, accepted, accepted_per_position, state, gpus,
+                    node, ready)

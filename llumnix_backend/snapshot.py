@@ -102,6 +102,23 @@ class BucketCounter:
 
 
 @dataclass(frozen=True)
+class SpecDecodeTally:
+    """Speculative decoding since the instance started, as vLLM counts it: drafts, the draft
+    tokens they proposed, those accepted, and accepted ones by draft position."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: tuple[int, ...] = ()
+
+    def plus(self, drafts: int, draft_tokens: int, accepted_tokens: int,
+             accepted_per_position: Iterable[int]) -> SpecDecodeTally:
+        return SpecDecodeTally(self.drafts + drafts, self.draft_tokens + draft_tokens,
+                               self.accepted_tokens + accepted_tokens,
+                               tuple(a + b for a, b in zip(self.accepted_per_position, accepted_per_position)))
+
+
+@dataclass(frozen=True)
 class KvResidency:
     """vLLM's sampled KV block residency (engine argument `kv_cache_metrics`): per evicted
     block, its lifetime and its idle time before eviction, and the gaps between its uses."""
@@ -134,8 +151,10 @@ class InstanceSnapshot:
     engine_pid: int = 0  # the engine process that reported it (for operators; 0: unknown)
     # Since the instance started: engine steps by the tokens they scheduled (`STEP_TOKEN_BOUNDS`),
     step_tokens: Tally = Tally()
-    # and KV block residency (`KV_RESIDENCY_BOUNDS`), where the engine samples it.
+    # and KV block residency (`KV_RESIDENCY_BOUNDS`), where the engine samples it,
     kv_residency: KvResidency | None = None
+    # and its speculative decoding, where it speculates.
+    spec_decode: SpecDecodeTally | None = None
 
     @property
     def free_blocks(self) -> int:

@@ -12,6 +12,7 @@ from llumnix_backend.snapshot import (
     InstanceSnapshot,
     KvResidency,
     RequestLoad,
+    SpecDecodeTally,
 )
 
 LABELS = {"model_name": "m", "engine": "0"}
@@ -183,3 +184,21 @@ def test_sampled_kv_block_residency_is_vllms_three_histograms_where_the_engine_s
     # An instance that does not sample shows no residency, as vLLM registers none.
     unsampled = {"engine": "1", "model_name": "m"}
     assert metrics.registry.get_sample_value("vllm:kv_block_lifetime_seconds_count", unsampled) is None
+
+
+def test_speculative_decoding_is_vllms_counters_where_the_engine_speculates() -> None:
+    tally = SpecDecodeTally(accepted_per_position=(0, 0, 0)).plus(2, 6, 3, [2, 1, 0]).plus(1, 3, 3, [1, 1, 1])
+    assert tally == SpecDecodeTally(3, 9, 6, (3, 2, 1))
+    reports = [InstanceReport(model="m", instance_id=i, state="ready", freeness=None,
+                              snapshot=InstanceSnapshot(10, 0, 16, spec_decode=spec))
+               for i, spec in (("0", tally), ("1", None))]
+    metrics = ServerMetrics(lambda: reports, ("ready",))
+    assert value(metrics, "vllm:spec_decode_num_drafts_total") == 3
+    assert value(metrics, "vllm:spec_decode_num_draft_tokens_total") == 9
+    assert value(metrics, "vllm:spec_decode_num_accepted_tokens_total") == 6
+    per_position = [metrics.registry.get_sample_value("vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                                                      {**LABELS, "position": str(p)}) for p in range(3)]
+    assert per_position == [3, 2, 1]
+    # An instance that does not speculate shows none, as vLLM registers none.
+    unsampled = {"engine": "1", "model_name": "m"}
+    assert metrics.registry.get_sample_value("vllm:spec_decode_num_drafts_total", unsampled) is None

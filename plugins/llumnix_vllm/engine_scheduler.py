@@ -49,6 +49,7 @@ from llumnix_backend.snapshot import (
     InstanceSnapshot,
     KvResidency,
     RequestLoad,
+    SpecDecodeTally,
     blocks_for,
 )
 from llumnix_vllm.snapshot_channel import SnapshotPublisher, server_pid, snapshot_address
@@ -102,6 +103,8 @@ class LlumnixScheduler(Scheduler):
         # first (see `update_from_output`).
         self._residency_sampler = getattr(self, "kv_metrics_collector", None)
         self._residency = tuple(BucketCounter(KV_RESIDENCY_BOUNDS) for _ in range(3))
+        self._spec_decode = SpecDecodeTally(accepted_per_position=(0,) * self.num_spec_tokens) \
+            if self.num_spec_tokens else None
         self._reported_shape: tuple[int, int, int] | None = None
         self._reported_at = 0.0
         self._block_pool = self.kv_cache_manager.block_pool
@@ -154,6 +157,15 @@ class LlumnixScheduler(Scheduler):
             and not self.has_finished_requests()
         )
         return super().has_requests() and not only_stopped
+
+    def make_stats(self, spec_decoding_stats=None, *args: Any, **kwargs: Any):
+        # A step's speculative decoding, as vLLM hands it to its stat loggers (which record
+        # nothing here: the snapshots carry it instead).
+        if spec_decoding_stats is not None and self._spec_decode is not None:
+            s = spec_decoding_stats
+            self._spec_decode = self._spec_decode.plus(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
+                                                       s.num_accepted_tokens_per_pos)
+        return super().make_stats(spec_decoding_stats, *args, **kwargs)
 
     def update_from_output(self, scheduler_output, *args: Any, **kwargs: Any):
         if self._trace is not None:
@@ -282,6 +294,7 @@ class LlumnixScheduler(Scheduler):
             step_tokens=self._step_tokens.tally(),
             kv_residency=None if self._residency_sampler is None else KvResidency(
                 *(counter.tally() for counter in self._residency)),
+            spec_decode=self._spec_decode,
         )
         _ = snapshot.totals  # summed here, in the engine process, and pickled along with it
         return snapshot
