@@ -103,8 +103,8 @@ class LlumnixScheduler(Scheduler):
         # first (see `update_from_output`).
         self._residency_sampler = getattr(self, "kv_metrics_collector", None)
         self._residency = tuple(BucketCounter(KV_RESIDENCY_BOUNDS) for _ in range(3))
-        self._spec_decode = SpecDecodeTally(accepted_per_position=(0,) * self.num_spec_tokens) \
-            if self.num_spec_tokens else None
+        self._spec_decode = (SpecDecodeTally(accepted_per_position=(0,) * self.num_spec_tokens)
+                             if self.num_spec_tokens else None)  # (None: it does not speculate)
         self._reported_shape: tuple[int, int, int] | None = None
         self._reported_at = 0.0
         self._block_pool = self.kv_cache_manager.block_pool
