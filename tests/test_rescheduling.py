@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llumnix_backend.config import MigrationSettings, PrioritySettings
-from llumnix_backend.policies.rescheduling import in_trouble, migration_freeness, pick_request, plan_migrations
+from llumnix_backend.policies.rescheduling import in_trouble, migration_freeness, plan_migrations
 from llumnix_backend.snapshot import InstanceSnapshot, InstanceView, RequestLoad
 
 BLOCK = 16
