@@ -76,9 +76,8 @@ def killable_process(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path)
     wide["engine"]["tensor_parallel_size"] = 2
     wide["resources"]["cpu_threads"] = 1  # per worker: six workers share this host's cores
     wide["scheduler"]["migration"] = {"rescheduling": False}
-    # 10 s, not gamma's 3: six TP workers share two cores here, and on a loaded CI machine a
-    # step of theirs once seemed to outlast 3 s (a false hang, whose replay aborted the
-    # migration test's move).
+    # 10 s, not gamma's 3: six TP workers share two cores here, so a step on a loaded CI
+    # machine may take seconds (the hang test waits 7 s longer for it).
     wide["scheduler"]["health"] = {"stale_after_s": 10, "restart_backoff_s": 0.5}
     write_model(repository, "gamma", gamma)
     write_model(repository, "wide", wide)

@@ -46,6 +46,7 @@ def scheduler(running=(), waiting=()) -> LlumnixScheduler:
     request's block table (block i of request r is r's index * 1000 + i)."""
     state = object.__new__(LlumnixScheduler)
     state.running, state.waiting, state.block_size, state._stopped = list(running), list(waiting), BLOCK, set()
+    state.requests = {r.request_id: r for r in [*running, *waiting]}
     tables = {r.request_id: [n * 1000 + i for i in range(-(-r.num_tokens // BLOCK))]
               for n, r in enumerate([*running, *waiting])}
     state.kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (tables[request_id],))
@@ -95,7 +96,13 @@ def test_requests_that_do_not_decode_here_say_why() -> None:
     state = scheduler([prefill], [queued])
     assert state.llumnix_export_plan("pre", 0, 8, include_partial=False) == "it is in prefill (32 of 100 tokens computed)"
     assert state.llumnix_stop("queued") == "it waits in the engine's queue"
-    assert state.llumnix_stop("gone") == "the engine does not run it"
+    assert state.llumnix_stop("gone") == "the engine does not run it (no such request; 1 running)"
+    # One it knows but does not run (here: finished, its blocks not yet freed) is named, with its state.
+    finished = FakeRequest("done-0123abcd", prompt=8, generated=3, num_computed_tokens=10,
+                           status=RequestStatus.FINISHED_LENGTH_CAPPED)
+    state.requests[finished.request_id] = finished
+    assert state.llumnix_stop("done") == ("the engine does not run it (done-0123abcd FINISHED_LENGTH_CAPPED; "
+                                          "1 running)")
     assert not state._stopped
 
 

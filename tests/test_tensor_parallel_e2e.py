@@ -54,7 +54,8 @@ def test_a_migrated_stream_is_token_identical(server, baseline) -> None:
         # Seen twice in clean-clone CI runs (never alone, nor under CPU hogs here): report the
         # engine's own account of why, which the summary shows (`-ra`).
         run.result()
-        # "the engine does not run it" (seen in CI): had the request left its source by replay?
+        # "the engine does not run it" (seen in CI, with no instance lost: not a replay). The
+        # reason names the requests the engine knows under that id and their states.
         losses = [line for line in server.log_tail(100_000).splitlines() if f"model {MODEL} instance" in line
                   and "is lost" in line]
         pytest.xfail(f"TP migration aborted on a loaded machine: {report['reason']}; instances of {MODEL} "

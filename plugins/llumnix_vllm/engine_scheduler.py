@@ -208,7 +208,12 @@ class LlumnixScheduler(Scheduler):
         request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
         if request is None:
             waiting = any(external_request_id(r.request_id) == request_id for r in self.waiting)
-            return "it waits in the engine's queue" if waiting else "the engine does not run it"
+            if waiting:
+                return "it waits in the engine's queue"
+            # (which of its requests the engine knows it as, and in what state: for the report)
+            known = [f"{r.request_id} {r.status.name}" for r in self.requests.values()
+                     if external_request_id(r.request_id) == request_id]
+            return f"the engine does not run it ({', '.join(known) or 'no such request'}; {len(self.running)} running)"
         if not self._request_load(request, 0).decoding:
             return f"it is in prefill ({request.num_computed_tokens} of {request.num_tokens} tokens computed)"
         return request
