@@ -58,6 +58,8 @@ UNSUPPORTED = frozenset({
     "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "session_id",
     "cache_salt", "chat_template",
 })
+# Of a chat request's undeclared fields, those the route reads (any other is logged as ignored).
+_CHAT_EXTRA_READ = UNSUPPORTED | frozenset(TOOL_FIELDS)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 # What a value of those means "not asked for": a client may send vLLM's defaults, which are
 # these values or, for a few fields, their own (vLLM 0.32's request models).
@@ -386,7 +388,7 @@ def create_openai_router(registry: ModelRegistry) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         arrival = time.monotonic()
         body.refuse_unsupported()
-        log_ignored_fields("/v1/chat/completions", body.model_extra, UNSUPPORTED | set(TOOL_FIELDS))
+        log_ignored_fields("/v1/chat/completions", body.model_extra, _CHAT_EXTRA_READ)
         model = registry.get(body.model)
         messages = [_chat_content(m, i) for i, m in enumerate(body.messages)]
         tools = body.tools(model, messages)
