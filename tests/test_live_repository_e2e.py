@@ -64,7 +64,7 @@ def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None
 def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live, tiny_model, tmp_path) -> None:
     server, repository = live
     # Drop a folder in (prepared elsewhere, then moved in, as `cp -r` then `mv` would).
-    config = tiny_config(str(tiny_model), max_model_len=2048)
+    config = tiny_config(str(tiny_model), max_model_len=4096)
     staging = write_model(tmp_path, "dropped", config)
     shutil.move(staging, repository / "dropped")
     eventually(lambda: short_generation(server, "dropped").status_code == 200, ENGINE_START_TIMEOUT_S,
@@ -74,9 +74,10 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     config_file = repository / "dropped" / "config.yaml"
     listing = lambda: httpx.get(f"{server.url}/v2/llumnix/models/dropped/instances").json()  # noqa: E731
     states = lambda: {i: s["state"] for i, s in instances(server, "dropped").items()}  # noqa: E731
-    # Every change below is made while streaming requests run, two at a time (of 1,000 tokens:
+    # Every change below is made while streaming requests run, two at a time (of 3,000 tokens, so
+    # that a switch of engines finds them mid-decode even on a busy machine:
     # the 200 the load sends must last until its last step, two engine starts away).
-    load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=1000)
+    load = BoundedLoad(server, "dropped", concurrency=2, max_tokens=3000)
 
     # A scheduler change, and a chat template of the folder's own: applied in place, nothing restarted.
     config["scheduler"]["dispatch_policy"] = "queue"
@@ -105,7 +106,7 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: states() == {"0": "ready", "1": "ready"}, ENGINE_START_TIMEOUT_S, "a second instance")
     eventually(lambda: listing()["rescheduling"]["active"] is True, 5, "rescheduling between the two")
-    eventually(lambda: instances(server, "dropped")["1"]["snapshot"]["running"], 30, "requests on instance 1")
+    eventually(lambda: instances(server, "dropped")["1"]["snapshot"]["running"], 60, "requests on instance 1")
     config["instances"] = 1
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: states() == {"0": "ready"}, 60, "back to one instance")
@@ -118,7 +119,8 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     config_file.write_text(yaml.safe_dump(config))
     eventually(lambda: states() == {"2": "ready"}, ENGINE_START_TIMEOUT_S, "the new engine alone")
     assert instances(server, "dropped")["2"]["snapshot"]["engine_pid"] != engine
-    assert sum(migrations(server, "dropped").values()) > migrated_before
+    assert sum(migrations(server, "dropped").values()) > migrated_before, \
+        {outcome: migrations(server, "dropped", outcome) for outcome in ("started", "aborted")}
 
     # An invalid edit: refused with the file and the field; the model keeps serving.
     config_file.write_text(yaml.safe_dump({**config, "colour": "red"}))
@@ -132,7 +134,7 @@ def test_a_dropped_folder_serves_edits_apply_under_load_and_removal_unloads(live
     runs = load.stop()
     assert len(runs) >= 4
     for run in runs:
-        assert run.error is None and run.finish_reason == "length" and len(run.token_ids) == 1000, run.error
+        assert run.error is None and run.finish_reason == "length" and len(run.token_ids) == 3000, run.error
     # The final state is the folder's: one instance of the new engine, the queue dispatcher.
     assert states() == {"2": "ready"} and listing()["dispatch_policy"] == "queue"
 
