@@ -39,7 +39,7 @@ import httpx
 from llumnix_server.launcher import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table, publish  # noqa: E402
+from loadgen import command_line, markdown_table, publish, run_benchmark  # noqa: E402
 from migration_downtime import MODEL, TimedStream, instance_of, model_config, start_server, wait_idle  # noqa: E402
 
 PROMPT = list(range(100, 164))
@@ -201,4 +201,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

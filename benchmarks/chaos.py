@@ -38,7 +38,7 @@ from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table, publish  # noqa: E402
+from loadgen import command_line, markdown_table, publish, run_benchmark  # noqa: E402
 
 MODEL = "chaos"
 PROMPTS = [f"Request {i} of the chaos run: keep streaming whatever happens to the engines. " for i in range(16)]
@@ -213,4 +213,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -33,7 +33,7 @@ from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
 from llumnix_server.launcher import ServerProcess, free_port, llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import WorkloadResult, command_line, markdown_table, percentile, run_workload  # noqa: E402
+from loadgen import WorkloadResult, command_line, markdown_table, percentile, run_benchmark, run_workload  # noqa: E402
 
 MODEL_NAME = "bench"
 ENGINE = {"max_model_len": 2048, "enforce_eager": True}
@@ -277,4 +277,4 @@ def plot(report: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -34,7 +34,7 @@ from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table, percentile, publish  # noqa: E402
+from loadgen import command_line, markdown_table, percentile, publish, run_benchmark  # noqa: E402
 
 MODEL = "flood"
 TARGET_S = 0.1
@@ -139,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

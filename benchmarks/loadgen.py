@@ -9,8 +9,10 @@ import asyncio
 import json
 import math
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,17 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def run_benchmark(main: Callable[[], None]) -> None:
+    """Run a benchmark's `main` so that SIGTERM (a `kill`, a CI timeout) unwinds it like Ctrl-C:
+    its `finally` blocks stop the servers and Ray clusters it started, which Python's default
+    SIGTERM (exit at once) would leave running."""
+    def unwind(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+    main()
 
 
 def command_line() -> str:

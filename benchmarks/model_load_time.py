@@ -38,7 +38,7 @@ from llumnix_backend.tiny_models import TinyLlamaRecipe, ensure_model
 from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table  # noqa: E402
+from loadgen import command_line, markdown_table, run_benchmark  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 POLL_S = 0.01
@@ -166,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -43,7 +43,7 @@ from llumnix_backend.tiny_models import LLAMA_2_7B_BLOCK_BYTES, TinyLlamaRecipe,
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line  # noqa: E402
+from loadgen import command_line, run_benchmark  # noqa: E402
 from policy_report import Outcome, RunSummary, plot, summarize, table  # noqa: E402
 from workloads import WorkloadSpec, add_sweep_arguments, generate, sweep  # noqa: E402
 
@@ -229,4 +229,4 @@ def report(summaries: list[RunSummary], args, final: bool) -> None:
                                                    f"of {args.shape}, {args.blocks} KV blocks each")
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

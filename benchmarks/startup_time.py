@@ -36,7 +36,7 @@ from llumnix_backend.tiny_models import LLAMA_2_7B_BLOCK_BYTES, TinyLlamaRecipe,
 from llumnix_server.launcher import llumnix_server, wait_for_repository
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import command_line, markdown_table, publish  # noqa: E402
+from loadgen import command_line, markdown_table, publish, run_benchmark  # noqa: E402
 
 MODEL = "bench"
 READY_LINE = re.compile(rf"\[llumnix\] {MODEL}/(\d+): ready in ([0-9.]+) s")
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)
