@@ -185,8 +185,7 @@ class LlumnixScheduler(Scheduler):
         # A decode step that only grew the running requests by a token each changes little:
         # report it at most every STEP_REPORT_INTERVAL_S. Any change of who runs or waits (a
         # request finished, admitted or preempted) is reported at once.
-        shape = (len(self.running), len(self.waiting), self._num_preemptions)
-        if shape != self._reported_shape or time.monotonic() - self._reported_at >= STEP_REPORT_INTERVAL_S:
+        if self._shape() != self._reported_shape or time.monotonic() - self._reported_at >= STEP_REPORT_INTERVAL_S:
             self._publish()
         return result
 
@@ -203,11 +202,18 @@ class LlumnixScheduler(Scheduler):
 
     # --- migration's final stage --------------------------------------------------------------
 
+    def _shape(self) -> tuple[int, int, int]:
+        return len(self.running), sum(len(q) for q in self._waiting_queues()), self._num_preemptions
+
+    def _waiting_queues(self) -> list:
+        # vLLM 0.32 queues waiting requests that hold KV blocks apart; 0.26 (GPU) has one queue.
+        return [self.waiting, getattr(self, "kv_holding_waiting", ())]
+
     def _decoding_request(self, request_id: str):
         """The running request the front end calls `request_id`, or why it is not decoding here."""
         request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
         if request is None:
-            waiting = any(external_request_id(r.request_id) == request_id for r in self.waiting)
+            waiting = any(external_request_id(r.request_id) == request_id for q in self._waiting_queues() for r in q)
             if waiting:
                 return "it waits in the engine's queue"
             # (which of its requests the engine knows it as, and in what state: for the report)
@@ -279,9 +285,8 @@ class LlumnixScheduler(Scheduler):
             )
             for r in self.running
         )
-        queues = [self.waiting, getattr(self, "kv_holding_waiting", ())]
         waiting = tuple(
-            self._request_load(r, self._blocks_held(r.request_id)) for q in queues for r in q
+            self._request_load(r, self._blocks_held(r.request_id)) for q in self._waiting_queues() for r in q
         )
         self._sequence += 1
         snapshot = InstanceSnapshot(
@@ -305,7 +310,7 @@ class LlumnixScheduler(Scheduler):
         return snapshot
 
     def _publish(self) -> None:
-        self._reported_shape = (len(self.running), len(self.waiting), self._num_preemptions)
+        self._reported_shape = self._shape()
         self._reported_at = time.monotonic()
         # A reporting failure must never take the engine down; the front end sees a stale
         # snapshot and treats the instance accordingly.
