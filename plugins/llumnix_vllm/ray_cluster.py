@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import ray
@@ -112,6 +112,7 @@ class EngineActor:
         self._arrivals = 0
         self._arrival = asyncio.Event()
         self._segments: dict[str, TransferSegment] = {}
+        self._deliveries: dict[str, _Deliveries] = {}  # by the path of the segment they go into
         self._layer_bytes: list[int] = []
 
     def _arrived(self, snapshot: InstanceSnapshot) -> None:
@@ -133,16 +134,28 @@ class EngineActor:
         alive = self._instance.alive
         return self._arrivals, self._instance.latest_snapshot, None if alive else (self._instance.failure or "stopped")
 
-    async def generate(self, request: GenerationRequest,
-                       pieces: Sequence[tuple[int, ray.ObjectRef]] = ()) -> AsyncIterator[GenerationDelta]:
-        """Stream the request; a migrated one's KV `pieces` (position runs another node's actor
-        exported, see `export_kv`) go into its segment here first."""
-        if pieces:
+    async def generate(self, request: GenerationRequest, runs: int = 0) -> AsyncIterator[GenerationDelta]:
+        """Stream the request; a migrated one's first `runs` position runs (`receive_positions`)
+        are written into its segment first."""
+        if runs:
             assert isinstance(request.kv_transfer, SegmentTransfer)
-            for first, data in pieces:
-                await asyncio.to_thread(write_positions, request.kv_transfer.spec, self._layer_bytes, first, await data)
+            await self._deliveries_into(request.kv_transfer.spec).written(runs)
         async for delta in self._instance.generate(request):
             yield delta
+
+    async def receive_positions(self, spec: SegmentSpec, index: int, first_block: int,
+                                data: list[ray.ObjectRef]) -> None:
+        """Have run `index` of the positions another node's actor exports (`data[0]`, see
+        `export_kv`; its ref is wrapped so that Ray does not hold this call back until it
+        exists) written into this node's `spec` once it arrives, after the runs before it."""
+        async def write(positions: list[bytes] | None) -> None:
+            if positions is not None:
+                await asyncio.to_thread(write_positions, spec, self._layer_bytes, first_block, positions)
+
+        self._deliveries_into(spec).add(index, data[0], write)
+
+    def _deliveries_into(self, spec: SegmentSpec) -> _Deliveries:
+        return self._deliveries.setdefault(spec.path, _Deliveries())
 
     async def embed(self, request: EmbeddingRequest) -> list[float]:
         return await self._instance.embed(request)
@@ -152,8 +165,8 @@ class EngineActor:
 
     # The two exports return two objects (`num_returns=2`): the answer, which the server reads,
     # and, with `read`, the positions the export wrote, which stay in this node's object store
-    # until the destination's actor fetches them: one round trip per stage, and the bytes never
-    # pass through the server.
+    # until the destination's actor fetches them (`receive_positions`, called as the export is):
+    # the bytes never pass through the server, and they cross while the answer travels.
 
     async def export_kv(self, request_id: str, spec: SegmentSpec, first_block: int, max_blocks: int | None,
                         read: bool) -> tuple[KvExport | NotExported, list[bytes] | None]:
@@ -180,6 +193,9 @@ class EngineActor:
         return segment.spec
 
     def close_segment(self, path: str) -> None:
+        deliveries = self._deliveries.pop(path, None)
+        if deliveries is not None:
+            deliveries.cancel()
         segment = self._segments.pop(path, None)
         if segment is not None:
             segment.close()
@@ -188,6 +204,46 @@ class EngineActor:
         for path in list(self._segments):
             self.close_segment(path)
         await self._instance.shutdown()
+
+
+class _Deliveries:
+    """The position runs on their way into one segment of a destination's node, written in the
+    order they were exported (a run's last block may be rewritten by the next), whatever order
+    Ray runs the calls that bring them in."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, asyncio.Future] = {}  # by run index: set once it and those before are written
+        self._tasks: set[asyncio.Task] = set()
+
+    def _slot(self, index: int) -> asyncio.Future:
+        return self._done.setdefault(index, asyncio.get_running_loop().create_future())
+
+    def add(self, index: int, data: ray.ObjectRef, write: Callable[[Any], Awaitable[None]]) -> None:
+        """Run `index`: fetch `data` now, `write` it once the run before is written."""
+        async def in_order() -> None:
+            done = self._slot(index)
+            arriving = asyncio.ensure_future(data)
+            try:
+                if index:
+                    await asyncio.shield(self._slot(index - 1))
+                await write(await arriving)
+                done.set_result(None)
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for the run
+                arriving.cancel()
+                done.set_exception(exc)
+                done.exception()  # (retrieved: a migration given up never asks)
+
+        task = asyncio.ensure_future(in_order())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def written(self, runs: int) -> None:
+        """Once the first `runs` runs are written; raises what a failed one raised."""
+        await asyncio.shield(self._slot(runs - 1))
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
 class RayInstance(EngineInstance):
@@ -341,12 +397,12 @@ class RayInstance(EngineInstance):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         actor = self._running_actor()
-        pieces: list[tuple[int, ray.ObjectRef]] = []
+        runs = 0
         if request.kv_transfer is not None:
             assert isinstance(request.kv_transfer, RayTransfer)
-            spec, pieces = await request.kv_transfer.delivery(self)
+            spec, runs = await request.kv_transfer.delivery(self)
             request = dataclasses.replace(request, kv_transfer=SegmentTransfer(spec))
-        stream = actor.generate.options(num_returns="streaming").remote(request, pieces)
+        stream = actor.generate.options(num_returns="streaming").remote(request, runs)
         finished = False
         try:
             while not finished:
@@ -373,18 +429,20 @@ class RayInstance(EngineInstance):
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
                         max_blocks: int | None = None) -> KvExport | NotExported:
         assert isinstance(transfer, RayTransfer)
-        spec = await transfer.segment_of(self)
+        spec = await transfer.segments_for_export()
         answer, data = self._running_actor().export_kv.options(num_returns=2).remote(
             request_id, spec, first_block, max_blocks, transfer.network)
-        return transfer.exported(first_block, await self._call(answer), data)
+        transfer.forward(first_block, data)
+        return await self._call(answer)
 
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
                                  first_block: int) -> KvExport | NotExported:
         assert isinstance(transfer, RayTransfer)
-        spec = await transfer.segment_of(self)
+        spec = await transfer.segments_for_export()
         answer, data = self._running_actor().stop_and_export_kv.options(num_returns=2).remote(
             request_id, spec, first_block, transfer.network)
-        return transfer.exported(first_block, await self._call(answer), data)
+        transfer.forward(first_block, data)
+        return await self._call(answer)
 
     async def resume_request(self, request_id: str) -> None:
         await self._call(self._running_actor().resume_request.remote(request_id))
@@ -415,8 +473,7 @@ class RayTransfer(KvTransfer):
             self.default_stage_chunk_mib = 1024
         self._segments: dict[RayInstance, SegmentSpec] = {}  # by the instance whose actor created it
         self._lock = asyncio.Lock()
-        # Over the network: the position runs exported since the last delivery, in order.
-        self._undelivered: list[tuple[int, ray.ObjectRef]] = []
+        self._runs = 0  # over the network: position runs forwarded to the destination so far
 
     async def segment_of(self, instance: RayInstance) -> SegmentSpec:
         """The segment `instance` reads or fills, created on its node when first asked for."""
@@ -428,19 +485,28 @@ class RayTransfer(KvTransfer):
                     owner._running_actor().open_segment.remote(capacity, block_bytes, self._on_device, ranks))
             return self._segments[owner]
 
-    def exported(self, first_block: int, result: KvExport | NotExported, data: ray.ObjectRef) -> KvExport | NotExported:
-        """Note what an export from the source wrote (`data`: the positions it read back, over
-        the network); returns `result`."""
-        if self.network and isinstance(result, KvExport) and result.blocks > first_block:
-            self._undelivered.append((first_block, data))
-        return result
+    async def segments_for_export(self) -> SegmentSpec:
+        """The segment an export from the source fills, once (over the network) the one the
+        destination receives into exists too."""
+        if self.network:
+            await self.segment_of(self._destination)
+        return await self.segment_of(self._source)
 
-    async def delivery(self, destination: RayInstance) -> tuple[SegmentSpec, list[tuple[int, ray.ObjectRef]]]:
-        """The segment the destination loads from, and the position runs its actor must write
-        into it first (over the network; none within a node)."""
-        spec = await self.segment_of(destination)
-        pieces, self._undelivered = self._undelivered, []
-        return spec, pieces
+    def forward(self, first_block: int, data: ray.ObjectRef) -> None:
+        """Over the network: have the destination's actor write the positions an export from the
+        source is reading back (`data`, from `first_block` on; None if it reads none) as soon as
+        they exist, after the runs before, while the export's answer travels to the server.
+        (Never raises: the export's answer must be read. A destination gone by now fails its
+        request's start, which the migration reports.)"""
+        actor = self._destination._actor
+        if self.network and actor is not None:
+            actor.receive_positions.remote(self._segments[self._destination], self._runs, first_block, [data])
+            self._runs += 1
+
+    async def delivery(self, destination: RayInstance) -> tuple[SegmentSpec, int]:
+        """The segment the destination loads from, and (over the network) how many position runs
+        its actor must have written into it first."""
+        return await self.segment_of(destination), self._runs
 
     def close(self) -> None:
         for owner, spec in self._segments.items():
