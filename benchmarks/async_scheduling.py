@@ -14,14 +14,18 @@ and driven through vLLM's own `AsyncLLM` by the same loads:
   (`LlumnixScheduler`, the migration connector, priority scheduling; async scheduling where
   vLLM turns it on, with `LlumnixAsyncScheduler`);
 - `llumnix-sync`: the same with async scheduling off, as the backend ran before its hooks
-  worked under async scheduling.
+  worked under async scheduling;
+- `llumnix-deferred-frees`: `llumnix` with vLLM's own rule for freeing blocks under async
+  scheduling with a loading KV connector (deferred until the step in flight lands), which
+  Llumnix's scheduler turns off (see `LlumnixScheduler.__init__`), as it ran before that.
 
 All keep Llumnix's worker extension, which only adds methods (on the CPU it sizes the
 thread pool, so that the engines compare on equal threads).
 
 Loads, after a warm-up request: one stream, `--streams` concurrent streams (mean time per
-output token, TPOT), and a burst of `--burst` requests at once (output tokens per second).
-Prompts are random token ids, outputs forced to their length (`ignore_eos`).
+output token, TPOT), and a burst of `--burst` requests at once (output tokens per second, and
+the preemptions vLLM counted during it). Prompts are random token ids, outputs forced to their
+length (`ignore_eos`).
 
     python benchmarks/async_scheduling.py [--shape tiny|llama-2-7b] [--variants vllm,vllm-sync,llumnix]
         [--prompt 512] [--output 256] [--streams 16] [--burst 128] [--name async_scheduling]
@@ -59,7 +63,8 @@ from llumnix_vllm.snapshot_channel import new_instance_token
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import command_line, markdown_table, publish  # noqa: E402
 
-VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix", "llumnix-sync")
+VARIANTS = ("vllm", "vllm-v1", "vllm-sync", "vllm-sync-priority", "vllm-sync-connector", "llumnix", "llumnix-sync",
+            "llumnix-deferred-frees")
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # read by each engine process as it starts
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AsyncEngineArgs)}
 # What the backend adds for Llumnix, beyond its worker extension.
@@ -82,11 +87,23 @@ def backend_engine_args(work: Path, args) -> tuple[AsyncEngineArgs, int | None]:
     return VllmBackend().engine_args(source), source.config.resources.cpu_threads
 
 
+class LlumnixDeferringFrees(LlumnixAsyncScheduler):
+    """The `llumnix-deferred-frees` engine's scheduler (its process imports it from here)."""
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        # vLLM's rule, as in its Scheduler.__init__.
+        self.defer_block_free = (vllm_config.max_concurrent_batches > 1
+                                 and vllm_config.kv_transfer_config.is_kv_consumer)
+
+
 def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineArgs:
     if variant == "llumnix":
         return llumnix
     if variant == "llumnix-sync":
         return dataclasses.replace(llumnix, async_scheduling=False)
+    if variant == "llumnix-deferred-frees":
+        return dataclasses.replace(llumnix, scheduler_cls=f"{Path(__file__).stem}.{LlumnixDeferringFrees.__name__}")
     plain = dataclasses.replace(llumnix, **{k: FIELD_DEFAULTS[k] for k in LLUMNIX_ONLY})
     if variant in ("vllm", "vllm-v1"):
         return plain
@@ -98,20 +115,22 @@ def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineAr
     return sync
 
 
-async def one_stream(engine, prompt: list[int], max_tokens: int, request_id: str) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds from the first token to the last, tokens)."""
+async def one_stream(engine, prompt: list[int], max_tokens: int, request_id: str) -> tuple[float, float, int, int]:
+    """(seconds to the first token, seconds from the first token to the last, tokens, times the
+    engine preempted it: vLLM's per-request stats, which the backend's stat logger keeps on)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)
     sent = time.perf_counter()
     first = last = sent
-    tokens = 0
+    tokens = preemptions = 0
     async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
         n = sum(len(c.token_ids) for c in output.outputs)
         if n and tokens == 0:
             first = time.perf_counter()
         tokens += n
         last = time.perf_counter()
-    return first - sent, last - first, tokens
+        preemptions = getattr(output.metrics, "num_preemptions", preemptions)
+    return first - sent, last - first, tokens, preemptions
 
 
 async def load(engine, rng: random.Random, vocab: int, count: int, args, label: str) -> dict:
@@ -123,7 +142,7 @@ async def load(engine, rng: random.Random, vocab: int, count: int, args, label: 
     tokens = sum(r[2] for r in results)
     if tokens != count * args.output:
         raise RuntimeError(f"{label}: {tokens} of {count * args.output} tokens came back")
-    return {"requests": count, "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
+    return {"requests": count, "preemptions": sum(r[3] for r in results), "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
             "mean_ttft_ms": 1000 * statistics.fmean(r[0] for r in results),
             "mean_tpot_ms": 1000 * statistics.fmean(r[1] / (r[2] - 1) for r in results)}
 
@@ -181,10 +200,11 @@ def table(results: list[dict], over: dict[str, dict[str, float]]) -> str:
                      r["policy"],
                      f"{r['single']['mean_tpot_ms']:.2f}", f"{r['streams']['mean_tpot_ms']:.2f}",
                      f"{r['burst']['output_tokens_per_s']:.0f}",
+                     "-" if r["burst"].get("preemptions") is None else f"{r['burst']['preemptions']:.0f}",
                      f"{ratio['burst_output_tokens_per_s']:.3f}" if ratio else "1",
                      f"{ratio['single_mean_tpot_ms']:.3f}" if ratio else "1"])
     return markdown_table(["variant", "scheduler", "model runner", "async", "policy", "TPOT ms (1 stream)",
-                           "TPOT ms (streams)", "burst output tok/s", f"burst tok/s over {base}",
+                           "TPOT ms (streams)", "burst output tok/s", "burst preemptions", f"burst tok/s over {base}",
                            f"1-stream TPOT over {base}"], rows)
 
 

@@ -88,6 +88,13 @@ class LlumnixMigrationConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, None
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # Nothing is handed off when a request ends (a migration copies a running request), so
+        # a preempted request keeps its in-flight output, as without a connector. (vLLM 0.32
+        # asks; its default for a `kv_both` connector would drop that output and recompute.)
+        return False
+
     # --- worker side --------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
