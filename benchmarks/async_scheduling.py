@@ -115,14 +115,16 @@ def variant_engine_args(llumnix: AsyncEngineArgs, variant: str) -> AsyncEngineAr
     return sync
 
 
-async def one_stream(engine, prompt: list[int], max_tokens: int, request_id: str) -> tuple[float, float, int, int]:
+async def one_stream(engine, prompt: list[int], max_tokens: int,
+                     request_id: str) -> tuple[float, float, int, int | None]:
     """(seconds to the first token, seconds from the first token to the last, tokens, times the
-    engine preempted it: vLLM's per-request stats, which the backend's stat logger keeps on)."""
+    engine preempted it: vLLM's per-request stats, which the backend's stat logger keeps on;
+    None where vLLM's stats do not count them, as 0.26's do not)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                             output_kind=RequestOutputKind.DELTA)
     sent = time.perf_counter()
     first = last = sent
-    tokens = preemptions = 0
+    tokens, preemptions = 0, None
     async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id):
         n = sum(len(c.token_ids) for c in output.outputs)
         if n and tokens == 0:
@@ -142,7 +144,8 @@ async def load(engine, rng: random.Random, vocab: int, count: int, args, label: 
     tokens = sum(r[2] for r in results)
     if tokens != count * args.output:
         raise RuntimeError(f"{label}: {tokens} of {count * args.output} tokens came back")
-    return {"requests": count, "preemptions": sum(r[3] for r in results), "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
+    counted = [r[3] for r in results]
+    return {"requests": count, "preemptions": None if None in counted else sum(counted), "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
             "mean_ttft_ms": 1000 * statistics.fmean(r[0] for r in results),
             "mean_tpot_ms": 1000 * statistics.fmean(r[1] / (r[2] - 1) for r in results)}
 
