@@ -91,11 +91,16 @@ def main() -> None:
     parser.add_argument("--compare", type=Path)
     parser.add_argument("--migration", action="append", default=[], metavar="KEY=VALUE",
                         help="a scheduler.migration setting for llumnix (repeatable), e.g. max_in_flight_per_instance=4")
+    parser.add_argument("--defers-frees", action="store_true",
+                        help="model vLLM 0.26's deferred block frees under async scheduling with a loading KV "
+                             "connector (EngineProfile.defers_frees)")
     args = parser.parse_args()
     migration = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.migration)}
     profile = load_profile(args.profile)
     if args.blocks:
         profile = dataclasses.replace(profile, total_blocks=args.blocks)
+    if args.defers_frees:
+        profile = dataclasses.replace(profile, defers_frees=True)
     result = {"benchmark": "simulate", "simulator": True, "command": command_line(), "profile": profile.name,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "name"}}
     extra = ""

@@ -10,6 +10,7 @@ import pytest
 
 from llumnix_backend.config import DispatchPolicyName, MigrationSettings, SchedulerSettings
 from llumnix_backend.simulator import EngineProfile, Simulation, load_profile
+from llumnix_backend.simulator.instance import SimRequest, SimulatedInstance
 from llumnix_backend.simulator.profile import PROFILES
 
 # Steps cost 10 ms plus 1 ms per prompt token and 2 ms per decoding request; no context cost.
@@ -57,6 +58,28 @@ def test_preemption_by_recomputation_when_blocks_run_out() -> None:
     assert first.num_preemptions == 0 and second.num_preemptions >= 1
     assert first.generated == second.generated == 12
     assert second.finished_at > first.finished_at
+
+
+@pytest.mark.parametrize("defers_frees, preempted", [(False, ["r2"]), (True, ["r0", "r1", "r2"])])
+def test_a_preemption_whose_blocks_come_back_only_after_the_step_preempts_on(defers_frees, preempted) -> None:
+    """Three decoding requests fill 9 blocks of 9 (12 tokens each, 3 blocks of 4), all run a
+    step and then each needs a fourth block. Preempting the newest frees 3 blocks for the
+    other two; with `defers_frees` (vLLM 0.26 under async scheduling with a loading connector)
+    its blocks come back only after the step, so the scheduler preempts the next newest, and
+    the next, up to the first request: none runs this step, and all 9 blocks are free after."""
+    instance = SimulatedInstance("0", dataclasses.replace(PROFILE, total_blocks=9, defers_frees=defers_frees))
+    requests = [SimRequest(f"r{i}", arrival=i * 0.001, prompt_tokens=11, output_tokens=5, priority=0,
+                           generated=1, computed=11, blocks=3) for i in range(3)]
+    instance.running, instance.free_blocks = list(requests), 0
+    assert instance.start_step(0.0) is not None  # each computes its newest token: no new block
+    instance.finish_step(0.012)  # ...and samples one more, the 13th
+    step = instance.start_step(0.012)
+    assert sorted(r.request_id for r in requests if r.num_preemptions) == sorted(preempted)
+    assert instance.num_preemptions == len(preempted)
+    if defers_frees:
+        assert step is None and instance.free_blocks == 9
+    else:
+        assert step is not None and instance.free_blocks == 3 - 2  # r2's 3 back, 1 taken each by r0, r1
 
 
 def test_a_request_waits_until_its_whole_prompt_fits_not_just_its_first_chunk() -> None:

@@ -3,7 +3,9 @@
 Per step: running requests first, in admission order, each getting its next chunk (the rest of
 its prompt under the token budget, or one decode token); a request whose new tokens need a
 block when none is free preempts the least urgent running request (highest priority value,
-then latest arrival), which frees its blocks and goes back to the queue to be recomputed. Then,
+then latest arrival), which frees its blocks and goes back to the queue to be recomputed (with
+`EngineProfile.defers_frees`, the blocks of a victim the step before ran come back only after
+this step, so the scheduler goes on to the next victim, as vLLM 0.26 does then). Then,
 only if nothing was preempted, queued requests are admitted in priority order while the budget,
 `max_num_seqs` and free blocks allow (room for a request's whole sequence, not only its first
 chunk, as vLLM checks); the head of the queue blocks the rest. A request whose
@@ -65,6 +67,8 @@ class SimulatedInstance:
         self.num_preemptions = 0
         self.busy_until: float | None = None  # end of the step in progress
         self._scheduled: list[tuple[SimRequest, int]] = []
+        self._ran_last: set[int] = set()  # ids of the requests the step before ran (defers_frees)
+        self._deferred_blocks = 0  # freed by preemptions this step, usable once it ends
         self._snapshot: InstanceSnapshot | None = None
 
     # --- work in ------------------------------------------------------------------------------
@@ -172,14 +176,21 @@ class SimulatedInstance:
             else:
                 prefill_tokens += n
         self._scheduled = scheduled
+        if self.profile.defers_frees:
+            self._ran_last = {id(r) for r, _ in scheduled}
         self._snapshot = None
-        if not scheduled:
+        if not scheduled:  # no step: nothing left in flight to wait for
+            self.free_blocks += self._deferred_blocks
+            self._deferred_blocks = 0
             return None
         return profile.step_time(prefill_tokens, decode_seqs, context_tokens)
 
     def _preempt(self, victim: SimRequest) -> None:
         self.running.remove(victim)
-        self.free_blocks += victim.blocks
+        if id(victim) in self._ran_last:
+            self._deferred_blocks += victim.blocks
+        else:
+            self.free_blocks += victim.blocks
         victim.blocks = 0
         victim.computed = 0
         victim.preempted = True
@@ -208,6 +219,8 @@ class SimulatedInstance:
                 request.blocks = 0
                 finished.append(request)
         self._scheduled = []
+        self.free_blocks += self._deferred_blocks
+        self._deferred_blocks = 0
         self.busy_until = None
         self._snapshot = None
         return finished

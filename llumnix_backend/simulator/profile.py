@@ -36,6 +36,11 @@ class EngineProfile:
     downtime_base_s: float
     downtime_block_s: float
     source: str = ""  # where the figures come from (command, machine)
+    # vLLM 0.26 under async scheduling with a KV connector that loads (Llumnix's, before it
+    # turned this off): a preempted request that ran in the step before gives its blocks back
+    # only after the next step, so the preemption frees nothing now and the scheduler preempts
+    # the next victim (vllm#49674).
+    defers_frees: bool = False
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         return (self.base_s + self.prefill_token_s * prefill_tokens + self.decode_seq_s * decode_seqs
