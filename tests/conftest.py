@@ -6,7 +6,9 @@ end-to-end test of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,19 @@ def tiny_config(model: str, instances: int = 1, dispatch: str = "llumnix", max_m
         "resources": {"cpu_kv_cache_gib": 0.125},
         "scheduler": {"dispatch_policy": dispatch},
     }
+
+
+@contextlib.contextmanager
+def ready_server(repository: Path, log_name: str, warm: list[str], **options: Any) -> Iterator[ServerProcess]:
+    """A server on `repository` (its log beside it, `log_name`) once every model has loaded and
+    `warm_up(warm)` has run; stopped on leaving. `options`: `llumnix_server`'s."""
+    server = llumnix_server(repository, repository.parent / log_name, **options).start()
+    try:
+        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
+        warm_up(server, warm)
+        yield server
+    finally:
+        server.stop()
 
 
 def warm_up(server: ServerProcess, models: list[str]) -> None:
@@ -154,10 +169,5 @@ def serving(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         write_model(repository, name, text.replace("MODEL", str(tiny_model)))
     write_model(repository, BADLY_NAMED, tiny_config(str(tiny_model)))
 
-    server = llumnix_server(repository, repository.parent / "server.log", api_key=API_KEY).start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, ["alpha", "alpha", "beta"])
+    with ready_server(repository, "server.log", ["alpha", "alpha", "beta"], api_key=API_KEY) as server:
         yield server
-    finally:
-        server.stop()

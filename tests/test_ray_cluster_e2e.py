@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from conftest import ENGINE_START_TIMEOUT_S, ready_server, tiny_config, write_model
 from llumnix_client import StreamedCompletion, instances, migrate, running_on
 
-from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+from llumnix_server.launcher import ServerProcess
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -53,14 +53,8 @@ def server(cluster, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     # No final stage short enough to stop early at, so that a migration runs all its stages.
     config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5, "final_stage_blocks": 0}
     write_model(repository, MODEL, config)
-    server = llumnix_server(repository, repository.parent / "ray-server.log",
-                            extra_args=("--ray-address", ray.address)).start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [MODEL, MODEL])
+    with ready_server(repository, "ray-server.log", [MODEL, MODEL], extra_args=("--ray-address", ray.address)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

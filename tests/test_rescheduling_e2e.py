@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from conftest import ready_server, tiny_config, write_model
 from llumnix_client import (
     InBackground,
     StreamedCompletion,
@@ -32,7 +32,7 @@ from llumnix_client import (
     set_draining,
     wait_idle,
 )
-from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -61,14 +61,9 @@ def gamma(gamma_repository: Path, tiny_model: Path) -> ServerProcess:
     config["scheduler"]["migration"] = {"source_below_tokens": 10 * BLOCK_SIZE, "destination_above_tokens": 30 * BLOCK_SIZE,
                                         "max_in_flight_per_instance": 1, "stage_timeout_s": 10}
     write_model(repository, MODEL, config)
-    server = llumnix_server(repository, repository.parent / "rescheduling-server.log").start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [MODEL, MODEL])
+    with ready_server(repository, "rescheduling-server.log", [MODEL, MODEL]) as server:
         assert [i["snapshot"]["total_blocks"] for i in instances(server, MODEL).values()] == [TOTAL_BLOCKS] * 2
         yield server
-    finally:
-        server.stop()
 
 
 def prompt(num_tokens: int, salt: int) -> list[int]:

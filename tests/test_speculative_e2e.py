@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ENGINE_START_TIMEOUT_S, tiny_config, warm_up, write_model
+from conftest import ready_server, tiny_config, write_model
 from llumnix_client import StreamedCompletion, migrate, other, running_on
 
-from llumnix_server.launcher import ServerProcess, llumnix_server, wait_for_repository
+from llumnix_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -36,13 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
                                               "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     config["scheduler"]["migration"] = {"rescheduling": False}  # only the test migrates
     write_model(repository, MODEL, config)
-    server = llumnix_server(repository, repository.parent / "speculating-server.log").start()
-    try:
-        wait_for_repository(server, ENGINE_START_TIMEOUT_S)
-        warm_up(server, [MODEL, MODEL])
+    with ready_server(repository, "speculating-server.log", [MODEL, MODEL]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def drafts_by_instance(server: ServerProcess) -> dict[str, float]:
