@@ -97,10 +97,11 @@ class LlumnixScheduler(Scheduler):
         # With a step in flight (async scheduling), vLLM returns the blocks of a request it
         # frees only once that step has landed whenever a KV connector may load into them
         # (ours is `kv_both`): a load that is not ordered after the step's writes could be
-        # overwritten by them. The migration connector's load is: the worker copies the blocks
-        # in on the step's own stream before its forward pass. Deferring costs a great deal on
-        # vLLM 0.26: a preempted request's blocks then free nothing this step, and the
-        # scheduler preempts victim after victim for one allocation (vllm#49674).
+        # overwritten by them. The migration connector's load is ordered: the worker copies the
+        # blocks in on the step's own stream, before its forward pass. And deferring costs a
+        # great deal on vLLM 0.26: a preempted request's blocks then free nothing this step, so
+        # the scheduler preempts victim after victim for one allocation (vllm#49674; most of
+        # async scheduling's extra preemptions on the H200, by the simulator: docs/scheduling.md).
         self.defer_block_free = False
         self._publisher = SnapshotPublisher(snapshot_address(vllm_config.instance_id))
         self._sequence = 0
