@@ -6,11 +6,13 @@ any number of instances (Llumnix's paper studies 16). It is a simulator (see
     python benchmarks/simulate.py [--profile cpu-tiny] [--instances 16] [--lengths azure-conv]
         [--arrivals trace] [--rates 20,30] [--requests 2000] [--seeds 0,1] [--high-share 0.1]
         [--policies ...] [--migration KEY=VALUE ...] [--name simulate]
-        [--compare docs/benchmarks/policy_eval_cpu.json]
+        [--compare docs/benchmarks/policy_eval_cpu.json] [--defers-frees]
 
 `--compare REAL.json` runs the settings of a `policy_eval.py` report instead (its instances,
 workload, rates and seeds) and prints, per run, the simulated over the real P50 and P99 TTFT
-and preemptions. Prints JSON and a table; writes docs/benchmarks/NAME.{json,md,png}.
+and preemptions. `--defers-frees` models engines that return a preempted request's blocks only
+after the next step, as vLLM 0.26 did under async scheduling with Llumnix's connector before
+the engines stopped deferring. Prints JSON and a table; writes docs/benchmarks/NAME.{json,md,png}.
 """
 
 from __future__ import annotations
