@@ -145,7 +145,8 @@ async def load(engine, rng: random.Random, vocab: int, count: int, args, label: 
     if tokens != count * args.output:
         raise RuntimeError(f"{label}: {tokens} of {count * args.output} tokens came back")
     counted = [r[3] for r in results]
-    return {"requests": count, "preemptions": None if None in counted else sum(counted), "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed,
+    return {"requests": count, "preemptions": None if None in counted else sum(counted), "elapsed_s": elapsed,
+            "output_tokens_per_s": tokens / elapsed,
             "mean_ttft_ms": 1000 * statistics.fmean(r[0] for r in results),
             "mean_tpot_ms": 1000 * statistics.fmean(r[1] / (r[2] - 1) for r in results)}
 

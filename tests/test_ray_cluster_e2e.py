@@ -53,7 +53,8 @@ def server(cluster, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) 
     # No final stage short enough to stop early at, so that a migration runs all its stages.
     config["scheduler"]["migration"] = {"rescheduling": False, "stage_chunk_mib": 0.5, "final_stage_blocks": 0}
     write_model(repository, MODEL, config)
-    with ready_server(repository, "ray-server.log", [MODEL, MODEL], extra_args=("--ray-address", ray.address)) as server:
+    with ready_server(repository, "ray-server.log", [MODEL, MODEL],
+                      extra_args=("--ray-address", ray.address)) as server:
         yield server
 
 

@@ -72,10 +72,14 @@ def prompt(num_tokens: int, salt: int) -> list[int]:
 
 
 def start_on_instance_0(server: ServerProcess, requests: list[dict]) -> list[StreamedCompletion]:
-    """Start requests while instance 1 is draining, so they all run on instance 0."""
+    """Start requests while instance 1 is draining, so they all run on instance 0. All at once:
+    one after another, on a slow machine the first could be nearly done (500 tokens) before the
+    last began, and the load the tests count on would not last."""
     set_draining(server, "1", True, MODEL)
     try:
-        runs = [StreamedCompletion(server, MODEL, **body).wait_for_tokens(2) for body in requests]
+        runs = [StreamedCompletion(server, MODEL, **body) for body in requests]
+        for run in runs:
+            run.wait_for_tokens(2)
         assert {running_on(server, run.request_id, MODEL) for run in runs} == {"0"}
     finally:
         set_draining(server, "1", False, MODEL)
@@ -126,7 +130,9 @@ def test_load_imbalance_moves_one_request_to_the_idle_instance(gamma) -> None:
     # one has moved, at least (63 - 3 * 11) / 3 = 10 is left: nothing more moves.
     before = migrations(gamma, MODEL)
     runs = start_on_instance_0(gamma, [short_request(s) for s in (3, 4, 5, 6)])
-    assert wait_for_migrations(gamma, before, {("0", "1"): 1}) == {("0", "1"): 1}
+    moved = wait_for_migrations(gamma, before, {("0", "1"): 1})
+    tried = {outcome: migrations(gamma, MODEL, outcome) for outcome in ("started", "aborted")}
+    assert moved == {("0", "1"): 1}, (moved, tried, {i: s["snapshot"] for i, s in instances(gamma, MODEL).items()})
     assert sorted(placement(gamma, runs)) == ["0", "0", "0", "1"]
     time.sleep(SETTLE_S)
     assert migrations_since(gamma, before) == {("0", "1"): 1}
