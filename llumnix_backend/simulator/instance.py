@@ -67,7 +67,7 @@ class SimulatedInstance:
         self.num_preemptions = 0
         self.busy_until: float | None = None  # end of the step in progress
         self._scheduled: list[tuple[SimRequest, int]] = []
-        self._ran_last: set[int] = set()  # ids of the requests the step before ran (defers_frees)
+        self._ran_last: set[SimRequest] = set()  # the requests the step before ran (defers_frees)
         self._deferred_blocks = 0  # freed by preemptions this step, usable once it ends
         self._snapshot: InstanceSnapshot | None = None
 
@@ -177,7 +177,7 @@ class SimulatedInstance:
                 prefill_tokens += n
         self._scheduled = scheduled
         if self.profile.defers_frees:
-            self._ran_last = {id(r) for r, _ in scheduled}
+            self._ran_last = {r for r, _ in scheduled}
         self._snapshot = None
         if not scheduled:  # no step: nothing left in flight to wait for
             self.free_blocks += self._deferred_blocks
@@ -187,7 +187,7 @@ class SimulatedInstance:
 
     def _preempt(self, victim: SimRequest) -> None:
         self.running.remove(victim)
-        if id(victim) in self._ran_last:
+        if victim in self._ran_last:
             self._deferred_blocks += victim.blocks
         else:
             self.free_blocks += victim.blocks

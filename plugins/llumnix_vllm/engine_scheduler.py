@@ -211,13 +211,6 @@ class LlumnixScheduler(Scheduler):
 
     # --- migration's final stage --------------------------------------------------------------
 
-    def _shape(self) -> tuple[int, int, int]:
-        return len(self.running), sum(len(q) for q in self._waiting_queues()), self._num_preemptions
-
-    def _waiting_queues(self) -> list:
-        # vLLM 0.32 queues waiting requests that hold KV blocks apart; 0.26 (GPU) has one queue.
-        return [self.waiting, getattr(self, "kv_holding_waiting", ())]
-
     def _decoding_request(self, request_id: str):
         """The running request the front end calls `request_id`, or why it is not decoding here."""
         request = next((r for r in self.running if external_request_id(r.request_id) == request_id), None)
@@ -269,6 +262,13 @@ class LlumnixScheduler(Scheduler):
         self._stopped = {i for i in self._stopped if external_request_id(i) != request_id}
 
     # --- snapshot -----------------------------------------------------------------------------
+
+    def _shape(self) -> tuple[int, int, int]:
+        return len(self.running), sum(len(q) for q in self._waiting_queues()), self._num_preemptions
+
+    def _waiting_queues(self) -> list:
+        # vLLM 0.32 queues waiting requests that hold KV blocks apart; 0.26 (GPU) has one queue.
+        return [self.waiting, getattr(self, "kv_holding_waiting", ())]
 
     def _request_load(self, request, blocks_held: int) -> RequestLoad:
         needed = blocks_for(request.num_tokens, self.block_size)

@@ -428,19 +428,19 @@ class RayInstance(EngineInstance):
 
     async def export_kv(self, request_id: str, transfer: KvTransfer, first_block: int,
                         max_blocks: int | None = None) -> KvExport | NotExported:
-        assert isinstance(transfer, RayTransfer)
-        spec = await transfer.segments_for_export()
-        answer, data = self._running_actor().export_kv.options(num_returns=2).remote(
-            request_id, spec, first_block, max_blocks, transfer.network)
-        transfer.forward(first_block, data)
-        return await self._call(answer)
+        return await self._export("export_kv", request_id, transfer, first_block, max_blocks)
 
     async def stop_and_export_kv(self, request_id: str, transfer: KvTransfer,
                                  first_block: int) -> KvExport | NotExported:
+        return await self._export("stop_and_export_kv", request_id, transfer, first_block)
+
+    async def _export(self, method: str, request_id: str, transfer: KvTransfer, first_block: int,
+                      *args: Any) -> KvExport | NotExported:
+        """Call one of the actor's exports (`args`: its own, between `first_block` and `read`)."""
         assert isinstance(transfer, RayTransfer)
         spec = await transfer.segments_for_export()
-        answer, data = self._running_actor().stop_and_export_kv.options(num_returns=2).remote(
-            request_id, spec, first_block, transfer.network)
+        answer, data = getattr(self._running_actor(), method).options(num_returns=2).remote(
+            request_id, spec, first_block, *args, transfer.network)
         transfer.forward(first_block, data)
         return await self._call(answer)
 
