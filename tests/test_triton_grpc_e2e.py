@@ -124,6 +124,15 @@ def test_infer_errors_name_what_was_wrong(client) -> None:
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException, match="ModelStreamInfer"):
         client.infer("alpha", inputs("x", stream=True), headers=AUTH)
+    with pytest.raises(InferenceServerException, match="sequence_id is not supported"):
+        client.infer("alpha", inputs("x"), sequence_id=7, headers=AUTH)
+
+
+def test_infer_reads_the_requests_own_parameters_as_sampling_parameters(client) -> None:
+    """As vllm_backend does when no sampling_parameters tensor comes (typed gRPC parameters)."""
+    result = client.infer("alpha", [tensor("text_input", "Hello"), tensor("return_num_output_tokens", True)],
+                          parameters={"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}, headers=AUTH)
+    assert result.as_numpy("num_output_tokens")[0] == 3
 
 
 def test_streaming_infer_sends_each_delta_then_the_final_marker(client) -> None:
@@ -148,6 +157,10 @@ def test_streaming_infer_sends_each_delta_then_the_final_marker(client) -> None:
         client.async_stream_infer("no-such-model", inputs("x"))
         _, error = results.get(timeout=60)
         assert "unknown model 'no-such-model'" in str(error)
+        # vllm_backend's rule: a streamed response never repeats the prompt.
+        client.async_stream_infer("alpha", inputs("x", stream=True, exclude_input_in_output=False))
+        _, error = results.get(timeout=60)
+        assert "exclude_input_in_output: false is not allowed when streaming" in str(error)
     finally:
         client.stop_stream()
     whole = client.infer("alpha", inputs("Hello", exclude_input_in_output=True), headers=AUTH)

@@ -60,6 +60,24 @@ def test_infer_refuses_what_it_cannot_do(serving) -> None:
         client(serving).infer("alpha", [tensor("text_input", "x"), tensor("colour", "red")], headers=auth())
 
 
+def test_infer_reads_the_requests_own_parameters_as_sampling_parameters(serving) -> None:
+    """As vllm_backend does when no sampling_parameters tensor comes; Triton's own request
+    parameters this server lacks are refused by name."""
+    c = client(serving)
+    asked = [tensor("text_input", "Hello"), tensor("return_num_output_tokens", True)]
+    result = c.infer("alpha", asked, parameters={"max_tokens": 3, "temperature": 0, "ignore_eos": True},
+                     headers=auth())
+    assert result.as_numpy("num_output_tokens")[0] == 3
+    # The tensor's keys win over the request's.
+    both = c.infer("alpha", [*asked, tensor("sampling_parameters", json.dumps({"max_tokens": 5, "ignore_eos": True}))],
+                   parameters={"max_tokens": 3}, headers=auth())
+    assert both.as_numpy("num_output_tokens")[0] == 5
+    with pytest.raises(InferenceServerException, match="parameters.colour: unknown field"):
+        c.infer("alpha", asked, parameters={"colour": "red"}, headers=auth())
+    with pytest.raises(InferenceServerException, match="timeout is not supported"):
+        c.infer("alpha", asked, timeout=1000, headers=auth())
+
+
 def test_versioned_routes_answer_for_the_served_version_only(serving) -> None:
     c = client(serving)
     assert c.is_model_ready("alpha", "1", headers=auth())

@@ -82,6 +82,12 @@ def test_choice_and_regex_in_every_form(serving) -> None:
                                                                 "exclude_input_in_output": True}})
     assert response.status_code == 200, response.text
     assert response.json()["text_output"] in ("left", "right")
+    # vllm_backend's clients send structured_outputs as JSON text.
+    response = post(serving, "/v2/models/alpha/generate",
+                    json={"text_input": "Pick:", "parameters": {"structured_outputs": json.dumps({"choice": ["up", "down"]}),
+                                                                "exclude_input_in_output": True}})
+    assert response.status_code == 200, response.text
+    assert response.json()["text_output"] in ("up", "down")
     response = post(serving, "/v2/models/alpha/generate", json={"text_input": "Pick:", "parameters": {"lora_name": "x"}})
     assert response.status_code == 400 and "LoRA" in response.text, response.text
 
@@ -115,15 +121,31 @@ def test_fields_vllm_takes_and_this_server_does_not_are_400s(serving, field) -> 
         assert response.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("truncate_prompt_tokens", 0), ("thinking_token_budget", 0), ("stream_interval", 0), ("use_beam_search", True),
+    ("stream_options", {"include_usage": True}),
+])
+def test_values_that_ask_for_something_are_400s_even_when_falsy(serving, field, value) -> None:
+    """0 is not "not asked" for a field whose default is None (vLLM cuts the prompt to 0 tokens,
+    or refuses), and stream_options needs stream: true, as in vLLM."""
+    for path, body in OPENAI_PATHS:
+        response = post(serving, path, json={"model": "alpha", "max_tokens": 2, field: value, **body})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["param"] == field
+
+
 def test_a_request_that_spells_out_vllms_defaults_is_served(serving) -> None:
     """Clients that send every field with vLLM's default (0.32's request models) ask for
     nothing this server lacks."""
     defaults = {field: None for field in UNSUPPORTED}
     defaults.update(length_penalty=1.0, include_reasoning=True, mm_payload="tensors", use_beam_search=False,
-                    return_token_offsets=False, routed_experts_prompt_start=0, echo=False)
+                    return_token_offsets=False, routed_experts_prompt_start=0, echo=False, stream_options={})
     for path, body in OPENAI_PATHS:
         response = post(serving, path, json={"model": "alpha", "max_tokens": 2, **defaults, **body})
         assert response.status_code == 200, (path, response.text)
+    chat = post(serving, "/v1/chat/completions", json={"model": "alpha", "max_tokens": 2, "logprobs": False,
+                                                       "top_logprobs": 0, **OPENAI_PATHS[1][1]})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["logprobs"] is None, chat.text
 
 
 def test_a_clients_request_id_names_the_response_as_in_vllm_and_duplicates_are_kept_apart(serving) -> None:

@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from llumnix_backend.config import PrioritySettings
 from llumnix_backend.model_registry import ModelRegistry
 from llumnix_backend.requests import EmbeddingRequest, RequestError
-from llumnix_server.streams import client_request_ids, log_ignored_fields, unless_disconnected
+from llumnix_server.streams import (
+    client_request_ids,
+    log_ignored_fields,
+    refuse_unsupported_fields,
+    unless_disconnected,
+)
 from llumnix_server.tokenizing import tokenize_prompts
 
 # vLLM's embedding fields this server does not implement, refused when given a value that asks
@@ -41,9 +46,7 @@ class EmbeddingsRequest(BaseModel):
     request_id: str | None = None  # the response's id is `embd-<request_id>` (X-Request-Id wins)
 
     def refuse_unsupported(self) -> None:
-        for name, value in (self.model_extra or {}).items():
-            if name in _UNSUPPORTED and value not in _UNSUPPORTED[name]:
-                raise RequestError(f"{name} is not supported by this server", name)
+        refuse_unsupported_fields(self.model_extra, _UNSUPPORTED)
 
     def priority_or_default(self, settings: PrioritySettings) -> int:
         return settings.default if self.priority is None else self.priority

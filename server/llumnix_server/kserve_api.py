@@ -22,7 +22,7 @@ from llumnix_backend.model_registry import ModelNotFound, ModelRegistry, ModelSt
 from llumnix_backend.requests import GenerationDelta, GenerationRequest, RequestError, TokenLogprob
 from llumnix_backend.served_model import ServedModel
 from llumnix_server.errors import as_api_error, first_validation_problem
-from llumnix_server.kserve_infer import HEADER_LENGTH, infer_response, parse_infer_request
+from llumnix_server.kserve_infer import HEADER_LENGTH, InferRequest, infer_response, parse_infer_request
 from llumnix_server.sampling import SamplingFields, StructuredOutputs, finite_logprob
 from llumnix_server.streams import new_request_id, started, unless_disconnected
 from llumnix_server.tokenizing import tokenize
@@ -42,6 +42,17 @@ class GenerateParameters(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=20)  # the most likely tokens' logprobs per output token
     guided_decoding: StructuredOutputs | None = None  # vllm_backend's earlier name of structured_outputs
     lora_name: str | None = None  # vllm_backend's: refused, no model here serves LoRA adapters
+
+    @field_validator("structured_outputs", "guided_decoding", mode="before")
+    @classmethod
+    def _from_json_text(cls, value: Any) -> Any:
+        """vllm_backend takes these as JSON text (its clients send `json.dumps(...)`)."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
 
     @field_validator("lora_name")
     @classmethod
@@ -80,14 +91,23 @@ class GenerateRequest(BaseModel):
                 raise RequestError(f"sampling_parameters is not valid JSON: {exc}", "sampling_parameters") from None
             if not isinstance(extra, dict):
                 raise RequestError("sampling_parameters must be a JSON object", "sampling_parameters")
-            params = {**extra, **params}
+            params = {**params, **extra}  # (vllm_backend reads the tensor alone when it comes)
         for name in ("stream", "exclude_input_in_output"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
-        try:
-            return GenerateParameters.model_validate(params)
-        except ValidationError as exc:
-            raise RequestError(*first_validation_problem(exc.errors(), "parameters")) from None
+        merged = parse_parameters(params)
+        if merged.stream and "exclude_input_in_output" in params and not merged.exclude_input_in_output:
+            # vllm_backend's rule: a streamed response never repeats the prompt.
+            raise RequestError("exclude_input_in_output: false is not allowed when streaming",
+                               "exclude_input_in_output")
+        return merged
+
+
+def parse_parameters(params: dict[str, Any]) -> GenerateParameters:
+    try:
+        return GenerateParameters.model_validate(params)
+    except ValidationError as exc:
+        raise RequestError(*first_validation_problem(exc.errors(), "parameters")) from None
 
 
 def metadata_of(model: ServedModel) -> dict[str, Any]:
@@ -216,12 +236,12 @@ def create_kserve_router(registry: ModelRegistry) -> APIRouter:
     @both(router.post, "/v2/models/{model_name}/infer")
     async def infer(model_name: str, request: Request, version: str | None = None):
         versioned(model_name, version)
-        inputs, client_id, wanted, binary = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
-        if inputs.get("stream"):
+        infer = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        if infer.inputs.get("stream"):
             raise RequestError("stream: streaming needs generate_stream (HTTP infer carries one response)", "stream")
-        run = await start_infer(registry, model_name, inputs, client_id, request)
+        run = await start_infer(registry, model_name, infer, request)
         output = await collect_output(request, run.stream)
-        return infer_response(run.envelope, infer_outputs(run, inputs, wanted, output), binary)
+        return infer_response(run.envelope, infer_outputs(run, infer, output), infer.binary_out)
 
     return router
 
@@ -286,12 +306,14 @@ class InferOutput:
         return InferOutput(delta.text, delta.finish_reason, len(delta.token_ids), total, delta.logprobs or ())
 
 
-async def start_infer(registry: ModelRegistry, model_name: str, inputs: dict[str, Any], client_id: str | None,
-                      request: Request | None) -> Run:
-    """Start an infer request from its input tensors (`kserve_infer.checked_input`'s values)."""
+async def start_infer(registry: ModelRegistry, model_name: str, infer: InferRequest, request: Request | None) -> Run:
+    """Start an infer request from its input tensors and its request-level parameters, which
+    vllm_backend reads as sampling parameters (a `sampling_parameters` tensor's keys win)."""
+    inputs = infer.inputs
     if "text_input" not in inputs:
         raise RequestError("the text_input input is missing", "text_input")
-    body = GenerateRequest(text_input=inputs["text_input"], id=client_id,
+    body = GenerateRequest(text_input=inputs["text_input"], id=infer.client_id,
+                           parameters=parse_parameters(infer.parameters),
                            sampling_parameters=inputs.get("sampling_parameters"),
                            stream=inputs.get("stream"), exclude_input_in_output=inputs.get("exclude_input_in_output"))
     return await _start(registry, model_name, body, request, bool(inputs.get("return_cumulative_logprob")))
@@ -306,11 +328,12 @@ def _logprobs_output(run: Run, output: InferOutput) -> str:
                         for r in token.ranked} for token in output.logprobs])
 
 
-def infer_outputs(run: Run, inputs: dict[str, Any], wanted: set[str], output: InferOutput,
+def infer_outputs(run: Run, infer: InferRequest, output: InferOutput,
                   with_prompt: bool = True) -> dict[str, tuple[str, Any]]:
     """An infer response's output tensors (name: (datatype, value)): `text_output` (after the
     prompt unless `exclude_input_in_output`, or `with_prompt` is off as for a streamed part),
     and what the `return_*` inputs ask for; only those in `wanted` if it names any."""
+    inputs, wanted = infer.inputs, infer.wanted
     prefix = run.body.text_input if with_prompt and not run.params.exclude_input_in_output else ""
     outputs = {"text_output": ("BYTES", prefix + output.text)}
     if inputs.get("return_finish_reason"):

@@ -28,7 +28,14 @@ from llumnix_server.kserve_api import (
     EXTENSIONS, SERVER_NAME, InferOutput, collect_output, config_of, config_override, infer_outputs, metadata_of,
     start_infer, stats_of,
 )
-from llumnix_server.kserve_infer import check_input_name, checked_input, decode_tensor, encode_tensor
+from llumnix_server.kserve_infer import (
+    InferRequest,
+    check_input_name,
+    checked_input,
+    decode_tensor,
+    encode_tensor,
+    sampling_parameters_of,
+)
 
 GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
@@ -40,9 +47,9 @@ OPERATIONS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 MAX_RESPONSE_BYTES = 64 << 20
 
 
-def _inputs(request: service_pb2.ModelInferRequest) -> tuple[dict[str, Any], set[str]]:
+def _infer_request(request: service_pb2.ModelInferRequest) -> InferRequest:
     """The request's input values by name (from `raw_input_contents`, as tritonclient sends
-    them, or typed `contents`), and the outputs it asks for."""
+    them, or typed `contents`), its parameters and the outputs it asks for."""
     inputs: dict[str, Any] = {}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -56,7 +63,10 @@ def _inputs(request: service_pb2.ModelInferRequest) -> tuple[dict[str, Any], set
         else:
             values = list(tensor.contents.bool_contents)
         inputs[tensor.name] = checked_input(tensor.name, values)
-    return inputs, {o.name for o in request.outputs}
+    parameters = {name: getattr(value, value.WhichOneof("parameter_choice"))
+                  for name, value in request.parameters.items() if value.WhichOneof("parameter_choice")}
+    return InferRequest(inputs, sampling_parameters_of(parameters), request.id or None,
+                        {o.name for o in request.outputs})
 
 
 def _response(envelope: dict[str, Any], outputs: dict[str, tuple[str, Any]],
@@ -137,12 +147,12 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         self._versioned(request.model_name, request.model_version)
-        inputs, wanted = _inputs(request)
-        if inputs.get("stream"):
+        infer = _infer_request(request)
+        if infer.inputs.get("stream"):
             raise RequestError("stream: a streamed request needs ModelStreamInfer (ModelInfer carries one response)",
                                "stream")
-        run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
-        return _response(run.envelope, infer_outputs(run, inputs, wanted, await collect_output(None, run.stream)))
+        run = await start_infer(self._registry, request.model_name, infer, None)
+        return _response(run.envelope, infer_outputs(run, infer, await collect_output(None, run.stream)))
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Each request on the stream is served as it arrives, beside those still running, as
@@ -183,19 +193,19 @@ class KServeGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
                               send: Callable[[service_pb2.ModelStreamInferResponse], None]) -> None:
         try:
             self._versioned(request.model_name, request.model_version)
-            inputs, wanted = _inputs(request)
-            run = await start_infer(self._registry, request.model_name, inputs, request.id or None, None)
+            infer = _infer_request(request)
+            run = await start_infer(self._registry, request.model_name, infer, None)
             if run.params.stream:
                 part = InferOutput("", None, 0)
                 async for delta in run.stream:
                     # num_output_tokens: the tokens this response carries (vllm_backend's meaning).
                     part = part.then(delta)
-                    outputs = infer_outputs(run, inputs, wanted, part, with_prompt=False)
+                    outputs = infer_outputs(run, infer, part, with_prompt=False)
                     send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs,
                                                                                        final=False)))
                 send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, {}, final=True)))
             else:
-                outputs = infer_outputs(run, inputs, wanted, await collect_output(None, run.stream))
+                outputs = infer_outputs(run, infer, await collect_output(None, run.stream))
                 send(service_pb2.ModelStreamInferResponse(infer_response=_response(run.envelope, outputs, final=True)))
         except Exception as exc:  # noqa: BLE001 - reported in-band, as Triton does
             send(service_pb2.ModelStreamInferResponse(error_message=as_api_error(exc).message))

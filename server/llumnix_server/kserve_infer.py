@@ -12,13 +12,15 @@ most likely tokens by id, with `logprobs: N` in the sampling parameters), `num_i
 `Inference-Header-Content-Length`, then the raw tensors; BYTES elements are a 4-byte
 little-endian length and the bytes), which tritonclient uses by default. Streaming needs a
 decoupled model, which HTTP infer cannot carry: `stream: true` is refused (use
-`generate_stream`).
+`generate_stream`). The request's own `parameters` are sampling parameters, as vllm_backend
+reads them (a `sampling_parameters` tensor's keys win).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -76,8 +78,37 @@ def encode_tensor(datatype: str, value: Any) -> bytes:
     return struct.pack("<I", value)  # UINT32
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], str | None, set[str], bool]:
-    """(inputs by name, request id, outputs asked for (empty: all), whether outputs go binary)."""
+@dataclass(frozen=True)
+class InferRequest:
+    """An infer request as HTTP and gRPC carry it."""
+
+    inputs: dict[str, Any]  # by name (`checked_input`'s values)
+    parameters: dict[str, Any] = field(default_factory=dict)  # the request's own, read as sampling parameters
+    client_id: str | None = None
+    wanted: set[str] = field(default_factory=set)  # the outputs asked for (empty: all)
+    binary_out: bool = False  # whether outputs go as binary tensors (HTTP)
+
+
+# Triton's reserved request parameters: those about the transport (`triton_*` ones such as
+# gRPC's `triton_enable_empty_final_response` included), read apart, and those of features this
+# server lacks (sequence batching, queue timeouts), refused by name. `priority` goes on with the
+# sampling parameters.
+_TRANSPORT_PARAMETERS = ("binary_data_output",)
+_TRANSPORT_PREFIX = "triton_"
+_UNSUPPORTED_PARAMETERS = ("timeout", "sequence_id", "sequence_start", "sequence_end")
+
+
+def sampling_parameters_of(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The sampling parameters among an infer request's own parameters."""
+    for name in _UNSUPPORTED_PARAMETERS:
+        if name in parameters:
+            raise RequestError(f"parameters.{name}: Triton's {name} is not supported by this server",
+                               f"parameters.{name}")
+    return {k: v for k, v in parameters.items()
+            if k not in _TRANSPORT_PARAMETERS and not k.startswith(_TRANSPORT_PREFIX)}
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     json_part, binary = (body, b"") if header_length is None else (body[:int(header_length)], body[int(header_length):])
     try:
         request = json.loads(json_part)
@@ -99,10 +130,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
             if isinstance(values, list) and values and isinstance(values[0], list):
                 values = values[0]
         inputs[name] = checked_input(name, values)
-    wanted = {o.get("name") for o in request.get("outputs") or []}
-    binary_out = bool((request.get("parameters") or {}).get("binary_data_output")) or any(
+    parameters = request.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError("an infer request's parameters are an object", "parameters")
+    binary_out = bool(parameters.get("binary_data_output")) or any(
         (o.get("parameters") or {}).get("binary_data") for o in request.get("outputs") or [])
-    return inputs, request.get("id"), wanted, binary_out
+    return InferRequest(inputs, sampling_parameters_of(parameters),
+                        request.get("id"), {o.get("name") for o in request.get("outputs") or []}, binary_out)
 
 
 def infer_response(envelope: dict[str, Any], outputs: dict[str, tuple[str, Any]], binary: bool) -> Response:

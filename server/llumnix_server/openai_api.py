@@ -41,6 +41,7 @@ from llumnix_server.streams import (
     client_request_ids,
     log_ignored_fields,
     merge_indexed,
+    refuse_unsupported_fields,
     started,
     unless_disconnected,
 )
@@ -49,22 +50,22 @@ from llumnix_server.tokenizing import tokenize, tokenize_prompts
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-# Fields of vLLM's completion and chat requests that this server does not implement.
-UNSUPPORTED = frozenset({
-    "logprob_token_ids", "suffix", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "truncation_side",
-    "prompt_embeds", "documents", "media_io_kwargs", "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
-    "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "routed_experts_prompt_start",
-    "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "repetition_detection", "thinking_token_budget",
-    "reasoning_effort", "include_reasoning", "watermarking", "stream_interval", "session_id",
-    "cache_salt", "chat_template",
-})
+# Fields of vLLM's completion and chat requests that this server does not implement, each with
+# the values that ask for nothing (vLLM 0.32's defaults, which a client may spell out): any other
+# value is a 400 naming the field. `include_reasoning` does nothing in vLLM either without a
+# reasoning parser, which no model here has.
+UNSUPPORTED = {name: (None,) for name in (
+    "logprob_token_ids", "suffix", "truncate_prompt_tokens", "truncation_side", "prompt_embeds", "documents",
+    "media_io_kwargs", "mm_processor_kwargs", "return_mm_kwargs", "return_tokens_as_token_ids",
+    "return_prompt_text", "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "repetition_detection",
+    "thinking_token_budget", "reasoning_effort", "watermarking", "stream_interval", "session_id", "cache_salt",
+    "chat_template")} | {
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "mm_payload": (None, "tensors"),
+    "return_token_offsets": (None, False), "routed_experts_prompt_start": (None, 0),
+    "include_reasoning": (None, True, False)}
 # Of a chat request's undeclared fields, those the route reads (any other is logged as ignored).
-_CHAT_EXTRA_READ = UNSUPPORTED | frozenset(TOOL_FIELDS)
+_CHAT_EXTRA_READ = frozenset(UNSUPPORTED) | frozenset(TOOL_FIELDS)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-# What a value of those means "not asked for": a client may send vLLM's defaults, which are
-# these values or, for a few fields, their own (vLLM 0.32's request models).
-_NOT_ASKED = (None, False, 0, [], {})
-_VLLM_DEFAULTS = {"length_penalty": 1.0, "include_reasoning": True, "mm_payload": "tensors"}
 
 
 class StreamOptions(BaseModel):
@@ -108,9 +109,9 @@ class _SamplingRequest(SamplingFields):
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def refuse_unsupported(self) -> None:
-        for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in _NOT_ASKED and value != _VLLM_DEFAULTS.get(name, None):
-                raise RequestError(f"{name} is not supported by this server", name)
+        refuse_unsupported_fields(self.model_extra, UNSUPPORTED)
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
+            raise RequestError("stream_options can only be given with stream: true", "stream_options")
 
     def constraint_fields(self) -> dict[str, Any]:
         given = super().constraint_fields()
@@ -194,7 +195,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def logprobs_wanted(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # (0 asks for nothing, as in vLLM)
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 

@@ -46,6 +46,14 @@ def log_ignored_fields(route: str, extra: Mapping[str, Any] | None, read: Collec
         logger.warning("%s: the request's fields %s were ignored", route, ", ".join(ignored))
 
 
+def refuse_unsupported_fields(extra: Mapping[str, Any] | None, unsupported: Mapping[str, tuple]) -> None:
+    """A 400 naming the first of a request's undeclared fields that this server lacks and that
+    it sets to something other than the values that ask for nothing (`unsupported`)."""
+    for name, value in (extra or {}).items():
+        if name in unsupported and value not in unsupported[name]:
+            raise RequestError(f"{name} is not supported by this server", name)
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
